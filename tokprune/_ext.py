@@ -1,0 +1,50 @@
+"""Loader for the optional compiled extension ``tokprune._C``.
+
+The extension is a pybind11 module built by ``setup.py`` from ``csrc/`` (see the README). It does not
+link against torch: functions take raw pointers, shapes and strides. This module only answers
+whether it imported, what it contains, and why not.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    if os.environ.get("TOKPRUNE_NO_EXT") == "1":
+        return None, "disabled by TOKPRUNE_NO_EXT=1"
+    try:
+        from tokprune import _C  # type: ignore[attr-defined]
+    except ImportError as exc:  # not built, or built for another Python
+        return None, f"not built ({exc})"
+    return _C, None
+
+
+def extension():
+    """The ``tokprune._C`` module, or ``None`` when it is not available."""
+    return _load()[0]
+
+
+def load_error() -> Optional[str]:
+    """``None`` if ``tokprune._C`` imported, else the reason it did not."""
+    return _load()[1]
+
+
+def build_info() -> dict:
+    """What the extension was built with: ``{"cuda": bool, "archs": [...], "ops": [...], ...}``."""
+    ext = extension()
+    if ext is None:
+        return {}
+    info = getattr(ext, "build_info", None)
+    return dict(info()) if callable(info) else {}
+
+
+def has_cuda_kernels() -> bool:
+    return bool(build_info().get("cuda", False))
+
+
+def has_op(op: str) -> bool:
+    return op in build_info().get("ops", ())

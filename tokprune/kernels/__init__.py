@@ -1,0 +1,1 @@
+"""Kernel implementations: ``triton/`` (JIT kernels and launchers). CUDA kernels live in ``csrc/``."""

@@ -1,0 +1,1 @@
+"""Pruning policies as small dataclasses (EntropyPrune, UNComp, FASA, TokenSparseAttention, baselines)."""

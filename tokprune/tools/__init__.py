@@ -1,0 +1,1 @@
+"""Developer tools: ahead-of-time GPU compile checks (``python -m tokprune.tools.aot``)."""
