@@ -1,0 +1,1 @@
+"""Quality evaluations run by ``tokprune eval FAMILY`` (real weights, held-out text)."""
