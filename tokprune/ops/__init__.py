@@ -1,8 +1,48 @@
-"""Public functional API: tensors in, tensors out. Every op validates inputs and picks a backend."""
+"""Public functional API: tensors in, tensors out. Every op validates inputs and picks a backend.
 
-from tokprune.ops.selection import gather_tokens, select_tokens
+Names are resolved lazily from the family modules listed in :data:`_EXPORTS`, so importing
+``tokprune.ops`` stays cheap and one family never imports another.
+"""
 
-__all__ = [
-    "gather_tokens",
-    "select_tokens",
-]
+from __future__ import annotations
+
+import importlib
+
+# public name -> module under tokprune.ops that defines it
+_EXPORTS = {
+    # shared selection
+    "select_tokens": "selection",
+    "gather_tokens": "selection",
+    # matrix entropy (EntropyPrune, UNComp)
+    "matrix_entropy": "entropy",
+    "token_information_scores": "entropy",
+    "truncated_matrix_entropy": "entropy",
+    # frequency-chunk sparse attention (FASA)
+    "fc_scores": "fasa",
+    "sparse_decode_attention": "fasa",
+    # token sparse attention
+    "token_sparse_scores": "token_sparse",
+    "compress_qkv": "token_sparse",
+    "decompress": "token_sparse",
+    "token_sparse_attention": "token_sparse",
+    # speculative token-tree verification
+    "tree_positions": "spec",
+    "tree_attention_mask": "spec",
+    "verify_tree_greedy": "spec",
+    "verify_tree_stochastic": "spec",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tokprune.ops' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"tokprune.ops.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -3,8 +3,14 @@
 Every module here registers the kernels it ships, with every launch configuration its launchers
 can choose, through :func:`tokprune.kernels.triton.aot.register_aot`, so that
 ``python -m tokprune.tools.aot`` can compile all of them for sm_80 / sm_90 without a GPU.
+:func:`kernel_modules` finds the modules by listing this package: a new kernel file needs no
+registration anywhere else.
 """
 
-KERNEL_MODULES = (
-    "tokprune.kernels.triton.gather",
-)
+import pkgutil
+
+
+def kernel_modules():
+    """Names of the kernel modules of this package (every submodule except ``aot``)."""
+    return tuple(sorted(f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__)
+                        if m.name != "aot" and not m.name.startswith("_")))

@@ -65,8 +65,8 @@ def registered_kernels() -> List[AotKernel]:
     """Import every kernel module the package ships and return the registry."""
     import importlib
 
-    from tokprune.kernels.triton import KERNEL_MODULES
+    from tokprune.kernels.triton import kernel_modules
 
-    for module in KERNEL_MODULES:
+    for module in kernel_modules():
         importlib.import_module(module)
     return list(_REGISTRY)
