@@ -30,6 +30,14 @@ _EXPORTS = {
     "tree_attention_mask": "spec",
     "verify_tree_greedy": "spec",
     "verify_tree_stochastic": "spec",
+    "tree_depths": "spec",
+    "tree_to_links": "spec",
+    "links_to_tree": "spec",
+    "tree_to_paths": "spec",
+    "paths_to_tree": "spec",
+    "tree_mask_packed": "spec",
+    "unpack_tree_mask": "spec",
+    "compact_accepted_kv": "spec",
 }
 
 __all__ = sorted(_EXPORTS)
