@@ -369,3 +369,68 @@ def test_compact_dynamic_cache():
         assert torch.equal(cache.layers[i].values, -expected)
     with pytest.raises(ValueError, match="length=3"):
         compact_dynamic_cache(cache, 4, ai, length=3)
+
+
+# ------------------------------------------------------------------------------------------ Triton
+
+@needs_triton
+def test_triton_greedy_equals_torch():
+    gen = torch.Generator().manual_seed(31)
+    for trial in range(4):
+        bsz, n, vocab = 4, 12, 300 + 700 * trial  # crosses BLOCK_V=1024 chunk boundaries
+        par = random_tree(bsz, n, pad=0.2, branch=2 if trial % 2 else 0, gen=gen)
+        logits = torch.randn(bsz, n, vocab, generator=gen).round()  # ties across chunks
+        tok = planted_tokens(par, logits)
+        assert_same(S.verify_tree_greedy(tok, par, logits, backend="triton"),
+                    S.verify_tree_greedy(tok, par, logits, backend="torch"), name=f"greedy#{trial}")
+    # root-only trees and an all -inf row (argmax 0 in torch)
+    logits = torch.full((2, 1, 5), float("-inf"))
+    assert_same(S.verify_tree_greedy(torch.zeros(2, 1, dtype=torch.long), torch.full((2, 1), -1), logits,
+                                     backend="triton"),
+                S.verify_tree_greedy(torch.zeros(2, 1, dtype=torch.long), torch.full((2, 1), -1), logits))
+
+
+@needs_triton
+@pytest.mark.parametrize("rule", S.RULES)
+def test_triton_stochastic_equals_torch(rule):
+    gen = torch.Generator().manual_seed(41)
+    for trial in range(3):
+        bsz, n, vocab = 4, 10, 7 + 1100 * trial
+        par = random_tree(bsz, n, pad=0.2, branch=2, gen=gen)
+        tp = random_probs((bsz, n, vocab), zero_frac=0.3 if trial != 1 else 0.0, gen=gen)
+        dp = random_probs((bsz, n, vocab), zero_frac=0.3 if trial == 1 else 0.0, gen=gen)
+        # tokens drawn from the draft so that acceptances happen at large vocabularies too
+        tok = torch.multinomial(dp.view(-1, vocab), 1, generator=gen).view(bsz, n)
+        u = torch.rand(bsz, n, generator=gen)
+        if trial == 2:
+            u[:, 0] = 1.0 - 2 ** -24
+        assert_same(S.verify_tree_stochastic(tok, par, tp, dp, rule=rule, uniforms=u, backend="triton"),
+                    S.verify_tree_stochastic(tok, par, tp, dp, rule=rule, uniforms=u, backend="torch"),
+                    name=f"{rule}#{trial}")
+
+
+@needs_triton
+def test_triton_large_vocab():
+    vocab = 128256
+    gen = torch.Generator().manual_seed(2)
+    par = torch.tensor([[-1, 0, 0, 1]], dtype=torch.int32)
+    logits = torch.randn(1, 4, vocab, generator=gen)
+    tok = planted_tokens(par, logits, frac=1.0)
+    assert_same(S.verify_tree_greedy(tok, par, logits, backend="triton"), S.verify_tree_greedy(tok, par, logits))
+    tp = random_probs((1, 4, vocab), sharp=3.0, gen=gen)
+    dp = random_probs((1, 4, vocab), sharp=3.0, gen=gen)
+    tok = torch.multinomial(dp.view(-1, vocab), 1, generator=gen).view(1, 4)
+    u = torch.rand(1, 4, generator=gen)
+    assert_same(S.verify_tree_stochastic(tok, par, tp, dp, rule="rsd", uniforms=u, backend="triton"),
+                S.verify_tree_stochastic(tok, par, tp, dp, rule="rsd", uniforms=u))
+
+
+@needs_triton
+def test_triton_compact_accepted_kv():
+    cache = torch.randn(3, 2, 14, 70)
+    ai = torch.tensor([[0, 2, 3, -1], [0, 1, 3, 7], [0, -1, -1, -1]])
+    prefix = torch.tensor([3, 2, 6])
+    x = cache.clone()
+    lengths = S.compact_accepted_kv(x, prefix, ai, backend="triton")
+    ref, ref_len = R.compact_accepted_kv_reference(cache, prefix, ai)
+    assert torch.equal(lengths, ref_len) and torch.equal(x, ref)
