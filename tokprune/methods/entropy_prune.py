@@ -1,0 +1,168 @@
+"""EntropyPrune: keep the visual tokens with the largest matrix-entropy information value.
+
+Per visual token ``t`` the score is the matrix entropy of its post-RoPE query at layer ``K-1`` seen as an
+``(H, d_h)`` matrix (heads x head dim): centre across heads, ``G_t = Z_t Z_tᵀ / H`` (the small ``H x H``
+dual of the ``d_h x d_h`` covariance), ``S_t = -Σ λ log λ / log H`` with eigenvalues clamped to 1e-10,
+in float64 (:func:`tokprune.ops.token_information_scores`). ``normalize=False`` is the released code
+(the score grows with the token's norm); ``normalize=True`` divides ``G_t`` by its trace first, so the
+eigenvalues form a distribution and ``S_t`` lies in ``[0, 1]``.
+
+``layer="auto"`` picks the entropy-collapse layer from a calibration pass
+(:func:`find_collapse_layer`): the matrix entropy of the visual-token hidden states entering each layer,
+and the layer right after the sharpest drop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Tuple, Union
+
+import torch
+
+
+def _token_scores_fallback(q: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Private stand-in for ``tokprune.ops.token_information_scores``: ``(B, N, H, d) -> (B, N)`` float32."""
+    x = q.double()
+    heads = x.shape[-2]
+    z = x - x.mean(dim=-2, keepdim=True)
+    gram = z @ z.transpose(-1, -2) / heads
+    if normalize:
+        gram = gram / gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30)[..., None, None]
+    lam = torch.linalg.eigvalsh(gram).clamp_min(1e-10)
+    return (-(lam * lam.log()).sum(-1) / torch.log(torch.tensor(float(heads), dtype=torch.float64))).float()
+
+
+def token_scores(q: torch.Tensor, *, normalize: bool = False) -> torch.Tensor:
+    """EntropyPrune information value of each token: ``q (B, N, H, d_h)`` -> ``(B, N)`` float32."""
+    try:
+        from tokprune.ops import token_information_scores
+    except (ImportError, AttributeError):
+        return _token_scores_fallback(q, normalize)
+    return token_information_scores(q, exact_reference=not normalize)
+
+
+def _matrix_entropy_fallback(x: torch.Tensor) -> torch.Tensor:
+    """Stand-in for ``tokprune.ops.matrix_entropy``: ``(B, N, D) -> (B,)`` von Neumann entropy of the
+    trace-normalised covariance of the L2-normalised, centred rows, divided by ``log min(N, D)``."""
+    z = x.double()
+    z = z - z.mean(dim=1, keepdim=True)
+    z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    n, d = z.shape[1:]
+    gram = z @ z.transpose(1, 2) if n <= d else z.transpose(1, 2) @ z
+    gram = gram / gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-30)[:, None, None]
+    lam = torch.linalg.eigvalsh(gram).clamp_min(1e-12)
+    return (-(lam * lam.log()).sum(-1) / max(torch.log(torch.tensor(float(min(n, d)))).item(), 1e-12)).float()
+
+
+def matrix_entropy_of(x: torch.Tensor) -> torch.Tensor:
+    """``(B, N, D) -> (B,)`` matrix entropy (:func:`tokprune.ops.matrix_entropy` when available)."""
+    try:
+        from tokprune.ops import matrix_entropy
+    except (ImportError, AttributeError):
+        return _matrix_entropy_fallback(x)
+    return matrix_entropy(x)
+
+
+@torch.no_grad()
+def visual_entropy_curve(model, **inputs) -> List[float]:
+    """Matrix entropy of the visual-token hidden states entering each language-model layer.
+
+    Args:
+        model: a Llava / Qwen2-VL model; ``inputs``: its forward inputs (``input_ids`` required).
+
+    Returns:
+        ``num_layers + 1`` floats: entry ``l < L`` is the input of layer ``l`` (``0`` = embeddings), the last
+        is the output of the last layer. Rows of a batch are averaged; padding never counts.
+    """
+    from tokprune.hf.vlm import _language_model, visual_token_ids
+
+    input_ids = inputs.get("input_ids")
+    if input_ids is None:
+        raise ValueError("visual_entropy_curve needs input_ids to locate the visual tokens")
+    visual = torch.zeros_like(input_ids, dtype=torch.bool)
+    for token in visual_token_ids(model):
+        visual |= input_ids == token
+    if not bool(visual.any()):
+        raise ValueError("visual_entropy_curve: the inputs contain no visual tokens")
+    _, lm = _language_model(model)
+    states: List[torch.Tensor] = []
+    hooks = [layer.register_forward_pre_hook(
+        lambda m, a, k: states.append(k["hidden_states"] if "hidden_states" in k else a[0]), with_kwargs=True)
+        for layer in lm.layers]
+    hooks.append(lm.layers[-1].register_forward_hook(lambda m, a, out: states.append(
+        out[0] if isinstance(out, tuple) else out)))
+    try:
+        model(**inputs, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    curve = []
+    for h in states:
+        per_row = [matrix_entropy_of(h[b][visual[b]][None].float()) for b in range(h.shape[0]) if visual[b].any()]
+        curve.append(float(torch.cat(per_row).mean()))
+    return curve
+
+
+def collapse_layer(curve: List[float]) -> int:
+    """Layer right after the sharpest entropy drop: ``argmax_l (curve[l-1] - curve[l])`` over
+    ``1 <= l <= L-1`` (``curve`` has ``L + 1`` entries as returned by :func:`visual_entropy_curve`)."""
+    n_layers = len(curve) - 1
+    if n_layers < 2:
+        raise ValueError(f"need at least 2 layers to find a collapse layer, got a curve of {len(curve)} values")
+    drops = torch.tensor([curve[l - 1] - curve[l] for l in range(1, n_layers)])
+    return int(torch.argmax(drops)) + 1
+
+
+def find_collapse_layer(model, **inputs) -> Tuple[int, List[float]]:
+    """Calibration pass for ``EntropyPrune(layer="auto")``: ``(layer, curve)`` from
+    :func:`visual_entropy_curve` and :func:`collapse_layer`."""
+    curve = visual_entropy_curve(model, **inputs)
+    return collapse_layer(curve), curve
+
+
+def flops_matched_keep(average: int, n_visual: int, n_layers: int, layer: int) -> int:
+    """Tokens to keep from ``layer`` on so that the layer-average visual token count equals ``average``:
+    ``floor((L * average - K * N) / (L - K))`` clamped to ``[0, N]`` (LLaVA-1.5: 192/128/64 -> 166/98/29
+    for ``N=576, L=32, K=2``)."""
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer must lie in [0, {n_layers}), got {layer}")
+    value = (n_layers * average - layer * n_visual) // (n_layers - layer)
+    return int(min(max(value, 0), n_visual))
+
+
+class VisualPolicy:
+    """Base of visual-token policies: ``with policy(model): ...`` patches ``model`` for the block."""
+
+    keep: int
+    layer: Union[int, str]
+    needs_query = False
+    needs_key = False
+
+    def score(self, ctx) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __call__(self, model, **kwargs: Any):
+        from tokprune.hf.vlm import prune_visual_tokens
+
+        return prune_visual_tokens(model, self, **kwargs)
+
+
+@dataclass
+class EntropyPrune(VisualPolicy):
+    """Keep the ``keep`` visual tokens with the largest query matrix entropy (EntropyPrune).
+
+    Args:
+        keep: visual tokens kept per row (``>= 0``).
+        layer: pruning layer ``K`` (``>= 1``; the paper uses 2 for LLaVA-1.5/1.6, 1 for Qwen2.5-VL) or
+            ``"auto"`` (entropy-collapse layer from a calibration pass, see :func:`find_collapse_layer`).
+        normalize: trace-normalise each token's Gram matrix (``False`` = the released code).
+    """
+
+    keep: int = 128
+    layer: Union[int, str] = 2
+    normalize: bool = False
+    needs_query = True
+
+    def score(self, ctx) -> torch.Tensor:
+        """``(B, N)`` float32 information value of every token from layer ``K-1``'s post-RoPE queries."""
+        return token_scores(ctx.query(), normalize=self.normalize)
