@@ -5,9 +5,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.tokprune-installed
 
-.PHONY: install test demo aot bench info clean
+.PHONY: install ext test demo aot bench info clean
 
-$(STAMP): setup.py pyproject.toml Makefile $(wildcard csrc/*) $(wildcard tokprune_build.py)
+$(STAMP): setup.py pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
 	# The CPU wheel of torch first, so nothing later can pull a CUDA build.
@@ -20,7 +20,12 @@ $(STAMP): setup.py pyproject.toml Makefile $(wildcard csrc/*) $(wildcard tokprun
 
 install: $(STAMP)
 
-test: $(STAMP)
+# tokprune._C (csrc/): g++ always, nvcc for sm_80+sm_90 when present; a compile error fails the target.
+# Incremental (ninja); TOKPRUNE_NO_EXT=1 skips it.
+ext: $(STAMP)
+	TOKPRUNE_EXT_STRICT=1 $(PY) tokprune_build.py
+
+test: ext
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
@@ -33,4 +38,4 @@ info: $(STAMP)
 	$(VENV)/bin/tokprune info
 
 clean:
-	rm -rf $(VENV) build *.egg-info tokprune/_C*.so
+	rm -rf $(VENV) build *.egg-info tokprune/_C*.so tokprune/_C_build.json

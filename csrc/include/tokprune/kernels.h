@@ -1,0 +1,68 @@
+// Argument structs and entry points of the three kernels. Plain C++ (no CUDA or torch types), so the
+// binding file compiles with g++ alone. Host implementations live in host_kernels.cpp; CUDA launchers
+// in *.cu (present only when the extension was built with nvcc, TOKPRUNE_WITH_CUDA defined).
+#pragma once
+
+#include <stdint.h>
+
+namespace tokprune {
+
+struct VerifyArgs {
+  int64_t B = 0, N = 0, V = 0;
+  const int64_t* tokens = nullptr;   // [B, N] contiguous
+  const int32_t* parents = nullptr;  // [B, N] contiguous, -1 = padding (and root)
+  // greedy
+  const void* logits = nullptr;  // [B, N, V], last dim contiguous
+  int dtype = 0;
+  int64_t l_sb = 0, l_sn = 0;
+  // stochastic
+  const float* target = nullptr;  // [B, N, V], last dim contiguous
+  int64_t t_sb = 0, t_sn = 0;
+  const float* draft = nullptr;
+  int64_t d_sb = 0, d_sn = 0;
+  const float* uniforms = nullptr;  // [B, N] contiguous
+  int rule = 0;
+  float* workspace = nullptr;  // [B, 2, V] (CUDA only)
+  // outputs
+  int64_t* accept_index = nullptr;  // [B, N], -1 padded
+  int64_t* accept_len = nullptr;    // [B]
+  int64_t* next_token = nullptr;    // [B]
+  int32_t* depth = nullptr;         // [B, N] scratch: node depths
+  int32_t* max_depth = nullptr;     // [B]
+};
+
+struct AttentionArgs {
+  int64_t B = 0, H = 0, Hkv = 0, Hi = 0, K = 0, D = 0;
+  int dtype = 0;
+  float scale = 1.0f;
+  const void* q = nullptr;  // [B, H, D] (strides in elements, last dim contiguous)
+  int64_t q_sb = 0, q_sh = 0;
+  const void* k = nullptr;  // [B, Hkv, T, D]
+  int64_t k_sb = 0, k_sh = 0, k_st = 0;
+  const void* v = nullptr;
+  int64_t v_sb = 0, v_sh = 0, v_st = 0;
+  const int32_t* indices = nullptr;  // [B, Hi, K] contiguous, < 0 = padding
+  void* out = nullptr;               // [B, H, D] contiguous, dtype of q
+  int splits = 1;                    // CUDA split-K
+  float* workspace = nullptr;        // [B * H * splits * (D + 2)] (CUDA only)
+};
+
+struct TopkArgs {
+  int64_t R = 0, N = 0, keep = 0;
+  const float* scores = nullptr;  // [R, N] contiguous
+  int64_t* out = nullptr;         // [R, keep] contiguous
+};
+
+void verify_greedy_host(const VerifyArgs& a);
+void verify_stochastic_host(const VerifyArgs& a);
+void sparse_attention_host(const AttentionArgs& a);
+void topk_host(const TopkArgs& a);
+
+#ifdef TOKPRUNE_WITH_CUDA
+void verify_greedy_cuda(const VerifyArgs& a, void* stream);
+void verify_stochastic_cuda(const VerifyArgs& a, void* stream);
+void sparse_attention_cuda(const AttentionArgs& a, void* stream);
+void topk_cuda(const TopkArgs& a, void* stream);
+#endif
+
+}  // namespace tokprune
