@@ -20,6 +20,9 @@ _EXPORTS = {
     # frequency-chunk sparse attention (FASA)
     "fc_scores": "fasa",
     "sparse_decode_attention": "fasa",
+    "pack_fc_keys": "fasa",
+    "select_sparse_indices": "fasa",
+    "fasa_bytes_per_step": "fasa",
     # token sparse attention
     "token_sparse_scores": "token_sparse",
     "compress_qkv": "token_sparse",

@@ -1,0 +1,243 @@
+"""Triton kernels for FASA: frequency-chunk scoring and split-K sparse decode attention.
+
+``_fc_scores_kernel``: one program per (batch*head, block of tokens); reads only the FC dimensions of
+the keys (a per-head dimension table, the identity table for the packed layout) and writes fp32 partial
+logits.
+
+Sparse decode attention is split over the selected tokens (flash-decoding): ``_sparse_decode_split_kernel``
+runs an online softmax over one slice of the index list per program and writes its running max ``m``, sum
+``l`` and unnormalised output; ``_sparse_decode_combine_kernel`` rescales the slices by
+``exp(m_i - max m)`` and normalises. Dot products use elementwise multiply + sum (one query row), so no
+``tl.dot`` is needed (the interpreter's bf16 ``tl.dot`` is broken); all math is fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tokprune.kernels.triton.aot import LaunchConfig, register_aot
+
+
+@triton.jit
+def _fc_scores_kernel(
+    q_ptr, k_ptr, qdims_ptr, kdims_ptr, out_ptr,
+    n_heads, n_tokens, n_dims, group,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_ob, stride_oh, stride_ot,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_dims
+    qd = tl.load(qdims_ptr + h * n_dims + offs_n, mask=mask_n, other=0)
+    kd = tl.load(kdims_ptr + h * n_dims + offs_n, mask=mask_n, other=0)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + qd * stride_qd, mask=mask_n, other=0.0).to(tl.float32)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < n_tokens
+    k_base = k_ptr + b * stride_kb + (h // group) * stride_kh
+    k = tl.load(k_base + offs_t.to(tl.int64)[:, None] * stride_kt + kd[None, :] * stride_kd,
+                mask=mask_t[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+    s = tl.sum(k * q[None, :], axis=1)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_t * stride_ot, s, mask=mask_t)
+
+
+def _fc_config(n_dims: int) -> LaunchConfig:
+    block_n = max(16, triton.next_power_of_2(n_dims))
+    block_t = min(128, max(16, 4096 // block_n))
+    return LaunchConfig({"BLOCK_T": block_t, "BLOCK_N": block_n}, num_warps=4, num_stages=1)
+
+
+def fc_scores_triton(q: torch.Tensor, k_cache: torch.Tensor, dims: torch.Tensor, packed: bool) -> torch.Tensor:
+    """Launcher for :func:`tokprune.ops.fc_scores` (inputs validated there). ``dims (Hkv or H, nd)``."""
+    batch, heads, _, _ = q.shape
+    kv_heads, n_tokens = k_cache.shape[1], k_cache.shape[2]
+    group = heads // kv_heads
+    n_dims = dims.shape[1]
+    head_rows = torch.arange(heads, device=q.device) // (group if dims.shape[0] == kv_heads else 1)
+    qdims = dims[head_rows].to(torch.int32).contiguous()
+    if packed:
+        kdims = torch.arange(n_dims, device=q.device, dtype=torch.int32).expand(heads, -1).contiguous()
+    else:
+        kdims = qdims
+    out = torch.empty(batch, heads, n_tokens, device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out
+    if n_dims == 0:
+        return out.zero_()
+    cfg = _fc_config(n_dims)
+    grid = (batch * heads, triton.cdiv(n_tokens, cfg.constexprs["BLOCK_T"]))
+    _fc_scores_kernel[grid](
+        q, k_cache, qdims, kdims, out,
+        heads, n_tokens, n_dims, group,
+        q.stride(0), q.stride(1), q.stride(3),
+        *k_cache.stride(), *out.stride(),
+        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+@triton.jit
+def _sparse_decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, idx_ptr, m_ptr, l_ptr, acc_ptr,
+    n_heads, n_keep, head_dim, group, idx_div, split_size, n_splits, scale,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ib, stride_ih, stride_ik,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    sp = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    kvh = h // group
+    ih = h // idx_div
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < head_dim
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d * stride_qd, mask=mask_d, other=0.0).to(tl.float32)
+    m_i = tl.full([1], float("-inf"), tl.float32)
+    l_i = tl.zeros([1], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    start = sp * split_size
+    end = tl.minimum(start + split_size, n_keep)
+    k_base = k_ptr + b * stride_kb + kvh * stride_kh
+    v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    for k0 in range(start, end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < end
+        idx = tl.load(idx_ptr + b * stride_ib + ih * stride_ih + offs_k * stride_ik, mask=mask_k, other=-1)
+        ok = mask_k & (idx >= 0)
+        rows = tl.where(ok, idx, 0).to(tl.int64)
+        tile_mask = ok[:, None] & mask_d[None, :]
+        kt = tl.load(k_base + rows[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=tile_mask,
+                     other=0.0).to(tl.float32)
+        s = tl.sum(kt * q[None, :], axis=1) * scale
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe)
+        vt = tl.load(v_base + rows[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=tile_mask,
+                     other=0.0).to(tl.float32)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
+        m_i = m_new
+    slot = pid_bh * n_splits + sp
+    one = tl.arange(0, 1)
+    tl.store(m_ptr + slot + one, m_i)
+    tl.store(l_ptr + slot + one, l_i)
+    tl.store(acc_ptr + slot.to(tl.int64) * head_dim + offs_d, acc, mask=mask_d)
+
+
+@triton.jit
+def _sparse_decode_combine_kernel(
+    m_ptr, l_ptr, acc_ptr, out_ptr,
+    n_splits, head_dim,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_s = offs_s < n_splits
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < head_dim
+    m = tl.load(m_ptr + pid * n_splits + offs_s, mask=mask_s, other=float("-inf"))
+    l = tl.load(l_ptr + pid * n_splits + offs_s, mask=mask_s, other=0.0)
+    m_max = tl.max(m, axis=0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp(m - m_safe)
+    total = tl.sum(l * w, axis=0)
+    rows = (pid * n_splits + offs_s).to(tl.int64)
+    acc = tl.load(acc_ptr + rows[:, None] * head_dim + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :],
+                  other=0.0)
+    o = tl.sum(acc * w[:, None], axis=0)
+    denom = tl.where(total > 0, total, 1.0)
+    o = tl.where(total > 0, o / denom, 0.0)
+    tl.store(out_ptr + pid.to(tl.int64) * head_dim + offs_d, o, mask=mask_d)
+
+
+_MAX_SPLITS = 64
+
+
+def _split_config(head_dim: int) -> LaunchConfig:
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_k = 32 if block_d <= 128 else 16
+    return LaunchConfig({"BLOCK_K": block_k, "BLOCK_D": block_d}, num_warps=4, num_stages=1)
+
+
+def _combine_config(head_dim: int) -> LaunchConfig:
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    return LaunchConfig({"BLOCK_S": _MAX_SPLITS, "BLOCK_D": block_d}, num_warps=4, num_stages=1)
+
+
+def split_plan(n_keep: int, block_k: int) -> tuple:
+    """``(n_splits, split_size)``: slices of the index list, each a multiple of ``block_k``, at most 64."""
+    n_blocks = max(1, triton.cdiv(n_keep, block_k))
+    n_splits = min(_MAX_SPLITS, n_blocks)
+    split_size = triton.cdiv(n_blocks, n_splits) * block_k
+    return triton.cdiv(max(n_keep, 1), split_size), split_size
+
+
+def sparse_decode_attention_triton(q, k_cache, v_cache, indices, scale: float) -> torch.Tensor:
+    """Launcher for :func:`tokprune.ops.sparse_decode_attention` (inputs validated there)."""
+    batch, heads, _, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    group = heads // kv_heads
+    n_keep = indices.shape[2]
+    idx_div = 1 if indices.shape[1] == heads else group
+    if n_keep == 0 or q.numel() == 0:
+        return torch.zeros_like(q)
+    cfg = _split_config(head_dim)
+    n_splits, split_size = split_plan(n_keep, cfg.constexprs["BLOCK_K"])
+    rows = batch * heads
+    m = torch.empty(rows * n_splits, device=q.device, dtype=torch.float32)
+    lse = torch.empty_like(m)
+    acc = torch.empty(rows * n_splits, head_dim, device=q.device, dtype=torch.float32)
+    _sparse_decode_split_kernel[(rows, n_splits)](
+        q, k_cache, v_cache, indices, m, lse, acc,
+        heads, n_keep, head_dim, group, idx_div, split_size, n_splits, scale,
+        q.stride(0), q.stride(1), q.stride(3),
+        *k_cache.stride(), *v_cache.stride(), *indices.stride(),
+        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    out = torch.empty(rows, head_dim, device=q.device, dtype=torch.float32)
+    ccfg = _combine_config(head_dim)
+    _sparse_decode_combine_kernel[(rows,)](
+        m, lse, acc, out, n_splits, head_dim,
+        **ccfg.constexprs, num_warps=ccfg.num_warps, num_stages=ccfg.num_stages,
+    )
+    return out.view(batch, heads, 1, head_dim).to(q.dtype)
+
+
+_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def _register() -> None:
+    strides = lambda *names: {f"stride_{n}": "i64" for n in names}  # noqa: E731
+    for elem in ("fp32", "bf16"):
+        sig = {"q_ptr": f"*{elem}", "k_ptr": f"*{elem}", "qdims_ptr": "*i32", "kdims_ptr": "*i32",
+               "out_ptr": "*fp32", "n_heads": "i32", "n_tokens": "i32", "n_dims": "i32", "group": "i32"}
+        sig.update(strides("qb", "qh", "qd", "kb", "kh", "kt", "kd", "ob", "oh", "ot"))
+        fc_configs = {}
+        for n_dims in (2, 32, 64, 128, 256):
+            cfg = _fc_config(n_dims)
+            fc_configs[cfg.label()] = cfg
+        register_aot("fasa", _fc_scores_kernel, sig, list(fc_configs.values()))
+        sig = {"q_ptr": f"*{elem}", "k_ptr": f"*{elem}", "v_ptr": f"*{elem}", "idx_ptr": "*i64",
+               "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32"}
+        sig.update({n: "i32" for n in ("n_heads", "n_keep", "head_dim", "group", "idx_div", "split_size",
+                                       "n_splits")})
+        sig["scale"] = "fp32"
+        sig.update(strides("qb", "qh", "qd", "kb", "kh", "kt", "kd", "vb", "vh", "vt", "vd", "ib", "ih", "ik"))
+        register_aot("fasa", _sparse_decode_split_kernel, sig, [_split_config(d) for d in _HEAD_DIMS])
+    sig = {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "out_ptr": "*fp32",
+           "n_splits": "i32", "head_dim": "i32"}
+    register_aot("fasa", _sparse_decode_combine_kernel, sig, [_combine_config(d) for d in _HEAD_DIMS])
+
+
+_register()

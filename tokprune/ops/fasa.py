@@ -1,0 +1,292 @@
+"""Frequency-chunk sparse attention (FASA): cheap token scoring from dominant RoPE frequency chunks,
+token selection with sinks and a recent window, and exact attention over the selected tokens.
+
+Frequency-chunk (FC) layout, following Hugging Face's ``rotate_half`` RoPE: with head dimension ``D``,
+rotation pair ``p`` (``0 <= p < D/2``) is the 2-D plane of dimensions ``(p, p + D/2)``; FC ``c`` groups
+``chunk`` consecutive pairs ``c*chunk ... (c+1)*chunk - 1`` (default ``chunk=1``: one FC = one pair),
+so a head has ``D / (2*chunk)`` FCs and ``F`` FCs read ``2*chunk*F`` of its ``D`` dimensions.
+
+Bytes read per decode step and KV head (``T`` cached tokens, ``K`` kept, ``e`` bytes per element):
+full attention reads ``2*T*D*e`` (all keys and values); FASA reads ``T*2*chunk*F*e`` to score (only the
+FC dimensions; contiguous with the packed layout of :func:`pack_fc_keys`, strided otherwise) plus
+``2*K*D*e`` for the exact attention over the kept tokens (:func:`fasa_bytes_per_step`). With
+``D=64, F=8, chunk=1`` scoring reads 1/8 of the K+V bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from tokprune._backend import resolve_backend
+from tokprune.ops._checks import FLOAT_DTYPES, check_finite, check_tensor
+
+
+def _check_qk(q, k_cache, name_k="k_cache"):
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor(name_k, k_cache, ndim=4, dtypes=FLOAT_DTYPES, device=q.device)
+    batch, heads, q_len, _ = q.shape
+    if q_len != 1:
+        raise ValueError(f"q must be (batch, heads, 1, head_dim) for one decode step, got {tuple(q.shape)}")
+    if k_cache.shape[0] != batch:
+        raise ValueError(f"{name_k} batch {k_cache.shape[0]} must equal q batch {batch}")
+    kv_heads = k_cache.shape[1]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"q heads ({heads}) must be a multiple of {name_k} kv_heads ({kv_heads})")
+    return batch, heads, kv_heads
+
+
+def _check_fc_index(fc_index, heads, kv_heads, head_dim, chunk, device):
+    check_tensor("fc_index", fc_index, ndim=2, device=device)
+    if fc_index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"fc_index must be int32 or int64, got {fc_index.dtype}")
+    if fc_index.shape[0] not in (kv_heads, heads):
+        raise ValueError(f"fc_index must be (kv_heads={kv_heads} or heads={heads}, F), got {tuple(fc_index.shape)}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1 or head_dim % (2 * chunk):
+        raise ValueError(f"chunk must be a positive int dividing head_dim/2 ({head_dim // 2}), got {chunk!r}")
+    n_fc = head_dim // (2 * chunk)
+    if fc_index.numel():
+        lo, hi = int(fc_index.min()), int(fc_index.max())
+        if lo < 0 or hi >= n_fc:
+            raise IndexError(f"fc_index values must lie in [0, {n_fc}) (head_dim={head_dim}, chunk={chunk}), "
+                             f"got range [{lo}, {hi}]")
+
+
+def pack_fc_keys(k_cache: torch.Tensor, fc_index: torch.Tensor, *, chunk: int = 1) -> torch.Tensor:
+    """Copy the dominant-FC dimensions of the keys into a contiguous tensor (packed key layout).
+
+    Args:
+        k_cache: ``(batch, kv_heads, n_tokens, head_dim)`` post-RoPE keys, fp32/fp16/bf16.
+        fc_index: ``(kv_heads, F)`` FC ids per KV head (packing needs the FCs shared by a KV group).
+        chunk: rotation pairs per FC.
+
+    Returns:
+        ``(batch, kv_heads, n_tokens, 2*chunk*F)`` contiguous, in the order of
+        :func:`tokprune.reference.fasa.fc_dims`. Pass it to :func:`fc_scores` with ``packed=True``.
+    """
+    from tokprune.reference.fasa import fc_dims
+
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)
+    kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
+    _check_fc_index(fc_index, kv_heads, kv_heads, head_dim, chunk, k_cache.device)
+    if fc_index.shape[0] != kv_heads:
+        raise ValueError(f"pack_fc_keys needs fc_index per KV head ({kv_heads}, F), got {tuple(fc_index.shape)}")
+    dims = fc_dims(fc_index, head_dim, chunk)  # (Hkv, nd)
+    index = dims[None, :, None, :].expand(k_cache.shape[0], -1, k_cache.shape[2], -1)
+    return torch.gather(k_cache, 3, index).contiguous()
+
+
+def fc_scores(q: torch.Tensor, k_cache: torch.Tensor, fc_index: torch.Tensor, *, chunk: int = 1,
+              packed: bool = False, reduce: Optional[str] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """Partial attention logits of one decode query from the dominant frequency chunks only.
+
+    ``scores[b, h, t] = sum_{d in dims(fc(h))} q[b, h, 0, d] * k[b, h // g, t, d]`` (no softmax scale),
+    where ``g = heads / kv_heads`` and ``fc(h)`` is row ``h`` of ``fc_index`` (per query head) or row
+    ``h // g`` (per KV head).
+
+    Args:
+        q: ``(batch, heads, 1, head_dim)`` post-RoPE query, fp32/fp16/bf16.
+        k_cache: ``(batch, kv_heads, n_tokens, head_dim)`` post-RoPE keys, or with ``packed=True`` the
+            ``(batch, kv_heads, n_tokens, 2*chunk*F)`` output of :func:`pack_fc_keys`.
+        fc_index: ``(kv_heads or heads, F)`` int32/int64 FC ids in ``[0, head_dim / (2*chunk))``.
+        chunk: rotation pairs per FC (see the module docstring for the layout).
+        packed: ``k_cache`` holds only the FC dimensions (needs ``fc_index`` per KV head).
+        reduce: ``None`` -> per query head ``(batch, heads, n_tokens)``; ``"max"`` or ``"mean"`` ->
+            aggregated over the query heads of each KV group, ``(batch, kv_heads, n_tokens)``.
+        backend: ``"auto" | "torch" | "triton"``.
+
+    Returns:
+        fp32 scores, ``(batch, heads, n_tokens)`` or ``(batch, kv_heads, n_tokens)``.
+    """
+    batch, heads, kv_heads = _check_qk(q, k_cache)
+    head_dim = q.shape[-1]
+    _check_fc_index(fc_index, heads, kv_heads, head_dim, chunk, q.device)
+    n_dims = 2 * chunk * fc_index.shape[1]
+    if packed:
+        if fc_index.shape[0] != kv_heads:
+            raise ValueError(f"packed=True needs fc_index per KV head ({kv_heads}, F), got {tuple(fc_index.shape)}")
+        if k_cache.shape[3] != n_dims:
+            raise ValueError(f"packed k_cache must have last dimension 2*chunk*F = {n_dims}, got {k_cache.shape[3]}")
+    elif k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache head_dim {k_cache.shape[3]} must equal q head_dim {head_dim}")
+    if reduce not in (None, "max", "mean"):
+        raise ValueError(f"reduce must be None, 'max' or 'mean', got {reduce!r}")
+    chosen = resolve_backend(backend, q.device, ("torch", "triton"), "fc_scores")
+    from tokprune.reference.fasa import fc_dims
+
+    dims = fc_dims(fc_index, head_dim, chunk).to(q.device)  # (Hf, nd)
+    if chosen == "triton":
+        from tokprune.kernels.triton.fasa import fc_scores_triton
+
+        scores = fc_scores_triton(q, k_cache, dims, packed)
+    else:
+        scores = _fc_scores_torch(q, k_cache, dims, packed)
+    if reduce is None:
+        return scores
+    grouped = scores.view(batch, kv_heads, heads // kv_heads, -1)
+    return grouped.amax(2) if reduce == "max" else grouped.mean(2)
+
+
+def _fc_scores_torch(q, k_cache, dims, packed):
+    batch, heads, _, head_dim = q.shape
+    kv_heads, n_tokens = k_cache.shape[1], k_cache.shape[2]
+    group = heads // kv_heads
+    n_dims = dims.shape[1]
+    if dims.shape[0] == kv_heads:
+        # FCs shared by the group: one batched matmul per KV head over the (packed) FC dims.
+        q_fc = torch.gather(q.view(batch, kv_heads, group, head_dim), 3,
+                            dims[None, :, None, :].expand(batch, -1, group, -1))
+        if packed:
+            k_fc = k_cache
+        else:
+            k_fc = torch.gather(k_cache, 3, dims[None, :, None, :].expand(batch, -1, n_tokens, -1))
+        ct = torch.promote_types(q.dtype, k_fc.dtype)
+        if ct != torch.float32 and q.device.type == "cpu":
+            ct = torch.float32
+        out = torch.matmul(q_fc.to(ct), k_fc.to(ct).transpose(-1, -2))  # (B, Hkv, g, T)
+        return out.reshape(batch, heads, n_tokens).float()
+    # FCs per query head: gather each head's dims from its KV head.
+    head_map = torch.arange(heads, device=q.device) // group
+    q_fc = torch.gather(q[:, :, 0, :], 2, dims[None].expand(batch, -1, -1))  # (B, H, nd)
+    k_sel = k_cache[:, head_map]  # (B, H, T, D)
+    k_fc = torch.gather(k_sel, 3, dims[None, :, None, :].expand(batch, -1, n_tokens, -1))
+    return torch.einsum("bhd,bhtd->bht", q_fc.float(), k_fc.float())
+
+
+def select_sparse_indices(scores: torch.Tensor, budget: int, *, sink: int = 0, window: int = 0,
+                          valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Tokens to attend: ``sink`` first and ``window`` most recent valid tokens plus the best-scoring rest.
+
+    ``budget`` is the total number of tokens kept per row (sinks and window count toward it; the window
+    is shortened to ``budget - sink`` when it does not fit). Uses :func:`tokprune.ops.select_tokens`.
+
+    Args:
+        scores: ``(batch, heads, n_tokens)`` float scores (larger = more important); NaN is rejected.
+        budget: tokens kept per row, ``>= 0``.
+        sink, window: counted among valid tokens (with left padding the sinks are the first real tokens).
+        valid: optional ``(batch, n_tokens)`` bool, ``False`` for padding (never selected).
+
+    Returns:
+        ``(batch, heads, min(budget, n_tokens))`` int64 token indices, ascending; ``-1`` marks slots
+        left empty because a row has fewer valid tokens than the budget.
+    """
+    from tokprune.ops.selection import select_tokens
+
+    check_tensor("scores", scores, ndim=3, dtypes=FLOAT_DTYPES)
+    for name, value in (("budget", budget), ("sink", sink), ("window", window)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    check_finite("scores", scores)
+    batch, _, n_tokens = scores.shape
+    if valid is not None:
+        check_tensor("valid", valid, ndim=2, dtypes=(torch.bool,), device=scores.device)
+        if tuple(valid.shape) != (batch, n_tokens):
+            raise ValueError(f"valid must be (batch={batch}, n_tokens={n_tokens}), got {tuple(valid.shape)}")
+    else:
+        valid = torch.ones(batch, n_tokens, dtype=torch.bool, device=scores.device)
+    sink = min(sink, budget)
+    window = min(window, budget - sink)
+    rank = valid.long().cumsum(-1)  # 1-based rank among valid tokens
+    n_valid = rank[:, -1:] if n_tokens else rank
+    forced = valid & ((rank <= sink) | (rank > n_valid - window))
+    work = scores.float().masked_fill(~valid[:, None, :], float("-inf"))
+    index = select_tokens(work, budget, keep_mask=forced[:, None, :].expand_as(work))
+    chosen_valid = torch.gather(valid[:, None, :].expand_as(work), 2, index)
+    return index.masked_fill(~chosen_valid, -1)
+
+
+def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, indices: torch.Tensor,
+                            scale: float, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Exact decode attention of one query per head over the cached tokens listed in ``indices``.
+
+    ``out[b, h] = softmax(scale * q[b, h] . K[b, h // g, I]) @ V[b, h // g, I]`` with
+    ``I = {i in indices[b, h or h // g] : i >= 0}``; softmax and accumulation in fp32 (the Triton and CUDA
+    kernels use an online softmax split over the selected tokens with a combine step).
+
+    Args:
+        q: ``(batch, heads, 1, head_dim)`` fp32/fp16/bf16.
+        k_cache, v_cache: ``(batch, kv_heads, n_tokens, head_dim)``, same dtype as ``q``; ``heads`` is a
+            multiple of ``kv_heads`` (query head ``h`` reads KV head ``h // (heads // kv_heads)``).
+        indices: ``(batch, kv_heads or heads, K)`` int32/int64 token ids ``< n_tokens``; entries ``< 0`` are
+            padding and ignored. A row with no valid index gives zeros.
+        scale: softmax scale (usually ``head_dim ** -0.5``).
+        backend: ``"auto" | "torch" | "triton" | "cuda"``.
+
+    Returns:
+        ``(batch, heads, 1, head_dim)`` in q's dtype.
+    """
+    batch, heads, kv_heads = _check_qk(q, k_cache)
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES, device=q.device)
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"q, k_cache and v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if v_cache.shape != k_cache.shape or k_cache.shape[3] != q.shape[3]:
+        raise ValueError(f"k_cache and v_cache must both be (batch, kv_heads, n_tokens, head_dim={q.shape[3]}), "
+                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    check_tensor("indices", indices, ndim=3, device=q.device)
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
+    if indices.shape[0] != batch or indices.shape[1] not in (kv_heads, heads):
+        raise ValueError(f"indices must be (batch={batch}, kv_heads={kv_heads} or heads={heads}, K), "
+                         f"got {tuple(indices.shape)}")
+    n_tokens = k_cache.shape[2]
+    if indices.numel() and int(indices.max()) >= n_tokens:
+        raise IndexError(f"indices values must be < n_tokens={n_tokens}, got max {int(indices.max())}")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    chosen = resolve_backend(backend, q.device, ("torch", "triton", "cuda"), "sparse_decode_attention")
+    if chosen == "cuda":
+        from tokprune.kernels.cuda import sparse_decode_attention_cuda
+
+        return sparse_decode_attention_cuda(q, k_cache, v_cache, indices, float(scale))
+    if chosen == "triton":
+        from tokprune.kernels.triton.fasa import sparse_decode_attention_triton
+
+        return sparse_decode_attention_triton(q, k_cache, v_cache, indices, float(scale))
+    return _sparse_decode_torch(q, k_cache, v_cache, indices, float(scale))
+
+
+def _gather_rows(cache, rows, batch, kv_heads, n_tokens):
+    """``cache[b, kvh, rows]`` for rows ``(B, Hr, K)`` where row head r reads KV head ``kv_of[r]``."""
+    flat = cache.reshape(-1, cache.shape[-1])
+    return flat.index_select(0, rows.reshape(-1)).view(*rows.shape, cache.shape[-1])
+
+
+def _sparse_decode_torch(q, k_cache, v_cache, indices, scale):
+    batch, heads, _, head_dim = q.shape
+    kv_heads, n_tokens = k_cache.shape[1], k_cache.shape[2]
+    group = heads // kv_heads
+    n_idx_heads, n_keep = indices.shape[1], indices.shape[2]
+    if n_keep == 0:
+        return torch.zeros_like(q)
+    idx = indices.long()
+    valid = idx >= 0
+    kv_of = torch.arange(n_idx_heads, device=q.device) // (group if n_idx_heads == heads else 1)
+    base = (torch.arange(batch, device=q.device)[:, None] * kv_heads + kv_of[None, :]) * n_tokens  # (B, Hi)
+    rows = base[:, :, None] + idx.clamp(min=0)
+    k = _gather_rows(k_cache, rows, batch, kv_heads, n_tokens).float()  # (B, Hi, K, D)
+    v = _gather_rows(v_cache, rows, batch, kv_heads, n_tokens).float()
+    q_rows = q.float().view(batch, n_idx_heads, heads // n_idx_heads, head_dim)  # (B, Hi, g', D)
+    s = torch.matmul(q_rows, k.transpose(-1, -2)) * scale  # (B, Hi, g', K)
+    s = s.masked_fill(~valid[:, :, None, :], float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    denom = p.sum(-1, keepdim=True)
+    out = torch.matmul(p, v) / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return out.view(batch, heads, 1, head_dim).to(q.dtype)
+
+
+def fasa_bytes_per_step(n_tokens: int, head_dim: int, kv_heads: int, n_fc: int, budget: int, *,
+                        chunk: int = 1, element_bytes: int = 2, batch: int = 1) -> dict:
+    """Bytes of KV cache read by one decode step of one layer: full attention vs FASA (packed keys).
+
+    Returns ``{"full": 2*T*D*e*Hkv*B, "fasa_score": T*2*chunk*F*e*Hkv*B, "fasa_attend": 2*K*D*e*Hkv*B,
+    "fasa": score + attend, "ratio": full / fasa}`` with ``K = min(budget, T)``.
+    """
+    full = 2 * n_tokens * head_dim * element_bytes * kv_heads * batch
+    kept = min(budget, n_tokens)
+    score = n_tokens * 2 * chunk * n_fc * element_bytes * kv_heads * batch
+    attend = 2 * kept * head_dim * element_bytes * kv_heads * batch
+    return dict(full=full, fasa_score=score, fasa_attend=attend, fasa=score + attend,
+                ratio=full / max(score + attend, 1))
