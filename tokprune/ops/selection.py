@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Optional
 
 import torch
@@ -15,6 +17,7 @@ def select_tokens(
     keep: int,
     *,
     keep_mask: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Indices of the ``keep`` highest-scoring tokens per row, in increasing token order.
 
@@ -26,6 +29,8 @@ def select_tokens(
         scores: ``(..., n_tokens)`` float scores; larger is more important. NaN is rejected.
         keep: number of tokens to return per row, ``>= 0``; values above ``n_tokens`` clamp to it.
         keep_mask: optional ``(..., n_tokens)`` bool, ``True`` for tokens that must be kept.
+        backend: ``"auto" | "torch" | "cuda"``. ``"cuda"`` is the fused radix-select kernel of
+            ``tokprune._C`` (its host build on CPU tensors); results are identical on every backend.
 
     Returns:
         ``(..., min(keep, n_tokens))`` int64 indices, sorted ascending within each row.
@@ -52,6 +57,14 @@ def select_tokens(
         if forced.numel() and int(forced.max()) > keep:
             raise ValueError(f"keep_mask forces {int(forced.max())} tokens in a row but keep={keep}")
         work = work.masked_fill(keep_mask, float("inf"))
+    # TOKPRUNE_BACKEND=triton (a global preference) must not break this torch/cuda-only op.
+    env_triton = backend in (None, "auto") and os.environ.get("TOKPRUNE_BACKEND", "").strip().lower() == "triton"
+    chosen = "torch" if env_triton else resolve_backend(backend, scores.device, ("torch", "cuda"), "select_tokens")
+    if chosen == "cuda":
+        from tokprune.kernels.cuda import select_tokens_cuda
+
+        rows = work.reshape(math.prod(scores.shape[:-1]), n_tokens).contiguous()
+        return select_tokens_cuda(rows, keep).reshape(*scores.shape[:-1], keep)
     # Stable descending sort: equal scores keep increasing token order. -inf sorts last.
     order = torch.sort(work, dim=-1, descending=True, stable=True).indices[..., :keep]
     return torch.sort(order, dim=-1).values

@@ -1,0 +1,420 @@
+"""The host build of tokprune._C (csrc/) against oracles written here from the contracts.
+
+Verification and top-k must be exact; attention within fp32 tolerance. The CUDA kernels share the
+math headers with the host build (csrc/include/tokprune/*.h); tests/test_csrc_build.py compiles them.
+"""
+
+import math
+import random
+
+import pytest
+import torch
+
+from tests.helpers import assert_close
+from tokprune import _ext
+
+pytestmark = pytest.mark.skipif(_ext.load_error() is not None,
+                                reason=f"tokprune._C not available: {_ext.load_error()}")
+
+if _ext.load_error() is None:
+    from tokprune.kernels.cuda import (select_tokens_cuda, sparse_decode_attention_cuda, verify_tree_greedy_cuda,
+                                       verify_tree_stochastic_cuda)
+
+
+# --------------------------------------------------------------------------------------- oracles
+def _children(par_row, cur):
+    return [c for c in range(len(par_row)) if par_row[c] == cur and c > 0]
+
+
+def _depths(par_row):
+    depth = []
+    for i, p in enumerate(par_row):
+        depth.append(0 if i == 0 else (depth[p] + 1 if p >= 0 else -1))
+    return depth
+
+
+def _pack(paths, lens, nexts, par):
+    max_depth = max(max(_depths(row)) for row in par.tolist()) if par.shape[0] else 0
+    out = torch.full((len(paths), max_depth + 1), -1, dtype=torch.int64)
+    for b, path in enumerate(paths):
+        out[b, :len(path)] = torch.tensor(path)
+    return out, torch.tensor(lens, dtype=torch.int64), torch.tensor(nexts, dtype=torch.int64)
+
+
+def oracle_greedy(tokens, parents, logits):
+    """CONTRACTS.md, greedy: follow the first child whose token is the argmax (lowest index on ties)."""
+    paths, lens, nexts = [], [], []
+    for b in range(tokens.shape[0]):
+        par, tok = parents[b].tolist(), tokens[b].tolist()
+        cur, path = 0, [0]
+        while True:
+            t = int(torch.argmax(logits[b, cur].float()))  # torch.argmax: first maximal index
+            hit = next((c for c in _children(par, cur) if tok[c] == t), None)
+            if hit is None:
+                nexts.append(t)
+                break
+            path.append(hit)
+            cur = hit
+        paths.append(path)
+        lens.append(len(path) - 1)
+    return _pack(paths, lens, nexts, parents)
+
+
+def oracle_stochastic(tokens, parents, target, draft, rule, uniforms):
+    """CONTRACTS.md, stochastic verification, written with float32 torch ops as the contract states."""
+    paths, lens, nexts = [], [], []
+    for b in range(tokens.shape[0]):
+        par, tok = parents[b].tolist(), tokens[b].tolist()
+        cur, path = 0, [0]
+        p, q = target[b, 0].clone(), draft[b, 0].clone()
+        while True:
+            accepted = None
+            for c in _children(par, cur):
+                x, u = tok[c], uniforms[b, c]
+                accept = bool(u < p[x]) if rule == "target_only" else bool(u * q[x] < p[x])
+                if accept:
+                    accepted = c
+                    break
+                if rule in ("specinfer", "rsd"):
+                    r = torch.clamp(p - q, min=0)
+                    if r.sum() > 0:
+                        p = r / r.sum()
+                    if rule == "rsd":
+                        q = q.clone()
+                        q[x] = 0
+                        if q.sum() > 0:
+                            q = q / q.sum()
+                else:
+                    p = p.clone()
+                    p[x] = 0
+                    if p.sum() > 0:
+                        p = p / p.sum()
+            if accepted is None:
+                break
+            path.append(accepted)
+            cur = accepted
+            p, q = target[b, cur].clone(), draft[b, cur].clone()
+        hits = (torch.cumsum(p, 0) > uniforms[b, 0] * p.sum()).nonzero()
+        nexts.append(int(hits[0]) if len(hits) else int((p > 0).nonzero().max()))
+        paths.append(path)
+        lens.append(len(path) - 1)
+    return _pack(paths, lens, nexts, parents)
+
+
+def oracle_attention(q, k, v, indices, scale):
+    """Plain float64 attention over the valid indices of each (batch, head)."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    out = torch.zeros(B, H, 1, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            kvh = h // (H // Hkv)
+            row = indices[b, h if indices.shape[1] == H else kvh]
+            valid = row[row >= 0].long()
+            if len(valid) == 0:
+                continue
+            s = (k[b, kvh, valid].double() @ q[b, h, 0].double()) * scale
+            out[b, h, 0] = torch.softmax(s, 0) @ v[b, kvh, valid].double()
+    return out
+
+
+def oracle_topk(scores, keep):
+    rows = []
+    for row in scores.tolist():
+        order = sorted(range(len(row)), key=lambda i: (-row[i], i))
+        rows.append(sorted(order[:min(keep, len(row))]))
+    return torch.tensor(rows, dtype=torch.int64).reshape(scores.shape[0], -1)
+
+
+# ------------------------------------------------------------------------------------ tree fuzz
+def random_trees(rng, batch, n, vocab, pad=True):
+    """Batch of random trees with padding suffixes (and padding leaves) in [B, n]."""
+    parents = torch.full((batch, n), -1, dtype=torch.int64)
+    tokens = torch.randint(0, vocab, (batch, n), generator=rng)
+    for b in range(batch):
+        size = n if not pad or b == 0 else int(torch.randint(1, n + 1, (1,), generator=rng))
+        for i in range(1, size):
+            parents[b, i] = int(torch.randint(0, i, (1,), generator=rng))
+        if pad and size > 3:  # a padding node in the middle; its children are re-parented to the root
+            hole = int(torch.randint(1, size, (1,), generator=rng))
+            parents[b, hole] = -1
+            parents[b][parents[b] == hole] = 0
+    return tokens, parents
+
+
+def steer_tokens(tokens, parents, rows, rng, prob=0.7):
+    """Make each node's token the argmax of its parent's row with probability ``prob`` (deep accepts)."""
+    tokens = tokens.clone()
+    best = rows.argmax(-1)
+    for b in range(tokens.shape[0]):
+        for i in range(1, tokens.shape[1]):
+            p = int(parents[b, i])
+            if p >= 0 and float(torch.rand((), generator=rng)) < prob:
+                tokens[b, i] = best[b, p]
+    return tokens
+
+
+def _assert_tree_equal(got, expected):
+    for name, g, e in zip(("accept_index", "accept_len", "next_token"), got, expected):
+        assert g.dtype == torch.int64, name
+        assert torch.equal(g, e), f"{name}: got {g.tolist()} expected {e.tolist()}"
+
+
+# ----------------------------------------------------------------------------------- verification
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_verify_greedy_matches_oracle(seed, dtype):
+    rng = torch.Generator().manual_seed(seed)
+    batch, n, vocab = 1 + seed % 3, [1, 2, 7, 16, 33, 64][seed], [1, 5, 50, 1000, 37, 4099][seed]
+    tokens, parents = random_trees(rng, batch, n, vocab)
+    logits = torch.randn(batch, n, vocab, generator=rng).to(dtype)
+    if vocab > 4:
+        logits[..., 3] = logits[..., 1]  # exact ties in some rows
+    tokens = steer_tokens(tokens, parents, logits.float(), rng)
+    _assert_tree_equal(verify_tree_greedy_cuda(tokens, parents, logits), oracle_greedy(tokens, parents, logits))
+
+
+def test_verify_greedy_ties_strided_int32_and_padding():
+    # row 0: argmax ties between 2 and 5 -> 2; child order decides among equal tokens
+    tokens = torch.tensor([[9, 2, 2, 5, 1], [9, 4, 0, 0, 0]], dtype=torch.int32)
+    parents = torch.tensor([[-1, 0, 0, 0, 2], [-1, 0, -1, -1, -1]], dtype=torch.int32)
+    base = torch.zeros(2, 5, 12)
+    base[0, 0, 2] = base[0, 0, 5] = 3.0
+    base[0, 1, 1] = 9.0  # node 1 wants token 1, but its child is under node 2 -> stops at node 1
+    base[1, 0, 4] = 1.0
+    logits = base.transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous batch stride
+    got = verify_tree_greedy_cuda(tokens, parents, logits)
+    _assert_tree_equal(got, oracle_greedy(tokens, parents, logits))
+    assert got[0].tolist() == [[0, 1, -1], [0, 1, -1]] and got[1].tolist() == [1, 1] and got[2].tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("rule", ["specinfer", "rsd", "target_only"])
+@pytest.mark.parametrize("seed", range(8))
+def test_verify_stochastic_matches_oracle(rule, seed):
+    rng = torch.Generator().manual_seed(100 + seed)
+    batch, n, vocab = 1 + seed % 3, [1, 3, 6, 12, 20, 31, 9, 16][seed], [1, 3, 8, 64, 300, 50, 2000, 17][seed]
+    tokens, parents = random_trees(rng, batch, n, vocab)
+    temp = 0.3 + seed * 0.2  # peaked distributions give deep accepts, flat ones many rejections
+    target = torch.softmax(torch.randn(batch, n, vocab, generator=rng) / temp, -1)
+    draft = torch.softmax((target.log() + 0.5 * torch.randn(batch, n, vocab, generator=rng)), -1)
+    if seed % 2:
+        draft[..., : vocab // 2] = 0  # zeros in the draft (top-k/top-p style)
+        draft = draft / draft.sum(-1, keepdim=True).clamp_min(1e-30)
+        draft[draft.sum(-1) == 0] = 1.0 / vocab
+    tokens = steer_tokens(tokens, parents, draft, rng, prob=0.6)
+    uniforms = torch.rand(batch, n, generator=rng)
+    got = verify_tree_stochastic_cuda(tokens, parents, target, draft, rule, uniforms)
+    _assert_tree_equal(got, oracle_stochastic(tokens, parents, target, draft, rule, uniforms))
+
+
+def test_verify_stochastic_forced_paths():
+    """Hand-built case: rejection of node 1 renormalises p, node 2 (same parent) is then accepted."""
+    tokens = torch.tensor([[0, 0, 1, 2]])
+    parents = torch.tensor([[-1, 0, 0, 2]])
+    target = torch.tensor([[[0.1, 0.6, 0.3]] * 4])
+    draft = torch.tensor([[[0.8, 0.1, 0.1]] * 4])
+    uniforms = torch.tensor([[0.5, 0.9, 0.99, 0.0]])
+    for rule in ("specinfer", "rsd", "target_only"):
+        got = verify_tree_stochastic_cuda(tokens, parents, target, draft, rule, uniforms)
+        _assert_tree_equal(got, oracle_stochastic(tokens, parents, target, draft, rule, uniforms))
+    # specinfer: node 1 (token 0): 0.9*0.8 >= 0.1 reject; p -> [0, .5/.7, .2/.7]; node 2 (token 1) accepted;
+    # node 3 (token 2): 0*0.1 < 0.3 accepted; bonus from target[3] with u=0.5 -> token 1.
+    got = verify_tree_stochastic_cuda(tokens, parents, target, draft, "specinfer", uniforms)
+    assert got[0].tolist() == [[0, 2, 3]] and got[1].tolist() == [2] and got[2].tolist() == [1]
+
+
+@pytest.mark.slow
+def test_verify_large_vocab_128k():
+    rng = torch.Generator().manual_seed(7)
+    batch, n, vocab = 2, 6, 128 * 1024
+    tokens, parents = random_trees(rng, batch, n, vocab, pad=False)
+    logits = torch.randn(batch, n, vocab, generator=rng)
+    tokens = steer_tokens(tokens, parents, logits, rng, prob=0.8)
+    _assert_tree_equal(verify_tree_greedy_cuda(tokens, parents, logits), oracle_greedy(tokens, parents, logits))
+    target = torch.softmax(logits * 3, -1)
+    draft = torch.softmax(logits * 3 + torch.randn(batch, n, vocab, generator=rng), -1)
+    uniforms = torch.rand(batch, n, generator=rng)
+    for rule in ("specinfer", "rsd", "target_only"):
+        got = verify_tree_stochastic_cuda(tokens, parents, target, draft, rule, uniforms)
+        _assert_tree_equal(got, oracle_stochastic(tokens, parents, target, draft, rule, uniforms))
+
+
+def test_verify_errors():
+    tokens, parents = torch.zeros(1, 3, dtype=torch.long), torch.tensor([[-1, 0, 0]])
+    with pytest.raises(ValueError, match=r"target_logits must be \(batch, nodes, vocab\)"):
+        verify_tree_greedy_cuda(tokens, parents, torch.zeros(1, 2, 5))
+    with pytest.raises(TypeError, match="target_logits must be float32/float16/bfloat16"):
+        verify_tree_greedy_cuda(tokens, parents, torch.zeros(1, 3, 5, dtype=torch.float64))
+    with pytest.raises(IndexError, match=r"tokens of non-root nodes must lie in \[0, 5\)"):
+        verify_tree_greedy_cuda(torch.tensor([[0, 1, 5]]), parents, torch.zeros(1, 3, 5))
+    with pytest.raises(ValueError, match="rule must be one of"):
+        verify_tree_stochastic_cuda(tokens, parents, torch.ones(1, 3, 5) / 5, torch.ones(1, 3, 5) / 5, "bogus",
+                                    torch.rand(1, 3))
+    with pytest.raises(TypeError, match="uniforms must be float32"):
+        verify_tree_stochastic_cuda(tokens, parents, torch.ones(1, 3, 5) / 5, torch.ones(1, 3, 5) / 5, "rsd",
+                                    torch.rand(1, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="is on meta but tokens is on cpu"):
+        verify_tree_greedy_cuda(tokens, parents, torch.zeros(1, 3, 5, device="meta"))
+    # the raw binding checks its arguments too
+    with pytest.raises(ValueError, match="rule code 7 is not 0"):
+        _ext.extension().verify_tree_stochastic(False, 0, 1, 1, 1, 7, *([0] * 15))
+    with pytest.raises(ValueError, match="dtype code 5 is not one of"):
+        _ext.extension().verify_tree_greedy(False, 0, 1, 1, 1, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0)
+
+
+# --------------------------------------------------------------------------------------- attention
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,H,Hkv,T,K,D,per_head", [
+    (1, 1, 1, 1, 1, 1, False), (2, 4, 2, 50, 7, 32, False), (2, 8, 2, 111, 40, 80, True),
+    (1, 6, 6, 300, 300, 64, False), (3, 4, 1, 64, 5, 256, True), (2, 2, 1, 10, 0, 16, False)])
+def test_sparse_attention_matches_oracle(dtype, B, H, Hkv, T, K, D, per_head):
+    g = torch.Generator().manual_seed(B * 1000 + H * 10 + K)
+    q = torch.randn(B, H, 1, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, T, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, T, D, generator=g).to(dtype)
+    indices = torch.randint(-1, T, (B, H if per_head else Hkv, K), generator=g)  # -1 = padding
+    if K:
+        indices[0, 0] = -1  # a row with no valid token -> zeros
+    scale = D ** -0.5
+    out = sparse_decode_attention_cuda(q, k, v, indices, scale)
+    assert out.dtype == dtype and out.shape == (B, H, 1, D)
+    expected = oracle_attention(q, k, v, indices, scale)
+    if dtype == torch.float32:
+        assert_close(out, expected.float(), name="attention fp32")
+    else:
+        # fp32 accumulation then one rounding: within one ulp-level tolerance of the dtype
+        assert_close(out, expected.to(dtype), name=f"attention {dtype}")
+    if K:
+        assert torch.equal(out[0, : (H // Hkv) if not per_head else 1].float(),
+                           torch.zeros_like(out[0, : (H // Hkv) if not per_head else 1].float()))
+
+
+def test_sparse_attention_strided_cache_and_int32():
+    g = torch.Generator().manual_seed(3)
+    base_k = torch.randn(2, 40, 3, 16, generator=g)  # (B, T, Hkv, D) viewed as (B, Hkv, T, D)
+    base_v = torch.randn(2, 40, 3, 16, generator=g)
+    k, v = base_k.transpose(1, 2), base_v.transpose(1, 2)
+    q = torch.randn(2, 6, 1, 16, generator=g)
+    indices = torch.randint(0, 40, (2, 3, 9), generator=g, dtype=torch.int32)
+    out = sparse_decode_attention_cuda(q, k, v, indices, 0.3)
+    assert_close(out, oracle_attention(q, k, v, indices, 0.3).float())
+
+
+def test_sparse_attention_errors():
+    q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8)
+    idx = torch.zeros(1, 2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="heads=4 must be a multiple of kv_heads=3"):
+        sparse_decode_attention_cuda(q, torch.randn(1, 3, 5, 8), torch.randn(1, 3, 5, 8), torch.zeros(1, 3, 2).long(), 1.0)
+    with pytest.raises(ValueError, match=r"head_dim=300 must be in \[1, 256\]"):
+        sparse_decode_attention_cuda(torch.randn(1, 2, 1, 300), torch.randn(1, 2, 5, 300), torch.randn(1, 2, 5, 300),
+                                     idx, 1.0)
+    with pytest.raises(TypeError, match="k_cache must have q's dtype"):
+        sparse_decode_attention_cuda(q, k.half(), k.half(), idx, 1.0)
+    with pytest.raises(ValueError, match=r"indices must be \(batch=1, kv_heads=2 or heads=4"):
+        sparse_decode_attention_cuda(q, k, k, torch.zeros(1, 3, 2).long(), 1.0)
+    with pytest.raises(IndexError, match="indices must be < seq=5"):
+        sparse_decode_attention_cuda(q, k, k, idx + 5, 1.0)
+    with pytest.raises(ValueError, match="H=4 is not a multiple of Hkv=3"):
+        _ext.extension().sparse_decode_attention(False, 0, 1, 4, 3, 3, 1, 8, 0, 1.0, *([0] * 15))
+
+
+# -------------------------------------------------------------------------------------------- top-k
+@pytest.mark.parametrize("rows,n,keep", [(1, 1, 1), (3, 37, 5), (2, 64, 64), (2, 10, 25), (4, 1000, 999),
+                                         (2, 5000, 4096), (1, 20000, 4096), (3, 7, 0), (2, 300, 1)])
+def test_topk_matches_oracle(rows, n, keep):
+    g = torch.Generator().manual_seed(n + keep)
+    scores = torch.randn(rows, n, generator=g)
+    scores[:, ::3] = 0.5                     # many exact ties
+    scores[:, 1::11] = float("-inf")         # padding sorts last
+    scores[0, 2::13] = -0.0                  # -0.0 ties with +0.0
+    scores[0, 4::13] = 0.0
+    if rows > 1:
+        scores[1] = torch.randint(-3, 3, (n,), generator=g).float()  # heavy ties
+    got = select_tokens_cuda(scores.contiguous(), keep)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, oracle_topk(scores, keep))
+
+
+def test_topk_extremes_and_errors():
+    scores = torch.tensor([[float("-inf")] * 4 + [float("inf"), 1e38, -1e38, 1e-45]])
+    assert select_tokens_cuda(scores, 3).tolist() == [[4, 5, 7]]
+    assert select_tokens_cuda(scores, 8).tolist() == [list(range(8))]
+    assert select_tokens_cuda(scores, 6).tolist() == [[0, 1, 4, 5, 6, 7]]
+    with pytest.raises(ValueError, match="scores must be contiguous"):
+        select_tokens_cuda(torch.randn(8, 4).t(), 2)
+    with pytest.raises(TypeError, match="scores must be float32"):
+        select_tokens_cuda(torch.randn(2, 4).half(), 2)
+    with pytest.raises(ValueError, match="keep must be a non-negative int"):
+        select_tokens_cuda(torch.randn(2, 4), -1)
+    with pytest.raises(ValueError, match=r"keep=9 must lie in \[0, N=4\]"):
+        _ext.extension().select_tokens(False, 0, 1, 4, 9, 0, 0)
+
+
+def test_select_tokens_op_cuda_backend_equals_torch():
+    from tokprune.ops import select_tokens
+
+    g = torch.Generator().manual_seed(11)
+    scores = torch.randn(2, 3, 300, generator=g).half()  # fp16 input, many ties after rounding
+    mask = torch.rand(2, 3, 300, generator=g) < 0.02
+    for keep in (0, 1, 17, 299, 300, 500):
+        km = mask if keep >= 20 else None
+        assert torch.equal(select_tokens(scores, keep, keep_mask=km, backend="cuda"),
+                           select_tokens(scores, keep, keep_mask=km, backend="torch"))
+
+
+# -------------------------------------------------------------- cross-checks with the public ops
+def test_spec_ops_cuda_backend_equals_torch():
+    spec = pytest.importorskip("tokprune.ops.spec")
+    rng = torch.Generator().manual_seed(5)
+    batch, n, vocab = 3, 12, 40
+    tokens, parents = random_trees(rng, batch, n, vocab)
+    logits = torch.randn(batch, n, vocab, generator=rng)
+    tokens = steer_tokens(tokens, parents, logits, rng)
+    _assert_tree_equal(spec.verify_tree_greedy(tokens, parents, logits, backend="cuda"),
+                       spec.verify_tree_greedy(tokens, parents, logits, backend="torch"))
+    target = torch.softmax(logits * 2, -1)
+    draft = torch.softmax(logits * 2 + torch.randn(batch, n, vocab, generator=rng), -1)
+    uniforms = torch.rand(batch, n, generator=rng)
+    for rule in ("specinfer", "rsd", "target_only"):
+        kw = dict(target_probs=target, draft_probs=draft, rule=rule, uniforms=uniforms)
+        _assert_tree_equal(spec.verify_tree_stochastic(tokens, parents, backend="cuda", **kw),
+                           spec.verify_tree_stochastic(tokens, parents, backend="torch", **kw))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fasa_op_cuda_backend_equals_torch(dtype):
+    fasa = pytest.importorskip("tokprune.ops.fasa")
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(2, 8, 1, 64, generator=g).to(dtype)
+    k = torch.randn(2, 2, 90, 64, generator=g).to(dtype)
+    v = torch.randn(2, 2, 90, 64, generator=g).to(dtype)
+    idx = torch.randint(-1, 90, (2, 2, 33), generator=g)
+    assert_close(fasa.sparse_decode_attention(q, k, v, idx, 0.125, backend="cuda"),
+                 fasa.sparse_decode_attention(q, k, v, idx, 0.125, backend="torch"))
+
+
+# ----------------------------------------------------------------------- torch.library registration
+def test_custom_ops_registered_and_traceable():
+    from torch.library import opcheck
+
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randn(3, 50, generator=g)
+    opcheck(torch.ops.tokprune_ext.select_tokens.default, (scores, 7))
+    q, k = torch.randn(1, 4, 1, 16, generator=g), torch.randn(1, 2, 20, 16, generator=g)
+    idx = torch.randint(-1, 20, (1, 2, 6), generator=g)
+    opcheck(torch.ops.tokprune_ext.sparse_decode_attention.default, (q, k, k, idx, 0.25))
+    tokens, parents = torch.tensor([[0, 3, 5, 3]]), torch.tensor([[-1, 0, 0, 1]])
+    logits = torch.randn(1, 4, 8, generator=g)
+    opcheck(torch.ops.tokprune_ext.verify_tree_greedy.default, (tokens, parents, logits))
+    probs = torch.softmax(logits, -1)
+    opcheck(torch.ops.tokprune_ext.verify_tree_stochastic.default,
+            (tokens, parents, probs, probs.flip(-1), "rsd", torch.rand(1, 4, generator=g)))
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def pipeline(scores, q, k, v):
+        keep = select_tokens_cuda(scores, 6).view(1, 2, 6)
+        return sparse_decode_attention_cuda(q, k, v, keep, 0.25)
+
+    s2 = torch.randn(2, 20, generator=g)
+    expected = oracle_attention(q, k, k, oracle_topk(s2, 6).view(1, 2, 6), 0.25).float()
+    assert_close(pipeline(s2, q, k, k), expected)
