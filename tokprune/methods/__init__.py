@@ -16,6 +16,13 @@ _EXPORTS = {
     "StreamingLLM": "kv_baselines",
     "Quest": "kv_baselines",
     "SnapKV": "kv_baselines",
+    # visual-token pruning in VLMs (EntropyPrune and baselines; patch: tokprune.hf.vlm.prune_visual_tokens)
+    "EntropyPrune": "entropy_prune",
+    "find_collapse_layer": "entropy_prune",
+    "flops_matched_keep": "entropy_prune",
+    "FastV": "visual_baselines",
+    "DivPrune": "visual_baselines",
+    "RandomPrune": "visual_baselines",
 }
 
 
