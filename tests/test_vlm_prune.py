@@ -172,9 +172,25 @@ def oracle_generate(model, inputs, layer, slots, key_ok, n_new):
     return torch.stack(tokens, 1)
 
 
+def tiny_qwen2_5_vl(attn="sdpa"):
+    """Qwen2.5-VL with a 2-block windowed vision tower and the 3-layer M-RoPE language model of tiny Qwen2-VL."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = dict(tiny.TINY_TEXT, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3, out_hidden_size=64, window_size=56, fullatt_block_indexes=[1])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tiny.QWEN2VL_IDS)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
 def build(kind, attn="sdpa"):
     if kind == "llava":
         return tiny.tiny_llava(attn), llava_batch(), (2, 2)
+    if kind == "qwen2_5_vl":
+        return tiny_qwen2_5_vl(attn), qwen_batch(), (2, 1)
     return tiny.tiny_qwen2_vl(attn), qwen_batch(), (2, 1)
 
 
@@ -192,6 +208,7 @@ def generate(model, inputs, n_new=5):
     ("llava", "eager", FastV(keep=7, layer=1)),
     ("qwen2_vl", "sdpa", EntropyPrune(keep=3, layer=1, normalize=True)),
     ("qwen2_vl", "sdpa", DivPrune(keep=4, layer=2)),
+    ("qwen2_5_vl", "sdpa", EntropyPrune(keep=3, layer=1)),
 ])
 def test_generation_equals_layerwise_oracle(kind, attn, policy):
     model, inputs, _ = build(kind, attn)
@@ -482,3 +499,14 @@ def test_flops_matched_budgets_match_the_paper():
     assert [flops_matched_keep(a, 576, 32, 2) for a in (192, 128, 64)] == [166, 98, 29]
     with pytest.raises(ValueError):
         flops_matched_keep(64, 576, 32, 32)
+
+
+def test_policy_call_patches_like_kvpress(tiny_llava):
+    import tokprune.methods as methods
+
+    inputs = llava_batch()
+    with methods.EntropyPrune(keep=2, layer=1)(tiny_llava) as handle:
+        assert tiny_llava._tokprune_vlm_patch is handle
+        with torch.no_grad():
+            tiny_llava(**inputs)
+    assert handle.last["visual_kept"] == [2, 2] and not hasattr(tiny_llava, "_tokprune_vlm_patch")

@@ -164,5 +164,11 @@ class EntropyPrune(VisualPolicy):
     needs_query = True
 
     def score(self, ctx) -> torch.Tensor:
-        """``(B, N)`` float32 information value of every token from layer ``K-1``'s post-RoPE queries."""
-        return token_scores(ctx.query(), normalize=self.normalize)
+        """``(B, N)`` float32 information value of the visual tokens from layer ``K-1``'s post-RoPE
+        queries (other positions get 0: they are always kept, only visual tokens compete)."""
+        q = ctx.query()
+        visual = ctx.visual_mask
+        scores = torch.zeros(visual.shape, dtype=torch.float32, device=q.device)
+        if bool(visual.any()):
+            scores[visual] = token_scores(q[visual][None], normalize=self.normalize)[0]
+        return scores
