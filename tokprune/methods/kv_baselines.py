@@ -172,6 +172,8 @@ class SnapKV(KVSelectionPolicy):
         votes = probs.sum((2, 3))  # (B, Hkv, T)
         if self.pool > 1:
             votes = torch.nn.functional.max_pool1d(votes, self.pool, stride=1, padding=self.pool // 2)
+        seen = allowed.any(3).any(2)  # (B or 1, 1, T): keys some observation query may attend
+        votes = votes.masked_fill(~seen, 0.0)  # pooling must not leak votes into padding
         self.prompt_scores[module.layer_idx] = votes
         return None
 
