@@ -256,7 +256,7 @@ def _build(output: str, verbose: bool) -> dict:
         print(proc.stdout, file=sys.stderr)
     records = []
     for path in ptxas_files:
-        src = os.path.basename(path)[: -len(".o.ptxas")]
+        src = os.path.basename(path)[: -len(".cu.o.ptxas")]
         with open(path) as f:
             records += parse_ptxas(f.read(), src)
     report = {"cuda": nvcc is not None, "archs": [f"sm_{a}" for a in archs] if nvcc else [],

@@ -42,6 +42,36 @@ def build_info() -> dict:
     return dict(info()) if callable(info) else {}
 
 
+def build_report() -> dict:
+    """The build report written beside the module by ``tokprune_build.py`` (``tokprune/_C_build.json``):
+    ``{"cuda", "archs", "cxx", "nvcc", "ninja_seconds", "ptxas": [{kernel, arch, registers, spill_stores,
+    spill_loads, stack, smem, source}, ...]}``; ``{}`` when absent."""
+    import json
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C_build.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def describe() -> list:
+    """Lines for ``tokprune info``: which parts of tokprune._C were compiled and their ptxas summary."""
+    if extension() is None:
+        return [f"extension tokprune._C: unavailable: {load_error()}"]
+    info = build_info()
+    parts = info.get("parts", {})
+    lines = [f"  compiled parts: host (g++): {', '.join(parts.get('host', [])) or 'none'}; "
+             f"CUDA (nvcc): {', '.join(parts.get('cuda', [])) or 'none (built without nvcc)'}"]
+    records = build_report().get("ptxas", [])
+    if records:
+        spills = sum(1 for r in records if r.get("spill_stores") or r.get("spill_loads"))
+        lines.append(f"  ptxas: {len(records)} kernel builds for {', '.join(sorted({r['arch'] for r in records}))}, "
+                     f"max {max(r['registers'] or 0 for r in records)} registers, {spills} with spills")
+    return lines
+
+
 def has_cuda_kernels() -> bool:
     return bool(build_info().get("cuda", False))
 

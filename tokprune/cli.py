@@ -112,6 +112,7 @@ def info_lines() -> List[str]:
                      f"{'yes, archs ' + str(build.get('archs')) if build.get('cuda') else 'no (host build only)'}")
         if build.get("ops"):
             lines.append(f"  ops: {', '.join(build['ops'])}")
+        lines.extend(_ext.describe())
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
         lines.append(f"backends for {device.type} tensors:")

@@ -1,0 +1,165 @@
+"""Build checks of csrc/: every .cu compiles for sm_80 and sm_90 with no register spills (ptxas -v),
+and the build skips cleanly when it cannot run. Needs nvcc for the compile checks (skipped with the
+reason otherwise); everything else runs everywhere."""
+
+import concurrent.futures
+import os
+import shutil
+import subprocess
+
+import pytest
+
+import tokprune_build as tb
+from tokprune import _ext
+
+NVCC = tb.find_nvcc()
+REQUIRED_ARCHS = ("sm_80", "sm_90")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found: the CUDA sources cannot be compiled here")
+SMEM_LIMIT_SM80 = 48 * 1024  # static shared memory per block
+
+
+def _cu_sources():
+    return [os.path.basename(p)[:-3] for p in tb.sources()[1]]
+
+
+def _fresh_report():
+    """The ptxas records of the last build if it covers every .cu for sm_80 and sm_90 and is newer than
+    the sources (``make test`` builds first, so this is the normal case); else ``None``."""
+    path = os.path.join(tb.ROOT, "tokprune", tb.REPORT_NAME)
+    if not os.path.exists(path):
+        return None
+    newest = max(os.path.getmtime(os.path.join(dp, f)) for dp, _, fs in os.walk(tb.CSRC) for f in fs)
+    if os.path.getmtime(path) < newest:
+        return None
+    records = _ext.build_report().get("ptxas", [])
+    have = {(r["source"], r["arch"]) for r in records}
+    if not all((src, arch) in have for src in _cu_sources() for arch in REQUIRED_ARCHS):
+        return None
+    return records
+
+
+def _compile(src: str, arch: str, out_dir: str, extra=()):
+    cmd = [NVCC, "-O3", "-std=c++17", "-Xptxas", "-v", f"-I{os.path.join(tb.CSRC, 'include')}",
+           "-gencode", f"arch=compute_{arch[3:]},code={arch}", "-c", src, "-o",
+           os.path.join(out_dir, f"{os.path.basename(src)}.{arch}.o"), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"nvcc failed for {src} ({arch}):\n{proc.stderr[-4000:]}"
+    return tb.parse_ptxas(proc.stderr, os.path.basename(src)[:-3])
+
+
+@pytest.fixture(scope="module")
+def ptxas_records(tmp_path_factory):
+    records = _fresh_report()
+    if records is not None:
+        print(f"using the ptxas report of the last build ({len(records)} kernel builds)")
+        return records
+    out = str(tmp_path_factory.mktemp("nvcc"))
+    jobs = [(src, arch) for src in tb.sources()[1] for arch in REQUIRED_ARCHS]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda job: _compile(job[0], job[1], out), jobs))
+    return [r for rs in results for r in rs]
+
+
+def _table(records):
+    return "\n".join(f"{r['arch']:<6} regs={r['registers']:<4} spill_st={r['spill_stores']:<4} "
+                     f"spill_ld={r['spill_loads']:<4} smem={r['smem']:<6} {r['kernel']}" for r in records)
+
+
+@needs_nvcc
+def test_every_cu_compiles_for_sm80_and_sm90(ptxas_records):
+    sources = _cu_sources()
+    assert sources, "no .cu files under csrc/"
+    for src in sources:
+        for arch in REQUIRED_ARCHS:
+            kernels = [r for r in ptxas_records if r["source"] == src and r["arch"] == arch]
+            assert kernels, f"{src}.cu produced no kernel for {arch}"
+    assert all(r["registers"] is not None and r["spill_stores"] is not None for r in ptxas_records)
+
+
+@needs_nvcc
+def test_no_register_spills_and_smem_within_sm80(ptxas_records):
+    print("\n" + _table(ptxas_records))
+    spills = [r for r in ptxas_records if r["spill_stores"] or r["spill_loads"]]
+    assert not spills, "kernels with register spills:\n" + _table(spills)
+    big = [r for r in ptxas_records if r["smem"] > SMEM_LIMIT_SM80]
+    assert not big, "kernels over the 48 KiB static shared memory of sm_80:\n" + _table(big)
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_spill_check_fails_on_a_planted_spill(tmp_path):
+    src = tmp_path / "planted.cu"
+    src.write_text(
+        "__global__ void planted(const float* x, float* y, int n) {\n"
+        "  float a[48];\n"
+        "#pragma unroll\n"
+        "  for (int i = 0; i < 48; ++i) a[i] = x[threadIdx.x + i * n];\n"
+        "  float s = 0.f;\n"
+        "#pragma unroll\n"
+        "  for (int i = 0; i < 48; ++i) s += a[i] * a[47 - i] + a[(i * 7) % 48];\n"
+        "  y[threadIdx.x] = s;\n}\n")
+    records = _compile(str(src), "sm_80", str(tmp_path), extra=("-maxrregcount=16",))
+    assert records and records[0]["kernel"].startswith("planted")
+    assert records[0]["spill_stores"] > 0 and records[0]["spill_loads"] > 0
+
+
+def test_parse_ptxas_reads_registers_spills_and_smem():
+    text = """ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_80'
+ptxas info    : Function properties for _Z3fooPf
+    8 bytes stack frame, 4 bytes spill stores, 8 bytes spill loads
+ptxas info    : Used 64 registers, used 1 barriers, 8 bytes cumulative stack size, 2384 bytes smem, 536 bytes cmem[0]
+ptxas info    : Compiling entry function '_Z3barv' for 'sm_90'
+ptxas info    : Function properties for _Z3barv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 30 registers, used 0 barriers
+"""
+    foo, bar = tb.parse_ptxas(text, "x")
+    assert (foo["arch"], foo["registers"], foo["spill_stores"], foo["spill_loads"], foo["smem"]) == ("sm_80", 64, 4, 8, 2384)
+    assert (bar["arch"], bar["registers"], bar["spill_stores"], bar["smem"]) == ("sm_90", 30, 0, 0)
+    if shutil.which("c++filt"):
+        assert foo["kernel"] == "foo(float*)"
+
+
+def test_build_skips_cleanly(monkeypatch, capsys):
+    monkeypatch.setenv("TOKPRUNE_NO_EXT", "1")
+    assert tb.extension_setup() == ({}, [])
+    assert "TOKPRUNE_NO_EXT=1" in capsys.readouterr().err
+    monkeypatch.delenv("TOKPRUNE_NO_EXT")
+    monkeypatch.setattr(tb, "find_cxx", lambda: None)
+    assert tb.extension_setup() == ({}, [])
+    assert "no C++ compiler" in capsys.readouterr().err
+    # even a strict build only skips (with the reason) when there is no compiler
+    assert tb.build(os.path.join(str(tb.BUILD_DIR), "never.so"), strict=True) is None
+    monkeypatch.setattr(tb, "sources", lambda: ([], []))
+    assert "no C++ sources" in tb.missing_requirements()
+
+
+def test_cuda_archs_from_environment(monkeypatch):
+    monkeypatch.delenv("TOKPRUNE_CUDA_ARCHS", raising=False)
+    assert tb.cuda_archs() == ["80", "90"]
+    monkeypatch.setenv("TOKPRUNE_CUDA_ARCHS", "sm_80, 90a")
+    assert tb.cuda_archs() == ["80", "90a"]
+    monkeypatch.setenv("TOKPRUNE_CUDA_ARCHS", "hopper")
+    with pytest.raises(tb.BuildError, match="'hopper' is not an arch"):
+        tb.cuda_archs()
+
+
+@pytest.mark.skipif(_ext.load_error() is not None, reason=f"tokprune._C not available: {_ext.load_error()}")
+def test_module_reports_its_build_and_needs_no_cuda_driver():
+    info = _ext.build_info()
+    assert set(info["ops"]) == {"verify_tree_greedy", "verify_tree_stochastic", "sparse_decode_attention",
+                                "select_tokens"}
+    report = _ext.build_report()
+    if report:
+        assert info["cuda"] == report["cuda"] and info["archs"] == report["archs"]
+    assert bool(info["parts"]["cuda"]) == info["cuda"]
+    if shutil.which("ldd"):
+        # cudart is linked statically: importing needs neither libcudart.so nor libcuda (no GPU here)
+        deps = subprocess.run(["ldd", _ext.extension().__file__], capture_output=True, text=True).stdout
+        assert "libcuda" not in deps and "libcudart" not in deps, deps
+    from tokprune.cli import info_lines
+
+    text = "\n".join(info_lines())
+    assert "compiled parts: host (g++)" in text
+    if info["cuda"]:
+        assert "CUDA (nvcc): verify_tree.cu" in text
