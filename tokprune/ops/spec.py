@@ -96,17 +96,24 @@ def _ancestors(par: torch.Tensor) -> torch.Tensor:
 
 def _children(par: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(children [B, N, K], rank [B, N])``: children of each node in sibling order (-1 padded), and
-    each node's rank among its siblings (-1 for the root and padding nodes)."""
+    each node's rank among its siblings (-1 for the root and padding nodes). O(N log N) per row."""
     bsz, n = par.shape
-    node = torch.arange(n, device=par.device)
+    device = par.device
+    node = torch.arange(n, device=device)
     has_parent = par >= 0
-    same = (par.unsqueeze(2) == par.unsqueeze(1)) & (node.view(1, 1, n) < node.view(1, n, 1))
-    rank = torch.where(has_parent, (same & has_parent.unsqueeze(1)).sum(-1), torch.full_like(par, -1))
+    # stable sort by parent keeps increasing node index inside each sibling group
+    key = torch.where(has_parent, par, n)
+    sorted_key, order = torch.sort(key, dim=1, stable=True)
+    new_group = torch.ones_like(sorted_key, dtype=torch.bool)
+    new_group[:, 1:] = sorted_key[:, 1:] != sorted_key[:, :-1]
+    start = torch.cummax(torch.where(new_group, node.expand(bsz, n), 0), dim=1).values
+    rank_sorted = node - start
+    rank = torch.empty_like(par).scatter_(1, order, rank_sorted)
+    rank = torch.where(has_parent, rank, torch.full_like(rank, -1))
     k = int(rank.max()) + 1 if rank.numel() else 0
-    children = torch.full((bsz, n + 1, max(k, 1)), -1, dtype=torch.long, device=par.device)
+    children = torch.full((bsz, n + 1, max(k, 1)), -1, dtype=torch.long, device=device)
     row = torch.where(has_parent, par, torch.full_like(par, n))  # padding/root -> dummy row n
-    col = rank.clamp_min(0)
-    children[torch.arange(bsz, device=par.device).unsqueeze(1), row, col] = torch.where(
+    children[torch.arange(bsz, device=device).unsqueeze(1), row, rank.clamp_min(0)] = torch.where(
         has_parent, node.expand(bsz, n), torch.full_like(par, -1))
     return children[:, :n, :k], rank
 
@@ -430,7 +437,7 @@ def _verify_greedy_torch(tok, par, logits, width):
     rows = torch.arange(bsz, device=device)
     cur = torch.zeros(bsz, dtype=torch.long, device=device)
     for step in range(width):
-        vals, t = logits[rows, cur].max(dim=-1)
+        vals, t = _node_rows(logits, rows, cur).max(dim=-1)
         if bool(torch.isnan(vals).any()):
             raise ValueError("target_logits contains NaN in the row of a visited node")
         if children.shape[-1]:
@@ -576,17 +583,20 @@ def verify_tree_stochastic(
         return verify_tree_stochastic_triton(tok, first_child, next_sibling, tp, dp, rule, uniforms, width)
     if target_logits is not None:
         def target_rows(b, c):
-            return process_logits(target_logits[b, c], temperature, top_k, top_p)
+            return process_logits(_node_rows(target_logits, b, c), temperature, top_k, top_p)
     else:
         def target_rows(b, c):
-            return target_probs[b, c].float()
+            return _node_rows(target_probs, b, c)
     return _verify_stochastic_torch(tok, par, target_rows, draft_probs, rule, uniforms, width)
 
 
-def _normalise_where(x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-    """``x / sum(x)`` on rows where ``update`` and ``sum(x) > 0``; other rows unchanged."""
-    s = x.sum(-1, keepdim=True)
-    return torch.where(update.unsqueeze(1) & (s > 0), x / s, x)
+def _normalise_(x: torch.Tensor) -> torch.Tensor:
+    """In place: ``x / sum(x)`` on rows whose sum is positive; other rows unchanged."""
+    total = x.sum(-1, keepdim=True)
+    positive = total > 0
+    if bool(positive.all()):
+        return x.div_(total)
+    return x.copy_(torch.where(positive, x / total, x))
 
 
 def sample_from_probs(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -596,8 +606,21 @@ def sample_from_probs(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     thr = (u * p.sum(-1)).unsqueeze(1)
     v = torch.searchsorted(cum, thr, right=True).squeeze(1)
     vocab = p.shape[-1]
-    last_pos = torch.where(p > 0, torch.arange(vocab, device=p.device), -1).amax(-1).clamp_min(0)
-    return torch.where(v < vocab, v, last_pos)
+    over = v >= vocab
+    if bool(over.any()):
+        last_pos = torch.where(p[over] > 0, torch.arange(vocab, device=p.device), -1).amax(-1).clamp_min(0)
+        v = v.clone()
+        v[over] = last_pos
+    return v
+
+
+def _node_rows(x: torch.Tensor, rows: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
+    """``x[rows, cur]`` of a ``[B, N, V]`` tensor as a fresh float32 ``[R, V]`` tensor."""
+    if x.is_contiguous():
+        out = x.view(-1, x.shape[-1]).index_select(0, rows * x.shape[1] + cur)
+    else:
+        out = x[rows, cur]
+    return out.float() if out.dtype != torch.float32 else out
 
 
 def _verify_stochastic_torch(tok, par, target_rows, draft_probs, rule, uniforms, width):
@@ -611,14 +634,16 @@ def _verify_stochastic_torch(tok, par, target_rows, draft_probs, rule, uniforms,
     rows = torch.arange(bsz, device=device)
     cur = torch.zeros(bsz, dtype=torch.long, device=device)
     for step in range(width):
-        p = target_rows(rows, cur)
-        if bool(torch.isnan(p).any()):
+        p = target_rows(rows, cur)  # fresh [R, V] float32, modified in place below
+        if bool(torch.isnan(p.sum(-1)).any()):  # one cheap pass: a NaN anywhere makes the row sum NaN
             raise ValueError("the target distribution contains NaN in the row of a visited node")
-        q = draft_probs[rows, cur].float() if draft_probs is not None else None
+        q = _node_rows(draft_probs, rows, cur) if draft_probs is not None else None
+        n_rows = rows.numel()
+        kids = children[rows, cur] if n_sib else None  # [R, K]
         accepted = torch.full_like(rows, -1)
         searching = torch.ones_like(rows, dtype=torch.bool)
         for r in range(n_sib):
-            c = children[rows, cur, r]
+            c = kids[:, r]
             valid = (c >= 0) & searching
             if not bool(valid.any()):
                 break
@@ -633,16 +658,28 @@ def _verify_stochastic_torch(tok, par, target_rows, draft_probs, rule, uniforms,
             acc = valid & ok
             accepted = torch.where(acc, c, accepted)
             searching &= ~acc
-            rej = valid & ~ok
-            if not bool(rej.any()):
+            ri = (valid & ~ok).nonzero().squeeze(1)
+            if ri.numel() == 0:
                 continue
+            full = ri.numel() == n_rows  # every row rejected: update in place, no row selection
+            xr = x if full else x.index_select(0, ri)
+            ps = p if full else p.index_select(0, ri)
             if rule == "target_only":
-                p = _normalise_where(p.scatter(1, x, torch.where(rej.unsqueeze(1), 0.0, px.unsqueeze(1))), rej)
+                _normalise_(ps.scatter_(1, xr, 0.0))
             else:
-                p = _normalise_where(torch.where(rej.unsqueeze(1), (p - q).clamp_min(0), p), rej)
+                qs = q if full else q.index_select(0, ri)
+                res = (ps - qs).clamp_min_(0)
+                total = res.sum(-1, keepdim=True)
+                positive = total > 0
+                ps = res.div_(total) if bool(positive.all()) else torch.where(positive, res.div_(total), ps)
                 if rule == "rsd":
-                    qx = q.gather(1, x)
-                    q = _normalise_where(q.scatter(1, x, torch.where(rej.unsqueeze(1), 0.0, qx)), rej)
+                    _normalise_(qs.scatter_(1, xr, 0.0))
+                    if not full:
+                        q.index_copy_(0, ri, qs)
+            if full:
+                p = ps
+            else:
+                p.index_copy_(0, ri, ps)
         found = accepted >= 0
         stop = ~found
         if bool(stop.any()):
