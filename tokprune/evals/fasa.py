@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tokprune eval fasa", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=2048, help="prompt length (SmolLM2 allows 8192)")
-    parser.add_argument("--steps", type=int, default=64, help="teacher-forced decode steps per method")
+    parser.add_argument("--steps", type=int, default=32, help="teacher-forced decode steps per method")
     parser.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument("--methods", nargs="+", default=["fasa", "quest", "snapkv", "streaming"],
                         choices=["fasa", "fasa-uncal", "quest", "snapkv", "streaming"])
@@ -108,7 +108,8 @@ def main(argv=None) -> int:
     parser.add_argument("--num-fcs", type=int, default=8, help="dominant FCs per KV head (of 32 for SmolLM2)")
     parser.add_argument("--passkey-lengths", type=int, nargs="*", default=[1024, 2048])
     parser.add_argument("--passkey-depths", type=float, nargs="*", default=[0.2, 0.5, 0.8])
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 is fastest on a shared 2-core machine)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
