@@ -434,3 +434,39 @@ def test_triton_compact_accepted_kv():
     lengths = S.compact_accepted_kv(x, prefix, ai, backend="triton")
     ref, ref_len = R.compact_accepted_kv_reference(cache, prefix, ai)
     assert torch.equal(lengths, ref_len) and torch.equal(x, ref)
+
+
+# ------------------------------------------------------------------------------------------ CUDA extension
+
+def _cuda_backend_reason(op):
+    from tokprune._backend import unavailable_reason
+
+    return unavailable_reason("cuda", torch.device("cpu"), op)
+
+
+@pytest.mark.skipif(_cuda_backend_reason("verify_tree_greedy") is not None,
+                    reason="tokprune._C (host build) has no verify_tree_greedy")
+def test_cuda_extension_greedy_equals_torch():
+    gen = torch.Generator().manual_seed(51)
+    for trial in range(4):
+        bsz, n, vocab = 5, 14, 40 + 900 * trial
+        par = random_tree(bsz, n, pad=0.2, branch=2 if trial % 2 else 0, gen=gen)
+        logits = torch.randn(bsz, n, vocab, generator=gen).round()
+        tok = planted_tokens(par, logits)
+        assert_same(S.verify_tree_greedy(tok, par, logits, backend="cuda"), S.verify_tree_greedy(tok, par, logits))
+
+
+@pytest.mark.skipif(_cuda_backend_reason("verify_tree_stochastic") is not None,
+                    reason="tokprune._C (host build) has no verify_tree_stochastic")
+@pytest.mark.parametrize("rule", S.RULES)
+def test_cuda_extension_stochastic_equals_torch(rule):
+    gen = torch.Generator().manual_seed(61)
+    for trial in range(4):
+        bsz, n, vocab = 5, 12, 7 + 600 * trial
+        par = random_tree(bsz, n, pad=0.2, branch=2, gen=gen)
+        tp = random_probs((bsz, n, vocab), zero_frac=0.3 if trial % 2 else 0.0, gen=gen)
+        dp = random_probs((bsz, n, vocab), zero_frac=0.3 if trial % 2 == 0 else 0.0, gen=gen)
+        tok = torch.multinomial(dp.view(-1, vocab), 1, generator=gen).view(bsz, n)
+        u = torch.rand(bsz, n, generator=gen)
+        assert_same(S.verify_tree_stochastic(tok, par, tp, dp, rule=rule, uniforms=u, backend="cuda"),
+                    S.verify_tree_stochastic(tok, par, tp, dp, rule=rule, uniforms=u), name=f"{rule}#{trial}")

@@ -416,8 +416,7 @@ def verify_tree_greedy(
     if chosen == "cuda":
         from tokprune.kernels.cuda import verify_tree_greedy_cuda
 
-        return verify_tree_greedy_cuda(tok.contiguous(), par.to(torch.int32).contiguous(),
-                                       target_logits.float().contiguous())
+        return verify_tree_greedy_cuda(tok.contiguous(), par.to(torch.int32).contiguous(), target_logits)
     width = int(_depths(par).max()) + 1 if par.shape[0] else 1
     if chosen == "triton":
         from tokprune.kernels.triton.spec import verify_tree_greedy_triton
