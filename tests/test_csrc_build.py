@@ -163,3 +163,55 @@ def test_module_reports_its_build_and_needs_no_cuda_driver():
     assert "compiled parts: host (g++)" in text
     if info["cuda"]:
         assert "CUDA (nvcc): verify_tree.cu" in text
+
+
+_CONV_PROGRAM = r"""
+#include "tokprune/common.h"
+#include <cstdio>
+using namespace tokprune;
+int main(int argc, char** argv) {
+  FILE* in = fopen(argv[1], "rb");
+  FILE* out = fopen(argv[2], "wb");
+  for (unsigned h = 0; h < 65536; ++h) { float x = fp16_to_float((uint16_t)h); fwrite(&x, 4, 1, out); }
+  float x;
+  while (fread(&x, 4, 1, in) == 1) {
+    uint16_t hb = float_to_fp16(x), bb = float_to_bf16(x);
+    fwrite(&hb, 2, 1, out);
+    fwrite(&bb, 2, 1, out);
+  }
+  fclose(in);
+  fclose(out);
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif(tb.find_cxx() is None, reason="no C++ compiler")
+def test_shared_header_float16_conversions_match_torch(tmp_path):
+    """csrc/include/tokprune/common.h converts fp16/bf16 exactly like torch (all halves, RNE midpoints)."""
+    import numpy as np
+    import torch
+
+    (tmp_path / "conv.cpp").write_text(_CONV_PROGRAM)
+    exe = tmp_path / "conv"
+    subprocess.run([tb.find_cxx(), "-O1", f"-I{os.path.join(tb.CSRC, 'include')}", str(tmp_path / "conv.cpp"),
+                    "-o", str(exe)], check=True)
+    halves = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    finite = halves.float()[torch.isfinite(halves.float())].sort().values.double()
+    g = torch.Generator().manual_seed(0)
+    floats = torch.cat([
+        torch.randint(-2**31, 2**31, (200_000,), generator=g, dtype=torch.int64).to(torch.int32).view(torch.float32),
+        ((finite[:-1] + finite[1:]) / 2).float(),  # exact ties: round half to even
+        torch.tensor([65504.0, 65519.99, 65520.0, 1e-45, -0.0, float("inf"), float("-inf"), float("nan")])])
+    floats.numpy().tofile(tmp_path / "in.bin")
+    subprocess.run([str(exe), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")], check=True)
+    raw = np.fromfile(tmp_path / "out.bin", dtype=np.uint8)
+    h2f = torch.from_numpy(raw[: 65536 * 4].copy().view(np.float32))
+    pairs = torch.from_numpy(raw[65536 * 4:].copy().view(np.int16)).view(-1, 2)
+    ref = halves.float()
+    assert bool(((h2f == ref) | (h2f.isnan() & ref.isnan())).all())
+    for col, dtype in ((0, torch.float16), (1, torch.bfloat16)):
+        expected = floats.to(dtype)
+        got = pairs[:, col].contiguous().view(dtype)
+        same = (got.view(torch.int16) == expected.view(torch.int16)) | (got.isnan() & expected.isnan())
+        assert bool(same.all()), f"{dtype}: {int((~same).sum())} conversions differ, e.g. {floats[~same][:4].tolist()}"
