@@ -270,8 +270,8 @@ def _build(output: str, verbose: bool) -> dict:
     with open(os.path.join(os.path.dirname(os.path.abspath(output)), REPORT_NAME), "w") as f:
         json.dump(report, f, indent=1)
     spills = [r for r in records if r["spill_stores"] or r["spill_loads"]]
-    _log(f"built {output} in {seconds:.1f} s; {len(records)} kernel builds, "
-         f"{len(spills)} with spills" + (": " + ", ".join(f"{r['kernel']}@{r['arch']}" for r in spills) if spills else ""))
+    where = ": " + ", ".join(f"{r['kernel']}@{r['arch']}" for r in spills) if spills else ""
+    _log(f"built {output} in {seconds:.1f} s; {len(records)} kernel builds, {len(spills)} with spills{where}")
     return report
 
 

@@ -304,7 +304,8 @@ def test_sparse_attention_errors():
     q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8)
     idx = torch.zeros(1, 2, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="heads=4 must be a multiple of kv_heads=3"):
-        sparse_decode_attention_cuda(q, torch.randn(1, 3, 5, 8), torch.randn(1, 3, 5, 8), torch.zeros(1, 3, 2).long(), 1.0)
+        kv3 = torch.randn(1, 3, 5, 8)
+        sparse_decode_attention_cuda(q, kv3, kv3, torch.zeros(1, 3, 2).long(), 1.0)
     with pytest.raises(ValueError, match=r"head_dim=300 must be in \[1, 256\]"):
         sparse_decode_attention_cuda(torch.randn(1, 2, 1, 300), torch.randn(1, 2, 5, 300), torch.randn(1, 2, 5, 300),
                                      idx, 1.0)

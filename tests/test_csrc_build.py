@@ -114,7 +114,8 @@ ptxas info    : Function properties for _Z3barv
 ptxas info    : Used 30 registers, used 0 barriers
 """
     foo, bar = tb.parse_ptxas(text, "x")
-    assert (foo["arch"], foo["registers"], foo["spill_stores"], foo["spill_loads"], foo["smem"]) == ("sm_80", 64, 4, 8, 2384)
+    got = (foo["arch"], foo["registers"], foo["spill_stores"], foo["spill_loads"], foo["smem"])
+    assert got == ("sm_80", 64, 4, 8, 2384)
     assert (bar["arch"], bar["registers"], bar["spill_stores"], bar["smem"]) == ("sm_90", 30, 0, 0)
     if shutil.which("c++filt"):
         assert foo["kernel"] == "foo(float*)"

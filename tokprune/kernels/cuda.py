@@ -18,6 +18,7 @@ here guard the raw-pointer boundary):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Tuple
 
@@ -44,6 +45,12 @@ def _stream(device: torch.device) -> Tuple[bool, int]:
     if device.type != "cpu":
         raise ValueError(f"tokprune._C runs on cpu or cuda tensors, got device {device}")
     return False, 0
+
+
+def _on_device(device: torch.device):
+    """Make ``device`` current while a CUDA kernel is launched (the statically linked cudart of tokprune._C
+    launches on the thread's current device, which torch sets here); a no-op for CPU tensors."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _check(cond: bool, op: str, msg: str, exc=ValueError) -> None:
@@ -106,9 +113,10 @@ def _verify_tree_greedy_op(tokens: torch.Tensor, parents: torch.Tensor,
     logits = _last_dim_contiguous(target_logits)
     accept, length, nxt, depth, max_depth = _tree_outputs(tokens)
     on_cuda, stream = _stream(tokens.device)
-    _lib().verify_tree_greedy(on_cuda, stream, B, N, V, tok.data_ptr(), par.data_ptr(), logits.data_ptr(),
-                              DTYPE_CODES[logits.dtype], logits.stride(0), logits.stride(1), accept.data_ptr(),
-                              length.data_ptr(), nxt.data_ptr(), depth.data_ptr(), max_depth.data_ptr())
+    with _on_device(tokens.device):
+        _lib().verify_tree_greedy(on_cuda, stream, B, N, V, tok.data_ptr(), par.data_ptr(), logits.data_ptr(),
+                                  DTYPE_CODES[logits.dtype], logits.stride(0), logits.stride(1), accept.data_ptr(),
+                                  length.data_ptr(), nxt.data_ptr(), depth.data_ptr(), max_depth.data_ptr())
     return _finish_tree(accept, length, nxt, max_depth)
 
 
@@ -137,10 +145,12 @@ def _verify_tree_stochastic_op(tokens: torch.Tensor, parents: torch.Tensor, targ
     accept, length, nxt, depth, max_depth = _tree_outputs(tokens)
     on_cuda, stream = _stream(tokens.device)
     workspace = torch.empty(B, 2, V, dtype=torch.float32, device=tokens.device) if on_cuda else None
-    _lib().verify_tree_stochastic(on_cuda, stream, B, N, V, RULES[rule], tok.data_ptr(), par.data_ptr(),
-                                  tp.data_ptr(), tp.stride(0), tp.stride(1), dp.data_ptr(), dp.stride(0), dp.stride(1),
-                                  uni.data_ptr(), 0 if workspace is None else workspace.data_ptr(), accept.data_ptr(),
-                                  length.data_ptr(), nxt.data_ptr(), depth.data_ptr(), max_depth.data_ptr())
+    with _on_device(tokens.device):
+        _lib().verify_tree_stochastic(
+            on_cuda, stream, B, N, V, RULES[rule], tok.data_ptr(), par.data_ptr(),
+            tp.data_ptr(), tp.stride(0), tp.stride(1), dp.data_ptr(), dp.stride(0), dp.stride(1),
+            uni.data_ptr(), 0 if workspace is None else workspace.data_ptr(), accept.data_ptr(),
+            length.data_ptr(), nxt.data_ptr(), depth.data_ptr(), max_depth.data_ptr())
     return _finish_tree(accept, length, nxt, max_depth)
 
 
@@ -192,7 +202,8 @@ def verify_tree_stochastic_cuda(tokens: torch.Tensor, parents: torch.Tensor, tar
     _check(rule in RULES, op, f"rule must be one of {tuple(RULES)}, got {rule!r}")
     for name, t in (("target_probs", target_probs), ("draft_probs", draft_probs)):
         _check(t.dim() == 3 and t.shape[:2] == tokens.shape, op,
-               f"{name} must be (batch, nodes, vocab) with (batch, nodes) = {tuple(tokens.shape)}, got {tuple(t.shape)}")
+               f"{name} must be (batch, nodes, vocab) with (batch, nodes) = {tuple(tokens.shape)}, "
+               f"got {tuple(t.shape)}")
         _check(t.dtype == torch.float32, op, f"{name} must be float32, got {t.dtype}", TypeError)
     _check(target_probs.shape == draft_probs.shape, op,
            f"draft_probs {tuple(draft_probs.shape)} must match target_probs {tuple(target_probs.shape)}")
@@ -225,11 +236,12 @@ def _sparse_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     on_cuda, stream = _stream(q.device)
     splits = attention_splits(B * H, K) if on_cuda else 1
     workspace = torch.empty(B * H * splits * (D + 2), dtype=torch.float32, device=q.device) if on_cuda else None
-    _lib().sparse_decode_attention(
-        on_cuda, stream, B, H, Hkv, Hi, K, D, DTYPE_CODES[q.dtype], float(scale),
-        qq.data_ptr(), qq.stride(0), qq.stride(1), kk.data_ptr(), kk.stride(0), kk.stride(1), kk.stride(2),
-        vv.data_ptr(), vv.stride(0), vv.stride(1), vv.stride(2), idx.data_ptr(), out.data_ptr(), splits,
-        0 if workspace is None else workspace.data_ptr())
+    with _on_device(q.device):
+        _lib().sparse_decode_attention(
+            on_cuda, stream, B, H, Hkv, Hi, K, D, DTYPE_CODES[q.dtype], float(scale),
+            qq.data_ptr(), qq.stride(0), qq.stride(1), kk.data_ptr(), kk.stride(0), kk.stride(1), kk.stride(2),
+            vv.data_ptr(), vv.stride(0), vv.stride(1), vv.stride(2), idx.data_ptr(), out.data_ptr(), splits,
+            0 if workspace is None else workspace.data_ptr())
     return out
 
 
@@ -283,7 +295,8 @@ def _select_tokens_op(scores: torch.Tensor, keep: int) -> torch.Tensor:
     keep = min(keep, N)
     out = torch.empty(R, keep, dtype=torch.int64, device=scores.device)
     on_cuda, stream = _stream(scores.device)
-    _lib().select_tokens(on_cuda, stream, R, N, keep, scores.data_ptr(), out.data_ptr())
+    with _on_device(scores.device):
+        _lib().select_tokens(on_cuda, stream, R, N, keep, scores.data_ptr(), out.data_ptr())
     return out
 
 
