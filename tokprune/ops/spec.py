@@ -436,8 +436,9 @@ def _verify_greedy_torch(tok, par, logits, width):
     rows = torch.arange(bsz, device=device)
     cur = torch.zeros(bsz, dtype=torch.long, device=device)
     for step in range(width):
-        vals, t = _node_rows(logits, rows, cur).max(dim=-1)
-        if bool(torch.isnan(vals).any()):
+        row_logits = _node_rows(logits, rows, cur)
+        t = row_logits.argmax(dim=-1)  # first maximal index; a NaN counts as the maximum
+        if bool(torch.isnan(row_logits.gather(1, t.unsqueeze(1))).any()):
             raise ValueError("target_logits contains NaN in the row of a visited node")
         if children.shape[-1]:
             cand = children[rows, cur]  # [R, K]
