@@ -470,3 +470,20 @@ def test_cuda_extension_stochastic_equals_torch(rule):
         u = torch.rand(bsz, n, generator=gen)
         assert_same(S.verify_tree_stochastic(tok, par, tp, dp, rule=rule, uniforms=u, backend="cuda"),
                     S.verify_tree_stochastic(tok, par, tp, dp, rule=rule, uniforms=u), name=f"{rule}#{trial}")
+
+
+def test_process_logits_matches_transformers_sampling_warpers():
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(8)) * 3
+    for temperature, top_k, top_p in ((0.7, None, None), (1.0, 20, None), (1.2, None, 0.8), (0.9, 50, 0.6)):
+        x = TemperatureLogitsWarper(temperature)(None, logits.clone())
+        if top_k is not None:
+            x = TopKLogitsWarper(top_k)(None, x)
+        if top_p is not None:
+            x = TopPLogitsWarper(top_p)(None, x)
+        expected = torch.softmax(x, -1)
+        got = S.process_logits(logits, temperature, top_k, top_p)
+        assert torch.equal(got > 0, expected > 0), (temperature, top_k, top_p)
+        assert_close(got, expected, atol=1e-6, rtol=1e-5)
