@@ -176,6 +176,20 @@ def test_select_budget_larger_than_sequence_and_window_clipped():
     assert idx[0, 0].tolist() == [0, 1, 2, 3, 36, 37, 38, 39]
 
 
+def test_cpu_fast_top_matches_select_tokens_semantics_with_ties():
+    from tokprune.ops import select_tokens
+    from tokprune.ops.fasa import _select_top_cpu
+
+    g = torch.Generator().manual_seed(1)
+    for trial in range(100):
+        n = int(torch.randint(1, 50, (1,), generator=g))
+        keep = int(torch.randint(0, n + 1, (1,), generator=g))
+        w = torch.randint(-3, 3, (3, 2, n), generator=g).float()  # many ties, +-inf
+        w[w == -3] = float("-inf")
+        w[w == 2] = float("inf")
+        assert torch.equal(_select_top_cpu(w, keep), select_tokens(w, keep)), (trial, w, keep)
+
+
 def test_select_errors():
     with pytest.raises(ValueError, match="NaN"):
         select_sparse_indices(torch.tensor([[[0.0, float("nan")]]]), 1)
