@@ -24,7 +24,12 @@ token sees exactly the keys it would see if its row were pruned alone. ``handle.
 how many real tokens each row kept.
 
 Masks for layers ``>= K`` are built here: a bool ``(batch, 1, q, kv)`` mask for SDPA and tokprune's
-routed attention, an additive float mask for ``eager``. Flash/flex attention are not supported.
+routed attention, an additive float mask for ``eager``.
+
+Not supported (a clear error where it can be detected): flash/flex attention, static caches, prompts
+given as ``inputs_embeds`` without ``input_ids``, ``K = 0`` (layer 0 keeps the full cache that HF reads
+to place decoded tokens), beam search (it reorders cache rows between steps), sliding-window layers
+(the window is not applied to the pruned layers' masks), ``labels`` (logits cover the kept tokens only).
 
 Nothing is patched at import. The handle is a context manager that removes every hook in ``finally``:
 
@@ -266,14 +271,6 @@ class VisualPrunePatch:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None else 0
         am = kwargs.get("attention_mask")
-        if am is not None and not (torch.is_tensor(am) and am.dim() == 2):
-            raise NotImplementedError("prune_visual_tokens needs the 2D (batch, length) attention mask; got "
-                                      f"{type(am).__name__} {getattr(am, 'shape', '')}")
-        am = None if am is None else am.bool()
-        impl = self.lm.config._attn_implementation
-        if impl not in _SUPPORTED_ATTN:
-            raise NotImplementedError(f"prune_visual_tokens supports attn_implementation in {_SUPPORTED_ATTN}, "
-                                      f"got {impl!r}")
         st.subs, st.q_len = {}, embeds.shape[1]
         if past == 0:
             visual = st.pending_visual
@@ -287,13 +284,26 @@ class VisualPrunePatch:
                 if not isinstance(cache, DynamicCache):
                     raise NotImplementedError(f"prune_visual_tokens needs a DynamicCache, got {type(cache).__name__}")
             st.phase = "prefill" if bool(visual.any()) else None
-            st.am2d, st.inputs_embeds, st.cache, st.n_full = am, embeds, cache, embeds.shape[1]
+            st.inputs_embeds, st.cache, st.n_full = embeds, cache, embeds.shape[1]
             st.pending_visual = visual
         elif st.slots is not None and cache is st.cache:
-            st.phase, st.am2d, st.past = "decode", am, past
+            st.phase, st.past = "decode", past
         else:
             st.phase = None
+        if st.phase is not None:
+            st.am2d = self._check_call(am)
         return None
+
+    def _check_call(self, am) -> Optional[torch.Tensor]:
+        """The 2D padding mask of a call that will be pruned/decoded (errors for what is unsupported)."""
+        if am is not None and not (torch.is_tensor(am) and am.dim() == 2):
+            raise NotImplementedError("prune_visual_tokens needs the 2D (batch, length) attention mask; got "
+                                      f"{type(am).__name__} {getattr(am, 'shape', '')}")
+        impl = self.lm.config._attn_implementation
+        if impl not in _SUPPORTED_ATTN:
+            raise NotImplementedError(f"prune_visual_tokens supports attn_implementation in {_SUPPORTED_ATTN}, "
+                                      f"got {impl!r}")
+        return None if am is None else am.bool()
 
     def _after_lm(self, module, args, output):
         st = self.state
