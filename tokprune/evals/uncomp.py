@@ -1,0 +1,108 @@
+"""UNComp on the real SmolLM2-135M: KV bytes kept and next-token agreement with the full cache.
+
+    tokprune eval uncomp [--prompt-len 512] [--steps 32] [--samples 4] [--ratios 0.5 0.25 0.1]
+
+Held-out real text (Python standard-library sources, :func:`tokprune.models.held_out_text`) is cut
+into ``samples`` windows of ``prompt_len + steps`` tokens. Each window's prompt is prefilled, the
+cache compressed by UNComp, and the next ``steps`` real tokens are teacher-forced through decode.
+Agreement = fraction of decode positions where the compressed model's argmax equals the full-cache
+model's argmax; accuracy = argmax equals the real next token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Dict
+
+import torch
+
+from tokprune.methods.uncomp import UNComp
+
+
+def prompt_ids(tokenizer, n_tokens: int, *, samples: int = 1) -> torch.Tensor:
+    """``(samples, n_tokens)`` consecutive non-overlapping windows of the held-out text's tokens."""
+    from tokprune.models import held_out_text
+
+    chars = 4 * n_tokens * samples + 2000
+    ids = tokenizer(held_out_text(min_chars=chars), return_tensors="pt").input_ids[0]
+    if ids.numel() < n_tokens * samples:
+        raise ValueError(f"held-out text has {ids.numel()} tokens, need {n_tokens * samples}")
+    return ids[: n_tokens * samples].view(samples, n_tokens)
+
+
+@torch.no_grad()
+def _full_cache_logits(model, ids: torch.Tensor, prompt_len: int, steps: int) -> torch.Tensor:
+    out = model(ids[:, :prompt_len], use_cache=True)
+    cache, logits = out.cache, [out.logits[:, -1]]
+    for i in range(steps - 1):
+        logits.append(model(ids[:, prompt_len + i:prompt_len + i + 1], cache=cache, use_cache=True).logits[:, -1])
+    return torch.stack(logits, 1)
+
+
+@torch.no_grad()
+def _uncomp_logits(model, ids: torch.Tensor, prompt_len: int, steps: int, method: UNComp):
+    with method.patch(model) as run:
+        logits = [run.prefill(ids[:, :prompt_len])]
+        for i in range(steps - 1):
+            logits.append(run.decode(ids[:, prompt_len + i:prompt_len + i + 1]))
+        return torch.stack(logits, 1), run.kv_bytes()
+
+
+def next_token_agreement(model, ids: torch.Tensor, *, prompt_len: int, steps: int, ratio: float,
+                         reference: torch.Tensor = None, **uncomp_kwargs) -> Dict[str, float]:
+    """Compare UNComp(ratio) with the full cache on ``ids (batch, prompt_len + steps)``.
+
+    Returns ``agreement`` (argmax equal to the full cache's), ``accuracy`` / ``accuracy_full``
+    (argmax equal to the real next token), ``kept_bytes``, ``allocated_bytes``, ``full_bytes``.
+    ``reference`` may pass precomputed full-cache logits ``(batch, steps, vocab)``.
+    """
+    if ids.shape[1] < prompt_len + steps:
+        raise ValueError(f"ids needs prompt_len + steps = {prompt_len + steps} tokens, has {ids.shape[1]}")
+    full = _full_cache_logits(model, ids, prompt_len, steps) if reference is None else reference
+    comp, sizes = _uncomp_logits(model, ids, prompt_len, steps, UNComp(ratio=ratio, **uncomp_kwargs))
+    target = ids[:, prompt_len:prompt_len + steps]
+    return dict(agreement=float((comp.argmax(-1) == full.argmax(-1)).float().mean()),
+                accuracy=float((comp.argmax(-1) == target).float().mean()),
+                accuracy_full=float((full.argmax(-1) == target).float().mean()),
+                kept_bytes=sizes["kept"], allocated_bytes=sizes["allocated"], full_bytes=sizes["full"])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="tokprune eval uncomp", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25, 0.1])
+    parser.add_argument("--source", choices=("query", "key"), default="query")
+    args = parser.parse_args(argv)
+
+    from tokprune.models import load_smollm2, smollm2_available
+
+    reason = smollm2_available()
+    if reason is not None:
+        print(f"cannot run: {reason}")
+        return 2
+    torch.manual_seed(0)
+    model, tokenizer = load_smollm2()
+    ids = prompt_ids(tokenizer, args.prompt_len + args.steps, samples=args.samples)
+    t0 = time.perf_counter()
+    reference = _full_cache_logits(model, ids, args.prompt_len, args.steps)
+    print(f"SmolLM2-135M, {args.samples} windows x ({args.prompt_len} prompt + {args.steps} teacher-forced) "
+          f"tokens of held-out stdlib source; full cache {time.perf_counter() - t0:.1f} s")
+    print(f"{'ratio':>6} {'KV kept':>10} {'KV alloc':>10} {'KV full':>10} {'kept %':>7} "
+          f"{'agree':>6} {'acc':>6} {'acc full':>8} {'time s':>7}")
+    for ratio in args.ratios:
+        t0 = time.perf_counter()
+        r = next_token_agreement(model, ids, prompt_len=args.prompt_len, steps=args.steps, ratio=ratio,
+                                 reference=reference, source=args.source)
+        mib = 1 / 2 ** 20
+        print(f"{ratio:6.2f} {r['kept_bytes'] * mib:8.2f}Mi {r['allocated_bytes'] * mib:8.2f}Mi "
+              f"{r['full_bytes'] * mib:8.2f}Mi {100 * r['kept_bytes'] / r['full_bytes']:6.1f}% "
+              f"{r['agreement']:6.3f} {r['accuracy']:6.3f} {r['accuracy_full']:8.3f} {time.perf_counter() - t0:7.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
