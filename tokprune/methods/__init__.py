@@ -23,6 +23,10 @@ _EXPORTS = {
     "FastV": "visual_baselines",
     "DivPrune": "visual_baselines",
     "RandomPrune": "visual_baselines",
+    # entropy-driven KV budgets (UNComp; run API: UNComp(...).patch(model))
+    "UNComp": "uncomp",
+    # token sparse attention (prefill; patch: tokprune.hf.patch_attention(model, prefill=...))
+    "TokenSparseAttention": "token_sparse",
 }
 
 
