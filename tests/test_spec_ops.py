@@ -410,6 +410,7 @@ def test_triton_stochastic_equals_torch(rule):
 
 
 @needs_triton
+@pytest.mark.slow
 def test_triton_large_vocab():
     vocab = 128256
     gen = torch.Generator().manual_seed(2)

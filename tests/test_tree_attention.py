@@ -21,6 +21,7 @@ def _plain_logits(model, ids):
         return model(input_ids=torch.tensor([ids])).logits[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_tree_logits_equal_path_logits(attn):
     model = tiny_llama(attn_implementation=attn)
