@@ -221,7 +221,7 @@ def fc_agreement(queries: torch.Tensor, keys: torch.Tensor, *, topk: int = 32, c
     heads, n_q, head_dim = queries.shape
     kv_heads, n_tokens, _ = keys.shape
     group = heads // kv_heads
-    half, n_fc = head_dim // 2, head_dim // (2 * chunk)
+    n_fc = head_dim // (2 * chunk)
     k = keys.repeat_interleave(group, 0)  # (H, T, D)
     pos = torch.arange(n_tokens - n_q, n_tokens)
     visible = torch.arange(n_tokens)[None, :] <= pos[:, None]  # (P, T)
@@ -237,7 +237,6 @@ def fc_agreement(queries: torch.Tensor, keys: torch.Tensor, *, topk: int = 32, c
     top_full = torch.zeros(heads, n_q, n_tokens, dtype=torch.bool)
     top_full.scatter_(-1, full.topk(kk, dim=-1).indices, True)
     hits = torch.gather(top_full.expand(n_fc, -1, -1, -1), -1, partial.topk(kk, dim=-1).indices)
-    del half
     return hits.float().mean(-1).mean(-1)  # (n_fc, H)
 
 
