@@ -427,14 +427,24 @@ def test_triton_large_vocab():
 
 
 @needs_triton
-def test_triton_compact_accepted_kv():
-    cache = torch.randn(3, 2, 14, 70)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_compact_accepted_kv(dtype):
+    cache = torch.randn(3, 2, 14, 70).to(dtype)
     ai = torch.tensor([[0, 2, 3, -1], [0, 1, 3, 7], [0, -1, -1, -1]])
     prefix = torch.tensor([3, 2, 6])
     x = cache.clone()
     lengths = S.compact_accepted_kv(x, prefix, ai, backend="triton")
     ref, ref_len = R.compact_accepted_kv_reference(cache, prefix, ai)
     assert torch.equal(lengths, ref_len) and torch.equal(x, ref)
+
+
+@needs_triton
+def test_triton_greedy_bf16_logits():
+    gen = torch.Generator().manual_seed(9)
+    par = random_tree(3, 11, pad=0.2, branch=2, gen=gen)
+    logits = (torch.randn(3, 11, 1500, generator=gen) * 2).to(torch.bfloat16)  # bf16: many exact ties
+    tok = planted_tokens(par, logits.float())
+    assert_same(S.verify_tree_greedy(tok, par, logits, backend="triton"), S.verify_tree_greedy(tok, par, logits))
 
 
 # ------------------------------------------------------------------------------------------ CUDA extension

@@ -293,8 +293,9 @@ def _register() -> None:
                   "logits_ptr": "*fp32", "accept_index_ptr": "*i64", "accept_len_ptr": "*i64",
                   "next_token_ptr": "*i64", "n_nodes": "i32", "vocab": "i32", "width": "i32",
                   "stride_tb": "i64", "stride_lb": "i64", "stride_ln": "i64", "stride_ab": "i64"}
-    register_aot("spec", _verify_greedy_kernel, greedy_sig,
-                 [LaunchConfig({"BLOCK_V": _BLOCK_V}, num_warps=_NUM_WARPS, num_stages=1)])
+    for dtype in ("fp32", "bf16", "fp16"):  # logits are read in the model's dtype
+        register_aot("spec", _verify_greedy_kernel, {**greedy_sig, "logits_ptr": f"*{dtype}"},
+                     [LaunchConfig({"BLOCK_V": _BLOCK_V}, num_warps=_NUM_WARPS, num_stages=1)])
     stoch_sig = {"tokens_ptr": "*i64", "first_child_ptr": "*i32", "next_sibling_ptr": "*i32",
                  "target_ptr": "*fp32", "draft_ptr": "*fp32", "uniforms_ptr": "*fp32",
                  "p_ptr": "*fp32", "q_ptr": "*fp32",
@@ -307,8 +308,9 @@ def _register() -> None:
     compact_sig = {"cache_ptr": "*fp32", "prefix_ptr": "*i64", "accept_ptr": "*i64",
                    "n_heads": "i32", "width": "i32", "head_dim": "i32",
                    "stride_cb": "i64", "stride_ch": "i64", "stride_ct": "i64", "stride_cd": "i64", "stride_ab": "i64"}
-    register_aot("spec", _compact_kv_kernel, compact_sig,
-                 [LaunchConfig({"BLOCK_D": bd}, num_warps=2, num_stages=1) for bd in (64, 128)])
+    for dtype in ("fp32", "bf16", "fp16"):
+        register_aot("spec", _compact_kv_kernel, {**compact_sig, "cache_ptr": f"*{dtype}"},
+                     [LaunchConfig({"BLOCK_D": bd}, num_warps=2, num_stages=1) for bd in (64, 128)])
 
 
 _register()
