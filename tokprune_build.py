@@ -152,16 +152,17 @@ def _ninja_file(cxx: str, nvcc: Optional[str], archs: List[str], out_so: str) ->
               f"ldflags = {' '.join(shlex.quote(f) for f in ldflags)}",
               "rule link", f"  command = {cxx} $in -o $out $ldflags", "  description = LINK $out", ""]
     headers = [os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(CSRC, "include")) for f in fs]
-    for src in cpp:
-        obj = os.path.join(BUILD_DIR, os.path.basename(src) + ".o")
-        objs.append(obj)
-        lines.append(f"build {obj}: cxx {src}")
+    # .cu first: with one job, a CUDA compile error stops the build before the slow pybind11 compile.
     if nvcc:
         for src in cu:
             obj = os.path.join(BUILD_DIR, os.path.basename(src) + ".o")
             objs.append(obj)
             ptxas.append(obj + ".ptxas")
             lines.append(f"build {obj}: nvcc {src} | {' '.join(headers)}")
+    for src in cpp:
+        obj = os.path.join(BUILD_DIR, os.path.basename(src) + ".o")
+        objs.append(obj)
+        lines.append(f"build {obj}: cxx {src}")
     lines.append(f"build {out_so}: link {' '.join(objs)}")
     lines.append("")
     return "\n".join(lines), ptxas
@@ -225,14 +226,21 @@ def build(output: str, *, strict: bool = False, verbose: bool = False) -> Option
     except BuildError as exc:
         if strict:
             raise
+        if find_nvcc() is not None:
+            _log(f"building tokprune._C with nvcc failed; retrying the host part only.\n{exc}")
+            try:
+                return _build(output, verbose, use_cuda=False)
+            except BuildError as exc2:
+                exc = exc2
         _log(f"building tokprune._C failed; continuing without it (torch/Triton backends).\n{exc}")
         return None
 
 
-def _build(output: str, verbose: bool) -> dict:
-    cxx, nvcc, archs = find_cxx(), find_nvcc(), cuda_archs()
+def _build(output: str, verbose: bool, use_cuda: bool = True) -> dict:
+    cxx, nvcc = find_cxx(), find_nvcc() if use_cuda else None
+    archs = cuda_archs() if nvcc else []
     if nvcc is None:
-        _log("nvcc not found: building the host (CPU) part of tokprune._C only")
+        _log(("nvcc not found" if use_cuda else "without nvcc") + ": building the host (CPU) part of tokprune._C only")
     os.makedirs(BUILD_DIR, exist_ok=True)
     out_so = os.path.join(BUILD_DIR, "_C" + sysconfig.get_config_var("EXT_SUFFIX"))
     text, ptxas_files = _ninja_file(cxx, nvcc, archs, out_so)

@@ -395,6 +395,7 @@ def test_fasa_op_cuda_backend_equals_torch(dtype):
 
 
 # ----------------------------------------------------------------------- torch.library registration
+@pytest.mark.slow
 def test_custom_ops_registered_and_traceable():
     from torch.library import opcheck
 

@@ -146,6 +146,7 @@ def test_cuda_archs_from_environment(monkeypatch):
 
 
 @pytest.mark.skipif(_ext.load_error() is not None, reason=f"tokprune._C not available: {_ext.load_error()}")
+@pytest.mark.slow
 def test_module_reports_its_build_and_needs_no_cuda_driver():
     info = _ext.build_info()
     assert set(info["ops"]) == {"verify_tree_greedy", "verify_tree_stochastic", "sparse_decode_attention",
@@ -216,3 +217,38 @@ def test_shared_header_float16_conversions_match_torch(tmp_path):
         got = pairs[:, col].contiguous().view(dtype)
         same = (got.view(torch.int16) == expected.view(torch.int16)) | (got.isnan() & expected.isnan())
         assert bool(same.all()), f"{dtype}: {int((~same).sum())} conversions differ, e.g. {floats[~same][:4].tolist()}"
+
+
+@needs_nvcc
+def test_cuda_compile_error_fails_the_strict_build(tmp_path, monkeypatch):
+    """What `make ext` (and so `make test`) runs: a compile error in a .cu file is an error."""
+    broken = tmp_path / "broken.cu"
+    broken.write_text("__global__ void broken(float* x) { x[0] = undefined_symbol; }\n")
+    cpp, _ = tb.sources()
+    monkeypatch.setattr(tb, "sources", lambda: (cpp, [str(broken)]))
+    monkeypatch.setattr(tb, "BUILD_DIR", str(tmp_path / "build"))
+    monkeypatch.setenv("TOKPRUNE_BUILD_JOBS", "1")  # the .cu fails before the C++ files are compiled
+    with pytest.raises(tb.BuildError, match="undefined_symbol"):
+        tb.build(str(tmp_path / "pkg" / "_C.so"), strict=True)
+
+
+def test_lenient_build_falls_back_to_host_then_to_nothing(monkeypatch, capsys):
+    """What `pip install` runs: a failed CUDA build retries host-only; a failed host build skips."""
+    calls = []
+
+    def fake_build(output, verbose, use_cuda=True):
+        calls.append(use_cuda)
+        if use_cuda or len(calls) > 2:
+            raise tb.BuildError(f"planted failure {len(calls)}")
+        return {"cuda": False}
+
+    monkeypatch.setattr(tb, "_build", fake_build)
+    monkeypatch.setattr(tb, "missing_requirements", lambda: None)
+    monkeypatch.setattr(tb, "find_nvcc", lambda: "/fake/nvcc")
+    assert tb.build("unused.so", strict=False) == {"cuda": False} and calls == [True, False]
+    assert "retrying the host part only" in capsys.readouterr().err
+    calls.append("second build")
+    assert tb.build("unused.so", strict=False) is None
+    assert "continuing without it" in capsys.readouterr().err
+    with pytest.raises(tb.BuildError, match="planted failure"):
+        tb.build("unused.so", strict=True)

@@ -103,8 +103,7 @@ def _finish_tree(accept, length, nxt, max_depth):
 
 
 # ----------------------------------------------------------------------------------- verification
-@torch.library.custom_op(f"{NAMESPACE}::verify_tree_greedy", mutates_args=())
-def _verify_tree_greedy_op(tokens: torch.Tensor, parents: torch.Tensor,
+def _verify_tree_greedy_impl(tokens: torch.Tensor, parents: torch.Tensor,
                            target_logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, N = tokens.shape
     V = target_logits.shape[-1]
@@ -127,13 +126,11 @@ def _tree_fake(tokens: torch.Tensor):
             tokens.new_empty((B,), dtype=torch.int64))
 
 
-@_verify_tree_greedy_op.register_fake
-def _(tokens, parents, target_logits):
+def _verify_tree_greedy_fake(tokens, parents, target_logits):
     return _tree_fake(tokens)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::verify_tree_stochastic", mutates_args=())
-def _verify_tree_stochastic_op(tokens: torch.Tensor, parents: torch.Tensor, target_probs: torch.Tensor,
+def _verify_tree_stochastic_impl(tokens: torch.Tensor, parents: torch.Tensor, target_probs: torch.Tensor,
                                draft_probs: torch.Tensor, rule: str,
                                uniforms: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, N = tokens.shape
@@ -154,8 +151,7 @@ def _verify_tree_stochastic_op(tokens: torch.Tensor, parents: torch.Tensor, targ
     return _finish_tree(accept, length, nxt, max_depth)
 
 
-@_verify_tree_stochastic_op.register_fake
-def _(tokens, parents, target_probs, draft_probs, rule, uniforms):
+def _verify_tree_stochastic_fake(tokens, parents, target_probs, draft_probs, rule, uniforms):
     return _tree_fake(tokens)
 
 
@@ -180,7 +176,7 @@ def verify_tree_greedy_cuda(tokens: torch.Tensor, parents: torch.Tensor,
     _check(target_logits.shape[-1] >= 1, op, "vocab must be >= 1")
     _same_device(op, tokens=tokens, parents=parents, target_logits=target_logits)
     _check_tree(op, tokens, parents, target_logits.shape[-1])
-    return torch.ops.tokprune_ext.verify_tree_greedy(tokens, parents, target_logits)
+    return _call("verify_tree_greedy", _verify_tree_greedy_impl, tokens, parents, target_logits)
 
 
 def verify_tree_stochastic_cuda(tokens: torch.Tensor, parents: torch.Tensor, target_probs: torch.Tensor,
@@ -214,7 +210,7 @@ def verify_tree_stochastic_cuda(tokens: torch.Tensor, parents: torch.Tensor, tar
     _same_device(op, tokens=tokens, parents=parents, target_probs=target_probs, draft_probs=draft_probs,
                  uniforms=uniforms)
     _check_tree(op, tokens, parents, target_probs.shape[-1])
-    return torch.ops.tokprune_ext.verify_tree_stochastic(tokens, parents, target_probs, draft_probs, rule, uniforms)
+    return _call("verify_tree_stochastic", _verify_tree_stochastic_impl, tokens, parents, target_probs, draft_probs, rule, uniforms)
 
 
 # ------------------------------------------------------------------------------- sparse attention
@@ -225,8 +221,7 @@ def attention_splits(batch_heads: int, n_selected: int) -> int:
     return max(1, min(64, math.ceil(n_selected / 32), math.ceil(264 / max(batch_heads, 1))))
 
 
-@torch.library.custom_op(f"{NAMESPACE}::sparse_decode_attention", mutates_args=())
-def _sparse_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def _sparse_decode_attention_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 indices: torch.Tensor, scale: float) -> torch.Tensor:
     B, H, _, D = q.shape
     Hkv, Hi, K = k_cache.shape[1], indices.shape[1], indices.shape[2]
@@ -245,8 +240,7 @@ def _sparse_decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     return out
 
 
-@_sparse_decode_attention_op.register_fake
-def _(q, k_cache, v_cache, indices, scale):
+def _sparse_decode_attention_fake(q, k_cache, v_cache, indices, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -285,12 +279,11 @@ def sparse_decode_attention_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     if q.device.type == "cpu" and indices.numel() and not torch.compiler.is_compiling():
         hi = int(indices.max())
         _check(hi < T, op, f"indices must be < seq={T} (negative = padding), got max {hi}", IndexError)
-    return torch.ops.tokprune_ext.sparse_decode_attention(q, k_cache, v_cache, indices, float(scale))
+    return _call("sparse_decode_attention", _sparse_decode_attention_impl, q, k_cache, v_cache, indices, float(scale))
 
 
 # -------------------------------------------------------------------------------------- top-k
-@torch.library.custom_op(f"{NAMESPACE}::select_tokens", mutates_args=())
-def _select_tokens_op(scores: torch.Tensor, keep: int) -> torch.Tensor:
+def _select_tokens_impl(scores: torch.Tensor, keep: int) -> torch.Tensor:
     R, N = scores.shape
     keep = min(keep, N)
     out = torch.empty(R, keep, dtype=torch.int64, device=scores.device)
@@ -300,8 +293,7 @@ def _select_tokens_op(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return out
 
 
-@_select_tokens_op.register_fake
-def _(scores, keep):
+def _select_tokens_fake(scores, keep):
     return scores.new_empty((scores.shape[0], min(keep, scores.shape[1])), dtype=torch.int64)
 
 
@@ -321,7 +313,30 @@ def select_tokens_cuda(scores: torch.Tensor, keep: int) -> torch.Tensor:
     _check(scores.is_contiguous(), op, "scores must be contiguous")
     _check(isinstance(keep, int) and not isinstance(keep, bool) and keep >= 0, op,
            f"keep must be a non-negative int, got {keep!r}")
-    return torch.ops.tokprune_ext.select_tokens(scores, keep)
+    return _call("select_tokens", _select_tokens_impl, scores, keep)
+
+
+# ------------------------------------------------------------------------------ torch.library ops
+def _register(name, impl, fake):
+    op = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=())
+    op.register_fake(fake)
+    return op
+
+
+_verify_tree_greedy_op = _register("verify_tree_greedy", _verify_tree_greedy_impl, _verify_tree_greedy_fake)
+_verify_tree_stochastic_op = _register("verify_tree_stochastic", _verify_tree_stochastic_impl,
+                                       _verify_tree_stochastic_fake)
+_sparse_decode_attention_op = _register("sparse_decode_attention", _sparse_decode_attention_impl,
+                                        _sparse_decode_attention_fake)
+_select_tokens_op = _register("select_tokens", _select_tokens_impl, _select_tokens_fake)
+
+
+def _call(name, impl, *args):
+    """Under torch.compile go through the registered op (traced with its fake); in eager call the
+    implementation directly (the same code, without the dispatcher's one-off import of torch._dynamo)."""
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.tokprune_ext, name)(*args)
+    return impl(*args)
 
 
 __all__ = ["verify_tree_greedy_cuda", "verify_tree_stochastic_cuda", "sparse_decode_attention_cuda",
