@@ -229,3 +229,13 @@ def test_smollm2_half_cache_next_token_agreement(smollm2):
     # measured 2026-11-24: agreement 1.0 (12/12) at 50%; the threshold leaves room for BLAS/thread noise
     assert result["agreement"] >= 0.85, result
     assert result["kept_bytes"] <= 0.5 * result["full_bytes"] + 1
+
+
+def test_plain_forward_while_attached_is_untouched():
+    model = tiny_models.tiny_llama()
+    ids = torch.randint(0, 150, (1, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+        with UNComp(ratio=0.5).patch(model):
+            during = model(ids).logits  # not through prefill(): nothing recorded, plain SDPA
+    assert_close(during, before, atol=1e-6, rtol=0)

@@ -1,6 +1,6 @@
 """UNComp on the real SmolLM2-135M: KV bytes kept and next-token agreement with the full cache.
 
-    tokprune eval uncomp [--prompt-len 512] [--steps 32] [--samples 4] [--ratios 0.5 0.25 0.1]
+    tokprune eval uncomp [--prompt-len 512] [--steps 24] [--samples 2] [--ratios 0.5 0.25 0.1]
 
 Held-out real text (Python standard-library sources, :func:`tokprune.models.held_out_text`) is cut
 into ``samples`` windows of ``prompt_len + steps`` tokens. Each window's prompt is prefilled, the
@@ -72,8 +72,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tokprune eval uncomp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt-len", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25, 0.1])
     parser.add_argument("--source", choices=("query", "key"), default="query")
     args = parser.parse_args(argv)

@@ -215,6 +215,8 @@ class UNCompRun:
         m = self.method
         valid = self._valid  # (batch, n) bool
         batch, heads, n, _ = query.shape
+        if valid is None or tuple(valid.shape) != (batch, n):
+            return  # a forward that did not come from prefill(): leave it alone
         kv_heads = key.shape[1]
         group = heads // kv_heads
         if m.source == "query":
@@ -297,6 +299,7 @@ class UNCompRun:
         self.cache = out.cache
         self._full_len = n
         self._compress(self.cache)
+        self._valid = None
         self._next_pos = valid.long().sum(1)
         return out.logits[:, -1]
 
