@@ -132,13 +132,12 @@ def _scores_torch(q, k, w, kernel_size, scale, causal, pad):
     if n == 0:
         return q.new_zeros(batch, heads, 0, dtype=torch.float32)
     # (B, Hkv, g*W, D): the window queries of the g heads that share one KV head, no KV expansion.
-    qw = q[:, :, n - w:, :].float().reshape(batch, kv_heads, group * w, dim)
+    # The scale is folded into the (small) window queries instead of the (W, N) logits.
+    qw = (q[:, :, n - w:, :].float() * scale).reshape(batch, kv_heads, group * w, dim)
     logits = torch.matmul(qw, k.float().transpose(-1, -2)).view(batch, kv_heads, group, w, n)
-    logits.mul_(scale)
-    if causal:
-        q_pos = torch.arange(n - w, n, device=q.device)
-        future = torch.arange(n, device=q.device)[None, :] > q_pos[:, None]  # (W, N)
-        logits.masked_fill_(future, float("-inf"))
+    if causal:  # only the (W, W) block of window keys can lie in a window query's future
+        future = torch.ones(w, w, dtype=torch.bool, device=q.device).triu(1)
+        logits[..., n - w:].masked_fill_(future, float("-inf"))
     if pad is not None:
         logits.masked_fill_(~pad[:, None, None, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
