@@ -8,7 +8,9 @@ instead of 4096/128) because a 7B model does not fit this 24 GiB CPU in fp32; th
 kept so EntropyPrune's per-token ``H x H`` Gram/eigen work is the real one, which makes the scoring
 overhead here PESSIMISTIC (a 7B prefill is ~16x more work for the same scoring cost). The vision tower
 is a 1-layer 64-wide CLIP (its cost is in every provider). Prefill = one forward with
-``logits_to_keep=1`` (what ``generate`` does).
+``logits_to_keep=1`` (what ``generate`` does). One torch thread by default (``--threads``): on this
+shared 2-core machine, 2-thread runs put a ~20 ms straggler floor under every op (measured: an 8-layer
+prefill took 12.0 s with 2 threads and 5.0 s with 1), which hides what pruning saves.
 
 Printed per provider: median prefill time and ratio vs unpruned (benchmarks.runner.compare), analytic
 FLOPs of the language model (linear layers + causal attention + one lm_head row) and their ratio,
@@ -74,8 +76,12 @@ def main(argv=None) -> int:
     parser.add_argument("--visual", type=int, default=576)
     parser.add_argument("--text", type=int, default=64)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--min-run-time", type=float, default=2.0)
+    parser.add_argument("--min-run-time", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on this shared, oversubscribed 2-core machine every 2-thread "
+                             "op waits ~20 ms for a descheduled thread, a floor that pruning cannot remove)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     from tokprune.hf.vlm import prune_visual_tokens
     from tokprune.methods.entropy_prune import EntropyPrune, flops_matched_keep
