@@ -510,3 +510,17 @@ def test_policy_call_patches_like_kvpress(tiny_llava):
         with torch.no_grad():
             tiny_llava(**inputs)
     assert handle.last["visual_kept"] == [2, 2] and not hasattr(tiny_llava, "_tokprune_vlm_patch")
+
+
+def test_eval_entropy_reports_collapse_layer_and_counts(capsys):
+    import re
+
+    from tokprune.evals.entropy import main
+
+    assert main(["--model", "llava", "--layers", "4", "--images", "1", "--keep", "5"]) == 0
+    out = capsys.readouterr().out
+    curve = [float(v) for v in re.findall(r"^\s+\d+\s+([01]\.\d{4})", out, flags=re.M)]
+    assert len(curve) == 5
+    chosen = int(re.search(r"layer='auto'\) -> layer (\d+)", out).group(1))
+    assert chosen == collapse_layer(curve)
+    assert "visual tokens [64] -> [5]" in out and "No VLM weights are reachable" in out
