@@ -11,6 +11,16 @@ from tokprune.methods import FASA, Quest, SnapKV, StreamingLLM
 from tokprune.methods.kv_baselines import KVSelectionPolicy
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Many tiny ops per decode step: on the shared 2-core machine 2 OpenMP threads stall whenever one is
+    descheduled, 1 thread is several times faster in wall time."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @dataclass
 class _AllTokens(KVSelectionPolicy):
     """Selects every valid token through the sparse path (budget=1 so attend() never short-cuts)."""
