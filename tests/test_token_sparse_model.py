@@ -160,3 +160,19 @@ def test_smollm2_keep_half_continuation_agreement(smollm2):
 TOP1_THRESHOLD = 0.8
 KL_THRESHOLD = 0.1
 PPL_CHANGE_THRESHOLD = 0.25
+
+
+def test_eval_protocol_on_tiny_model():
+    """The eval's prefill + continuation logits equal one dense forward; sparse prefill only."""
+    from tokprune.evals.token_sparse import _run
+
+    model = tiny.tiny_llama()
+    ids = torch.randint(0, 100, (1, 60))
+    cont, win = _run(model, ids, 48, 4)
+    full = model(ids).logits[0]
+    assert_close(cont, full[47:59], atol=1e-5)
+    assert_close(win, full[44:48], atol=1e-5)
+    policy = TokenSparseAttention(keep=0.5, window=4, min_tokens=0, layers=None)
+    sparse, _ = _run(model, ids, 48, 4, policy)
+    assert policy.calls == model.config.num_hidden_layers  # the continuation chunk was left to SDPA
+    assert not torch.allclose(sparse, cont, atol=1e-3)

@@ -53,7 +53,11 @@ def _run(model, ids: torch.Tensor, context: int, window: int, policy=None):
     else:
         with patch_attention(model, prefill=policy):
             first = model(ctx, use_cache=True)
-    second = model(cont[:, :-1], past_key_values=first.past_key_values, use_cache=True)
+    cache = getattr(first, "cache", None)
+    if cache is None:  # transformers < 5.x names it past_key_values
+        cache = first.past_key_values
+    second = model(cont[:, :-1], **{"cache" if hasattr(first, "cache") else "past_key_values": cache},
+                   use_cache=True)
     logits = torch.cat([first.logits[:, -1:], second.logits], dim=1)[0].float()  # predicts cont
     return logits, first.logits[0, -window:].float()
 
