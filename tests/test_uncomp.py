@@ -226,8 +226,8 @@ def test_smollm2_half_cache_next_token_agreement(smollm2):
     ids = prompt_ids(tokenizer, 300 + 12)
     result = next_token_agreement(model, ids, prompt_len=300, steps=12, ratio=0.5)
     print(result)
-    # measured 2026-11-24: agreement 1.0 (12/12) at 50%; the threshold leaves room for BLAS/thread noise
-    assert result["agreement"] >= 0.85, result
+    # measured 2026-11-24: 1.0 (12/12) here; 0.875 over 2x24 positions of 512-token prompts (eval uncomp)
+    assert result["agreement"] >= 0.75, result
     assert result["kept_bytes"] <= 0.5 * result["full_bytes"] + 1
 
 
