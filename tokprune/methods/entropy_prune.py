@@ -20,46 +20,19 @@ from typing import Any, List, Tuple, Union
 import torch
 
 
-def _token_scores_fallback(q: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """Private stand-in for ``tokprune.ops.token_information_scores``: ``(B, N, H, d) -> (B, N)`` float32."""
-    x = q.double()
-    heads = x.shape[-2]
-    z = x - x.mean(dim=-2, keepdim=True)
-    gram = z @ z.transpose(-1, -2) / heads
-    if normalize:
-        gram = gram / gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30)[..., None, None]
-    lam = torch.linalg.eigvalsh(gram).clamp_min(1e-10)
-    return (-(lam * lam.log()).sum(-1) / torch.log(torch.tensor(float(heads), dtype=torch.float64))).float()
-
-
 def token_scores(q: torch.Tensor, *, normalize: bool = False) -> torch.Tensor:
-    """EntropyPrune information value of each token: ``q (B, N, H, d_h)`` -> ``(B, N)`` float32."""
-    try:
-        from tokprune.ops import token_information_scores
-    except (ImportError, AttributeError):
-        return _token_scores_fallback(q, normalize)
+    """EntropyPrune information value of each token: ``q (B, N, H, d_h)`` -> ``(B, N)`` float32
+    (:func:`tokprune.ops.token_information_scores`; ``normalize`` = trace-normalised eigenvalues)."""
+    from tokprune.ops import token_information_scores
+
     return token_information_scores(q, exact_reference=not normalize)
 
 
-def _matrix_entropy_fallback(x: torch.Tensor) -> torch.Tensor:
-    """Stand-in for ``tokprune.ops.matrix_entropy``: ``(B, N, D) -> (B,)`` von Neumann entropy of the
-    trace-normalised covariance of the L2-normalised, centred rows, divided by ``log min(N, D)``."""
-    z = x.double()
-    z = z - z.mean(dim=1, keepdim=True)
-    z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-    n, d = z.shape[1:]
-    gram = z @ z.transpose(1, 2) if n <= d else z.transpose(1, 2) @ z
-    gram = gram / gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-30)[:, None, None]
-    lam = torch.linalg.eigvalsh(gram).clamp_min(1e-12)
-    return (-(lam * lam.log()).sum(-1) / max(torch.log(torch.tensor(float(min(n, d)))).item(), 1e-12)).float()
-
-
 def matrix_entropy_of(x: torch.Tensor) -> torch.Tensor:
-    """``(B, N, D) -> (B,)`` matrix entropy (:func:`tokprune.ops.matrix_entropy` when available)."""
-    try:
-        from tokprune.ops import matrix_entropy
-    except (ImportError, AttributeError):
-        return _matrix_entropy_fallback(x)
+    """``(B, N, D) -> (B,)`` matrix entropy of token rows (:func:`tokprune.ops.matrix_entropy` defaults:
+    centred, L2-normalised rows, trace-normalised spectrum, divided by ``log min(N, D)``)."""
+    from tokprune.ops import matrix_entropy
+
     return matrix_entropy(x)
 
 
