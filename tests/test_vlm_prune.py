@@ -529,3 +529,20 @@ def test_eval_entropy_reports_collapse_layer_and_counts(capsys):
     chosen = int(re.search(r"layer='auto'\) -> layer (\d+)", out).group(1))
     assert chosen == collapse_layer(curve)
     assert "visual tokens [64] -> [5]" in out and "No VLM weights are reachable" in out
+
+
+def test_manual_prefill_then_decode_with_returned_cache(tiny_llava):
+    """A cache created inside the prefill forward (not by generate) is decoded against correctly."""
+    inputs = llava_batch()
+    am = inputs["attention_mask"]
+    pos = llava_positions(am)
+    policy = EntropyPrune(keep=4, layer=2)
+    with prune_visual_tokens(tiny_llava, policy):
+        want = generate(tiny_llava, inputs, n_new=2)
+        with torch.no_grad():
+            out = tiny_llava(**inputs, position_ids=pos, use_cache=True)
+            first = out.logits[:, -1].argmax(-1)
+            cache = getattr(out, "cache", None) or out.past_key_values
+            step = tiny_llava(input_ids=first[:, None], attention_mask=torch.cat([am, torch.ones_like(am[:, :1])], 1),
+                              position_ids=pos[:, -1:] + 1, cache=cache, use_cache=True)
+    assert_close(torch.stack([first, step.logits[:, -1].argmax(-1)], 1), want, name="manual decode tokens")

@@ -309,6 +309,8 @@ class VisualPrunePatch:
         st = self.state
         st.phase, st.raw_q, st.raw_k, st.cos, st.sin, st.inputs_embeds, st.subs = None, None, None, None, None, None, {}
         st.pending_visual = None
+        if st.slots is not None and st.cache is None:  # the model created its cache inside this call
+            st.cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
         if st.cache is None:  # no cache: nothing to decode against
             st.slots = st.key_ok = None
         return None
