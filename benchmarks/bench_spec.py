@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=3, help="prompts (windows of Python stdlib source)")
     parser.add_argument("--context", type=int, default=256, help="prompt length in tokens")
     parser.add_argument("--layers", type=int, default=8, help="layers of the layer-skip draft")
-    parser.add_argument("--tr-budget", type=int, default=16)
+    parser.add_argument("--tr-budget", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--min-run-time", type=float, default=0.1)
     parser.add_argument("--no-csv", action="store_true")
@@ -75,6 +75,7 @@ def main(argv=None) -> int:
             def run():
                 with torch.no_grad():
                     out = model.generate(ids, attention_mask=torch.ones_like(ids), **common, **kw)
+                results[name_of[id(run)]] = out
                 return out
             return run
 
@@ -82,6 +83,7 @@ def main(argv=None) -> int:
             def run():
                 out, st = generate(model, ids, drafter=make(), return_stats=True, **common, **kw)
                 stats[name_of[id(run)]] = st
+                results[name_of[id(run)]] = out
                 return out
             return run
 
@@ -98,23 +100,23 @@ def main(argv=None) -> int:
                                           generator=torch.Generator().manual_seed(0)),
         }
         name_of = {id(fn): name for name, fn in providers.items()}
-        # one untimed run per provider: outputs and acceptance statistics
-        walls = {}
-        for name, fn in providers.items():
-            t0 = time.perf_counter()
-            results[name] = fn()
-            walls[name] = time.perf_counter() - t0
-        ref = results["hf_greedy"]
-        metrics: Dict[str, Dict[str, object]] = {}
-        for name in providers:
-            m: Dict[str, object] = {}
-            if "sample" not in name:
-                m["identical"] = bool(torch.equal(results[name], ref))
-            if name in stats:
-                st = stats[name]
-                m["tok_per_fwd"] = round(st.tokens_per_forward, 3)
-                m["target_fwd"] = st.target_forwards
-            metrics[name] = m
+        # outputs and statistics are recorded by every call (compare's warm-up call included); the
+        # metrics dict is filled in place before compare prints it, from the warm-up results
+        metrics: Dict[str, Dict[str, object]] = {name: {} for name in providers}
+
+        def annotate(name, fn):
+            def run():
+                out = fn()
+                m = metrics[name]
+                if "sample" not in name:
+                    m["identical"] = bool(torch.equal(out, results.get("hf_greedy", out)))
+                if name in stats:
+                    m["tok_per_fwd"] = round(stats[name].tokens_per_forward, 3)
+                    m["target_fwd"] = stats[name].target_forwards
+                return out
+            return run
+
+        providers = {name: annotate(name, fn) for name, fn in providers.items()}
         rows = compare("spec", f"prompt{case} L={ids.shape[1]} new={n_new}", providers, baseline="hf_greedy",
                        params=dict(context=int(ids.shape[1]), new_tokens=n_new, layers=args.layers,
                                    tr_budget=args.tr_budget), metrics=metrics, min_run_time=args.min_run_time,

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--tr-budget", type=int, default=16)
+    parser.add_argument("--tr-budget", type=int, default=8)
     parser.add_argument("--batch", type=int, default=1, help="prompts per left-padded batch")
     parser.add_argument("--drafters", default="all", help="comma-separated subset")
     parser.add_argument("--sample", action="store_true", help="also run seeded sampling (temperature 0.7)")
