@@ -39,6 +39,7 @@ class CountingDecode:
         return None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", [tiny.tiny_llama, tiny.tiny_qwen2])
 def test_keep_one_is_exactly_dense_forward_and_generate(build):
     model = build()
@@ -176,3 +177,14 @@ def test_eval_protocol_on_tiny_model():
     sparse, _ = _run(model, ids, 48, 4, policy)
     assert policy.calls == model.config.num_hidden_layers  # the continuation chunk was left to SDPA
     assert not torch.allclose(sparse, cont, atol=1e-3)
+
+
+def test_composes_with_fasa_decode():
+    fasa = pytest.importorskip("tokprune.methods.fasa")
+    model = tiny.tiny_llama()
+    ids = torch.randint(0, 100, (1, 60))
+    prefill = TokenSparseAttention(keep=0.25, window=4, min_tokens=8)
+    with patch_attention(model, prefill=prefill, decode=fasa.FASA(budget=16)):
+        out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 65) and torch.equal(out[:, :60], ids)
+    assert prefill.calls == 2  # prefill only, second half of 3 layers
