@@ -77,6 +77,9 @@ def main(argv=None) -> int:
     parser.add_argument("--text", type=int, default=64)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--min-run-time", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="extra interleaved rounds (every provider once per round, round-robin) whose median "
+                             "ratios are printed too: fairer than back-to-back timing when the load drifts")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on this shared, oversubscribed 2-core machine every 2-thread "
                              "op waits ~20 ms for a descheduled thread, a floor that pruning cannot remove)")
@@ -146,6 +149,23 @@ def main(argv=None) -> int:
         metrics[name]["scoring_pct"] = round(100 * ms / timed[name], 2)
         print(f"  {name:<28} {ms:8.3f} ms = {100 * ms / timed[name]:5.2f}% of its prefill "
               f"({100 * ms / timed['unpruned']:5.2f}% of the unpruned prefill)")
+    if args.rounds > 0:
+        import time
+
+        samples = {name: [] for name in providers}
+        for _ in range(args.rounds):
+            for name, fn in providers.items():
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t0)
+        base = statistics.median(samples["unpruned"])
+        print(f"\n  interleaved medians over {args.rounds} round-robin rounds:")
+        for name, values in samples.items():
+            ms = statistics.median(values) * 1e3
+            metrics[name]["interleaved_ms"] = round(ms, 1)
+            metrics[name]["interleaved_ratio"] = round(base * 1e3 / ms, 2)
+            print(f"  {name:<32} {ms:10.1f} ms  x{base * 1e3 / ms:5.2f} vs unpruned  "
+                  f"(runs: {', '.join(f'{v:.1f}s' for v in values)})")
     from benchmarks.runner import append_rows
 
     for r in rows:
