@@ -234,6 +234,7 @@ def test_generation_equals_layerwise_oracle(kind, attn, policy):
     assert_close(logits[key_ok], ref[key_ok], name="prefill logits")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llava", "qwen2_vl"])
 def test_keep_all_visual_tokens_equals_unpruned(kind):
     model, inputs, _ = build(kind)
