@@ -64,7 +64,8 @@ def bench_model(tokens, keep, window, min_run_time):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--tokens", type=int, nargs="*", default=[2048, 8192],
+                        help="attention-op lengths (empty to skip)")
     parser.add_argument("--keep", type=float, default=0.25)
     parser.add_argument("--heads", type=int, default=9)
     parser.add_argument("--kv-heads", type=int, default=3)
@@ -73,7 +74,10 @@ def main(argv=None) -> int:
     parser.add_argument("--model-tokens", type=int, nargs="*", default=[2048, 4096],
                         help="whole-model prefill lengths (empty to skip)")
     parser.add_argument("--min-run-time", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     bench_attention(args.tokens, args.keep, args.heads, args.kv_heads, args.head_dim, args.window, args.min_run_time)
     if args.model_tokens:
         from tokprune.models import smollm2_available
