@@ -28,6 +28,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["tokprune", "tokprune.*"]),
+    package_data={"tokprune": ["data/*.json"]},
     python_requires=">=3.9",
     # torch is not pinned: install the build you want first (the CPU wheel on CPU machines), and
     # pip keeps it. tokprune never asks for a CUDA build.
