@@ -8,4 +8,13 @@ __version__ = "0.1.0"
 
 from tokprune._backend import BackendUnavailable  # noqa: E402
 
-__all__ = ["BackendUnavailable", "__version__"]
+__all__ = ["BackendUnavailable", "__version__", "generate"]
+
+
+def __getattr__(name: str):
+    # ``tokprune.generate`` is speculative generation (tokprune.spec.generate), imported on first use.
+    if name == "generate":
+        from tokprune.spec import generate
+
+        return generate
+    raise AttributeError(f"module 'tokprune' has no attribute {name!r}")
