@@ -37,6 +37,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from tokprune.ops.spec import _ancestors, _depths
+
 ExpandFn = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
 
 RULE_OF_MODE = {"gumbel": "rsd", "replace": "specinfer", "topk": "target_only"}
@@ -72,37 +74,17 @@ class DraftTree:
 
 
 def tree_depths(parents: torch.Tensor) -> torch.Tensor:
-    """``[B, N]`` int64 depth of every node (root 0; padding nodes 0).
-
-    Follows parent links level by level (one vectorised step per tree level).
-    """
-    parents = parents.long()
-    valid = parents >= 0
-    valid[:, 0] = False
-    depth = torch.zeros_like(parents)
-    cur = torch.where(valid, parents, torch.full_like(parents, -1))
-    while bool((cur >= 0).any()):
-        depth += (cur >= 0).long()
-        cur = torch.where(cur > 0, parents.gather(1, cur.clamp_min(0)), torch.full_like(cur, -1))
-    return depth
+    """``[B, N]`` int64 depth of every node (root 0; padding nodes 0, where
+    :func:`tokprune.ops.tree_depths` gives -1). No validation: the builders make canonical trees."""
+    return _depths(parents.long()).clamp_min(0)
 
 
 def ancestor_matrix(parents: torch.Tensor) -> torch.Tensor:
     """``[B, N, N]`` bool: ``[b, i, j]`` True iff node ``j`` is node ``i`` or one of its ancestors.
 
-    Padding nodes see only themselves.
+    Padding nodes see only themselves. Same computation as the tree masks of :mod:`tokprune.ops.spec`.
     """
-    parents = parents.long()
-    bsz, n = parents.shape
-    eye = torch.eye(n, dtype=torch.bool, device=parents.device).expand(bsz, n, n).clone()
-    valid = parents >= 0
-    valid[:, 0] = False
-    cur = torch.where(valid, parents, torch.full_like(parents, -1))
-    anc = eye
-    while bool((cur >= 0).any()):
-        anc = anc | (torch.nn.functional.one_hot(cur.clamp_min(0), n).bool() & (cur >= 0)[..., None])
-        cur = torch.where(cur > 0, parents.gather(1, cur.clamp_min(0)), torch.full_like(cur, -1))
-    return anc
+    return _ancestors(parents.long())
 
 
 def _check_root(root: torch.Tensor) -> torch.Tensor:
