@@ -6,7 +6,7 @@ at ``import tokprune.methods``).
 
 from __future__ import annotations
 
-import importlib
+from tokprune._lazy import lazy_exports
 
 # public name -> module under tokprune.methods that defines it
 _EXPORTS = {
@@ -30,14 +30,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tokprune.methods' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"tokprune.methods.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -6,7 +6,7 @@ Names are resolved lazily from the family modules listed in :data:`_EXPORTS`, so
 
 from __future__ import annotations
 
-import importlib
+from tokprune._lazy import lazy_exports
 
 # public name -> module under tokprune.ops that defines it
 _EXPORTS = {
@@ -46,14 +46,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tokprune.ops' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"tokprune.ops.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
