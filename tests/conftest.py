@@ -2,6 +2,7 @@
 
 TRITON_INTERPRET=1 must be set before triton kernels are defined (Triton decides at decoration time),
 so it is set here, before anything imports tokprune. HF_HUB_OFFLINE=1: tests never reach a hub.
+TOKPRUNE_DEBUG=1: the data-reading input checks of the ops run (they are skipped on the hot path).
 """
 
 import os
@@ -9,6 +10,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKPRUNE_DEBUG", "1")  # data-reading checks on (tokprune/_debug.py)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
