@@ -13,9 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
+from tokprune._codes import RULE_IDS
 from tokprune.kernels.triton.aot import LaunchConfig, register_aot
 
-RULE_IDS = {"specinfer": 0, "rsd": 1, "target_only": 2}
 _BLOCK_V = 1024
 _NUM_WARPS = 4
 
