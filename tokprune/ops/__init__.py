@@ -23,6 +23,8 @@ _EXPORTS = {
     "pack_fc_keys": "fasa",
     "select_sparse_indices": "fasa",
     "fasa_bytes_per_step": "fasa",
+    # window-attention token scores (SnapKV, UNComp, token sparse)
+    "window_attention_scores": "window",
     # token sparse attention
     "token_sparse_scores": "token_sparse",
     "compress_qkv": "token_sparse",
