@@ -6,7 +6,10 @@
   with ``-Xptxas -v``; the ptxas report of every kernel (registers, spills, shared memory) is saved as
   ``build/ext/ptxas.json`` and next to the module as ``tokprune/_C_build.json``;
 * cudart is linked statically, so importing ``tokprune._C`` needs neither a GPU nor libcuda
-  (the driver is loaded by cudart only when a CUDA kernel is launched).
+  (the driver is loaded by cudart only when a CUDA kernel is launched). The CUDA runtime version of that
+  nvcc is recorded in ``_C_build.json`` (``cuda_runtime``): the driver must support it;
+* ``csrc/include/tokprune/codes.h`` is generated first from ``tokprune/_codes.py`` (the one table of
+  dtype and rule codes shared by Python, Triton and C++).
 
 Environment: ``TOKPRUNE_NO_EXT=1`` skips the extension, ``TOKPRUNE_NO_CUDA=1`` builds the host part only,
 ``TOKPRUNE_EXT_STRICT=1`` turns a compile error into a failure (``make test`` sets it; ``pip install``
@@ -50,6 +53,43 @@ def sources() -> Tuple[List[str], List[str]]:
     names = sorted(os.listdir(CSRC))
     return ([os.path.join(CSRC, n) for n in names if n.endswith(".cpp")],
             [os.path.join(CSRC, n) for n in names if n.endswith(".cu")])
+
+
+def load_codes():
+    """``tokprune/_codes.py`` loaded by path (it imports nothing, so torch is not needed to build)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_tokprune_codes", os.path.join(ROOT, "tokprune", "_codes.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_codes_header() -> str:
+    """Render ``csrc/include/tokprune/codes.h`` from ``tokprune/_codes.py``; rewrite it only if it changed
+    (so ninja does not rebuild for nothing). Returns its path."""
+    codes = load_codes()
+    path = os.path.join(ROOT, codes.HEADER_PATH)
+    text = codes.c_header()
+    old = open(path).read() if os.path.exists(path) else None
+    if old != text:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+    return path
+
+
+def nvcc_version(nvcc: Optional[str]) -> Optional[str]:
+    """CUDA release of ``nvcc`` (``"13.0"``), which is the runtime statically linked into ``tokprune._C``;
+    ``None`` when unknown."""
+    if not nvcc:
+        return None
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
 
 
 def find_cxx() -> Optional[str]:
@@ -242,6 +282,7 @@ def _build(output: str, verbose: bool, use_cuda: bool = True) -> dict:
     if nvcc is None:
         _log(("nvcc not found" if use_cuda else "without nvcc") + ": building the host (CPU) part of tokprune._C only")
     os.makedirs(BUILD_DIR, exist_ok=True)
+    write_codes_header()
     out_so = os.path.join(BUILD_DIR, "_C" + sysconfig.get_config_var("EXT_SUFFIX"))
     text, ptxas_files = _ninja_file(cxx, nvcc, archs, out_so)
     ninja_path = os.path.join(BUILD_DIR, "build.ninja")
@@ -268,7 +309,7 @@ def _build(output: str, verbose: bool, use_cuda: bool = True) -> dict:
         with open(path) as f:
             records += parse_ptxas(f.read(), src)
     report = {"cuda": nvcc is not None, "archs": [f"sm_{a}" for a in archs] if nvcc else [],
-              "cxx": cxx, "nvcc": nvcc, "ninja_seconds": round(seconds, 2),
+              "cxx": cxx, "nvcc": nvcc, "cuda_runtime": nvcc_version(nvcc), "ninja_seconds": round(seconds, 2),
               "ninja_output": proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else [],
               "ptxas": records}
     with open(os.path.join(BUILD_DIR, "ptxas.json"), "w") as f:

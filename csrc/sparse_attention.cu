@@ -106,13 +106,13 @@ void launch(const AttentionArgs& a, cudaStream_t s) {
 
 }  // namespace
 
-void sparse_attention_cuda(const AttentionArgs& a, void* stream) {
+void sparse_attention_cuda(const AttentionArgs& a, void* stream, bool sync) {
   if (a.H > 65535 || a.B > 65535) throw std::invalid_argument("sparse_decode_attention: B and H must be <= 65535");
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (a.dtype == kFloat32) launch<kFloat32>(a, s);
   else if (a.dtype == kFloat16) launch<kFloat16>(a, s);
   else launch<kBFloat16>(a, s);
-  check_launch("sparse_decode_attention");
+  check_launch("sparse_decode_attention", s, sync);
 }
 
 }  // namespace tokprune

@@ -1,11 +1,17 @@
-// pybind11 bindings of tokprune._C (FlashInfer style: the binding file only converts arguments and
-// checks them; kernels live in host_kernels.cpp and *.cu). No torch headers: tensors arrive as raw
-// pointers (tensor.data_ptr()), shapes, element strides, dtype codes and a CUDA stream handle.
+// pybind11 bindings of tokprune._C (FlashInfer style: the binding file only converts arguments; kernels
+// live in host_kernels.cpp and *.cu). No torch headers: tensors arrive as raw pointers (tensor.data_ptr()),
+// shapes and element strides inside bound argument structs (VerifyArgs, AttentionArgs, TopkArgs, see
+// include/tokprune/kernels.h), plus a CUDA stream handle.
+//
+// Validation: the public op in tokprune.ops validates inputs once (shapes, dtypes, devices; index ranges
+// in debug mode); tokprune/kernels/cuda.py and this file trust it. The checks below are the cheap ones
+// that keep a wrong call from touching memory it does not own (sizes, codes, null pointers, workspace).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "tokprune/attention.h"
@@ -20,13 +26,16 @@ using namespace tokprune;
 
 namespace {
 
-template <typename T>
-T* ptr(uint64_t p) {
-  return reinterpret_cast<T*>(static_cast<uintptr_t>(p));
-}
+uint64_t addr(const void* p) { return static_cast<uint64_t>(reinterpret_cast<uintptr_t>(p)); }
 
 void require(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument(msg);
+}
+
+// Names of the kernels bound below, in the order they were bound (build_info()["ops"]).
+std::vector<std::string>& op_names() {
+  static std::vector<std::string> names;
+  return names;
 }
 
 void check_device(bool on_cuda, const char* op) {
@@ -40,7 +49,8 @@ void check_device(bool on_cuda, const char* op) {
 
 void check_dtype(int dtype, const char* op) {
   require(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16,
-          std::string(op) + ": dtype code " + std::to_string(dtype) + " is not one of 0 (fp32), 1 (fp16), 2 (bf16)");
+          std::string(op) + ": dtype code " + std::to_string(dtype) + " is not one of " + std::to_string(kFloat32) +
+              " (fp32), " + std::to_string(kFloat16) + " (fp16), " + std::to_string(kBFloat16) + " (bf16)");
 }
 
 void check_tree(const VerifyArgs& a, const char* op) {
@@ -70,8 +80,7 @@ py::dict build_info() {
   }
   if (!cur.empty()) archs.push_back("sm_" + cur);
   d["archs"] = archs;
-  d["ops"] = std::vector<std::string>{"verify_tree_greedy", "verify_tree_stochastic", "sparse_decode_attention",
-                                      "select_tokens"};
+  d["ops"] = op_names();
   py::dict parts;
   parts["host"] = std::vector<std::string>{"verify_tree", "sparse_decode_attention", "topk_select"};
 #ifdef TOKPRUNE_WITH_CUDA
@@ -81,136 +90,144 @@ py::dict build_info() {
 #endif
   d["parts"] = parts;
   d["compiler"] = std::string("g++ ") + __VERSION__;
+  // The codes compiled into this binary (from codes.h); tests compare them with tokprune/_codes.py.
+  py::dict codes, dtypes, rules;
+  dtypes["float32"] = int(kFloat32), dtypes["float16"] = int(kFloat16), dtypes["bfloat16"] = int(kBFloat16);
+  rules["specinfer"] = int(kSpecInfer), rules["rsd"] = int(kRSD), rules["target_only"] = int(kTargetOnly);
+  codes["dtypes"] = dtypes, codes["rules"] = rules, codes["attn_max_head_dim"] = int(kAttnMaxHeadDim);
+  d["codes"] = codes;
   return d;
 }
 
-void verify_greedy(bool on_cuda, uint64_t stream, int64_t B, int64_t N, int64_t V, uint64_t tokens, uint64_t parents,
-                   uint64_t logits, int dtype, int64_t l_sb, int64_t l_sn, uint64_t accept_index, uint64_t accept_len,
-                   uint64_t next_token, uint64_t depth, uint64_t max_depth) {
+void verify_greedy(const VerifyArgs& a, bool on_cuda, uint64_t stream, bool sync) {
   const char* op = "verify_tree_greedy";
   check_device(on_cuda, op);
-  check_dtype(dtype, op);
-  VerifyArgs a;
-  a.B = B, a.N = N, a.V = V;
-  a.tokens = ptr<const int64_t>(tokens), a.parents = ptr<const int32_t>(parents);
-  a.logits = ptr<const void>(logits), a.dtype = dtype, a.l_sb = l_sb, a.l_sn = l_sn;
-  a.accept_index = ptr<int64_t>(accept_index), a.accept_len = ptr<int64_t>(accept_len);
-  a.next_token = ptr<int64_t>(next_token), a.depth = ptr<int32_t>(depth), a.max_depth = ptr<int32_t>(max_depth);
+  check_dtype(a.dtype, op);
   check_tree(a, op);
-  require(B == 0 || a.logits, std::string(op) + ": null target_logits pointer");
-  if (B == 0) return;
+  require(a.B == 0 || a.logits, std::string(op) + ": null target_logits pointer");
+  if (a.B == 0) return;
 #ifdef TOKPRUNE_WITH_CUDA
   if (on_cuda) {
-    verify_greedy_cuda(a, ptr<void>(stream));
+    verify_greedy_cuda(a, reinterpret_cast<void*>(static_cast<uintptr_t>(stream)), sync);
     return;
   }
 #endif
+  (void)stream, (void)sync;
   py::gil_scoped_release nogil;
   verify_greedy_host(a);
 }
 
-void verify_stochastic(bool on_cuda, uint64_t stream, int64_t B, int64_t N, int64_t V, int rule, uint64_t tokens,
-                       uint64_t parents, uint64_t target, int64_t t_sb, int64_t t_sn, uint64_t draft, int64_t d_sb,
-                       int64_t d_sn, uint64_t uniforms, uint64_t workspace, uint64_t accept_index, uint64_t accept_len,
-                       uint64_t next_token, uint64_t depth, uint64_t max_depth) {
+void verify_stochastic(const VerifyArgs& a, bool on_cuda, uint64_t stream, bool sync) {
   const char* op = "verify_tree_stochastic";
   check_device(on_cuda, op);
-  require(rule == kSpecInfer || rule == kRSD || rule == kTargetOnly,
-          std::string(op) + ": rule code " + std::to_string(rule) + " is not 0 (specinfer), 1 (rsd), 2 (target_only)");
-  VerifyArgs a;
-  a.B = B, a.N = N, a.V = V, a.rule = rule;
-  a.tokens = ptr<const int64_t>(tokens), a.parents = ptr<const int32_t>(parents);
-  a.target = ptr<const float>(target), a.t_sb = t_sb, a.t_sn = t_sn;
-  a.draft = ptr<const float>(draft), a.d_sb = d_sb, a.d_sn = d_sn;
-  a.uniforms = ptr<const float>(uniforms), a.workspace = ptr<float>(workspace);
-  a.accept_index = ptr<int64_t>(accept_index), a.accept_len = ptr<int64_t>(accept_len);
-  a.next_token = ptr<int64_t>(next_token), a.depth = ptr<int32_t>(depth), a.max_depth = ptr<int32_t>(max_depth);
+  require(a.rule == kSpecInfer || a.rule == kRSD || a.rule == kTargetOnly,
+          std::string(op) + ": rule code " + std::to_string(a.rule) + " is not " + std::to_string(kSpecInfer) +
+              " (specinfer), " + std::to_string(kRSD) + " (rsd), " + std::to_string(kTargetOnly) + " (target_only)");
   check_tree(a, op);
-  require(B == 0 || (a.target && a.draft && a.uniforms), std::string(op) + ": null probs/uniforms pointer");
-  if (B == 0) return;
+  require(a.B == 0 || (a.target && a.draft && a.uniforms), std::string(op) + ": null probs/uniforms pointer");
+  if (a.B == 0) return;
 #ifdef TOKPRUNE_WITH_CUDA
   if (on_cuda) {
     require(a.workspace != nullptr, std::string(op) + ": CUDA launch needs a [B, 2, V] float32 workspace");
-    verify_stochastic_cuda(a, ptr<void>(stream));
+    verify_stochastic_cuda(a, reinterpret_cast<void*>(static_cast<uintptr_t>(stream)), sync);
     return;
   }
 #endif
+  (void)stream, (void)sync;
   py::gil_scoped_release nogil;
   verify_stochastic_host(a);
 }
 
-void sparse_attention(bool on_cuda, uint64_t stream, int64_t B, int64_t H, int64_t Hkv, int64_t Hi, int64_t K,
-                      int64_t D, int dtype, float scale, uint64_t q, int64_t q_sb, int64_t q_sh, uint64_t k,
-                      int64_t k_sb, int64_t k_sh, int64_t k_st, uint64_t v, int64_t v_sb, int64_t v_sh, int64_t v_st,
-                      uint64_t indices, uint64_t out, int splits, uint64_t workspace) {
+void sparse_attention(const AttentionArgs& a, bool on_cuda, uint64_t stream, bool sync) {
   const char* op = "sparse_decode_attention";
   check_device(on_cuda, op);
-  check_dtype(dtype, op);
-  require(B >= 0 && H >= 1 && Hkv >= 1 && K >= 0, std::string(op) + ": expected B >= 0, H >= 1, Hkv >= 1, K >= 0");
-  require(H % Hkv == 0, std::string(op) + ": H=" + std::to_string(H) + " is not a multiple of Hkv=" + std::to_string(Hkv));
-  require(Hi == H || Hi == Hkv, std::string(op) + ": index heads Hi=" + std::to_string(Hi) + " must equal H=" +
-                                    std::to_string(H) + " or Hkv=" + std::to_string(Hkv));
-  require(D >= 1 && D <= kAttnMaxHeadDim,
-          std::string(op) + ": head_dim D=" + std::to_string(D) + " must be in [1, " + std::to_string(kAttnMaxHeadDim) + "]");
-  require(splits >= 1, std::string(op) + ": splits must be >= 1");
-  AttentionArgs a;
-  a.B = B, a.H = H, a.Hkv = Hkv, a.Hi = Hi, a.K = K, a.D = D, a.dtype = dtype, a.scale = scale;
-  a.q = ptr<const void>(q), a.q_sb = q_sb, a.q_sh = q_sh;
-  a.k = ptr<const void>(k), a.k_sb = k_sb, a.k_sh = k_sh, a.k_st = k_st;
-  a.v = ptr<const void>(v), a.v_sb = v_sb, a.v_sh = v_sh, a.v_st = v_st;
-  a.indices = ptr<const int32_t>(indices), a.out = ptr<void>(out), a.splits = splits, a.workspace = ptr<float>(workspace);
-  if (B == 0) return;
-  require(a.q && a.k && a.v && a.out && (K == 0 || a.indices), std::string(op) + ": null tensor pointer");
+  check_dtype(a.dtype, op);
+  require(a.B >= 0 && a.H >= 1 && a.Hkv >= 1 && a.K >= 0, std::string(op) + ": expected B >= 0, H >= 1, Hkv >= 1, K >= 0");
+  require(a.H % a.Hkv == 0,
+          std::string(op) + ": H=" + std::to_string(a.H) + " is not a multiple of Hkv=" + std::to_string(a.Hkv));
+  require(a.Hi == a.H || a.Hi == a.Hkv, std::string(op) + ": index heads Hi=" + std::to_string(a.Hi) +
+                                           " must equal H=" + std::to_string(a.H) + " or Hkv=" + std::to_string(a.Hkv));
+  require(a.D >= 1 && a.D <= kAttnMaxHeadDim, std::string(op) + ": head_dim D=" + std::to_string(a.D) +
+                                                  " must be in [1, " + std::to_string(kAttnMaxHeadDim) + "]");
+  require(a.splits >= 1, std::string(op) + ": splits must be >= 1");
+  if (a.B == 0) return;
+  require(a.q && a.k && a.v && a.out && (a.K == 0 || a.indices), std::string(op) + ": null tensor pointer");
 #ifdef TOKPRUNE_WITH_CUDA
   if (on_cuda) {
     require(a.workspace != nullptr, std::string(op) + ": CUDA launch needs a float32 workspace");
-    sparse_attention_cuda(a, ptr<void>(stream));
+    sparse_attention_cuda(a, reinterpret_cast<void*>(static_cast<uintptr_t>(stream)), sync);
     return;
   }
 #endif
+  (void)stream, (void)sync;
   py::gil_scoped_release nogil;
   sparse_attention_host(a);
 }
 
-void topk(bool on_cuda, uint64_t stream, int64_t R, int64_t N, int64_t keep, uint64_t scores, uint64_t out) {
+void topk(const TopkArgs& a, bool on_cuda, uint64_t stream, bool sync) {
   const char* op = "select_tokens";
   check_device(on_cuda, op);
-  require(R >= 0 && N >= 0, std::string(op) + ": expected R >= 0 rows and N >= 0 tokens");
-  require(keep >= 0 && keep <= N,
-          std::string(op) + ": keep=" + std::to_string(keep) + " must lie in [0, N=" + std::to_string(N) + "]");
-  if (R == 0 || keep == 0) return;
-  TopkArgs a;
-  a.R = R, a.N = N, a.keep = keep, a.scores = ptr<const float>(scores), a.out = ptr<int64_t>(out);
+  require(a.R >= 0 && a.N >= 0, std::string(op) + ": expected R >= 0 rows and N >= 0 tokens");
+  require(a.keep >= 0 && a.keep <= a.N,
+          std::string(op) + ": keep=" + std::to_string(a.keep) + " must lie in [0, N=" + std::to_string(a.N) + "]");
+  if (a.R == 0 || a.keep == 0) return;
   require(a.scores && a.out, std::string(op) + ": null tensor pointer");
 #ifdef TOKPRUNE_WITH_CUDA
   if (on_cuda) {
-    topk_cuda(a, ptr<void>(stream));
+    topk_cuda(a, reinterpret_cast<void*>(static_cast<uintptr_t>(stream)), sync);
     return;
   }
 #endif
+  (void)stream, (void)sync;
   py::gil_scoped_release nogil;
   topk_host(a);
 }
 
+template <typename F>
+void def_op(py::module_& m, const char* name, F&& f, const char* doc) {
+  op_names().push_back(name);
+  m.def(name, std::forward<F>(f), py::arg("args"), py::arg("on_cuda"), py::arg("stream") = 0, py::arg("sync") = false,
+        doc);
+}
+
 }  // namespace
+
+// A pointer member bound as an integer address (tensor.data_ptr()).
+#define TP_PTR(Cls, field)                                                                \
+  def_property(                                                                           \
+      #field, [](const Cls& a) { return addr(a.field); },                                 \
+      [](Cls& a, uint64_t p) { a.field = reinterpret_cast<decltype(a.field)>(static_cast<uintptr_t>(p)); })
+#define TP_VAL(Cls, field) def_readwrite(#field, &Cls::field)
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "tokprune compiled kernels (host build + optional CUDA kernels); see tokprune/kernels/cuda.py";
-  m.def("build_info", &build_info, "What this build contains: cuda, archs, ops, parts, compiler.");
-  m.def("verify_tree_greedy", &verify_greedy, py::arg("on_cuda"), py::arg("stream"), py::arg("B"), py::arg("N"),
-        py::arg("V"), py::arg("tokens"), py::arg("parents"), py::arg("logits"), py::arg("dtype"), py::arg("l_sb"),
-        py::arg("l_sn"), py::arg("accept_index"), py::arg("accept_len"), py::arg("next_token"), py::arg("depth"),
-        py::arg("max_depth"));
-  m.def("verify_tree_stochastic", &verify_stochastic, py::arg("on_cuda"), py::arg("stream"), py::arg("B"),
-        py::arg("N"), py::arg("V"), py::arg("rule"), py::arg("tokens"), py::arg("parents"), py::arg("target"),
-        py::arg("t_sb"), py::arg("t_sn"), py::arg("draft"), py::arg("d_sb"), py::arg("d_sn"), py::arg("uniforms"),
-        py::arg("workspace"), py::arg("accept_index"), py::arg("accept_len"), py::arg("next_token"), py::arg("depth"),
-        py::arg("max_depth"));
-  m.def("sparse_decode_attention", &sparse_attention, py::arg("on_cuda"), py::arg("stream"), py::arg("B"),
-        py::arg("H"), py::arg("Hkv"), py::arg("Hi"), py::arg("K"), py::arg("D"), py::arg("dtype"), py::arg("scale"),
-        py::arg("q"), py::arg("q_sb"), py::arg("q_sh"), py::arg("k"), py::arg("k_sb"), py::arg("k_sh"), py::arg("k_st"),
-        py::arg("v"), py::arg("v_sb"), py::arg("v_sh"), py::arg("v_st"), py::arg("indices"), py::arg("out"),
-        py::arg("splits"), py::arg("workspace"));
-  m.def("select_tokens", &topk, py::arg("on_cuda"), py::arg("stream"), py::arg("R"), py::arg("N"), py::arg("keep"),
-        py::arg("scores"), py::arg("out"));
+  py::class_<VerifyArgs>(m, "VerifyArgs", "Arguments of verify_tree_greedy / verify_tree_stochastic (kernels.h).")
+      .def(py::init<>())
+      .TP_VAL(VerifyArgs, B).TP_VAL(VerifyArgs, N).TP_VAL(VerifyArgs, V)
+      .TP_PTR(VerifyArgs, tokens).TP_PTR(VerifyArgs, parents)
+      .TP_PTR(VerifyArgs, logits).TP_VAL(VerifyArgs, dtype).TP_VAL(VerifyArgs, l_sb).TP_VAL(VerifyArgs, l_sn)
+      .TP_PTR(VerifyArgs, target).TP_VAL(VerifyArgs, t_sb).TP_VAL(VerifyArgs, t_sn)
+      .TP_PTR(VerifyArgs, draft).TP_VAL(VerifyArgs, d_sb).TP_VAL(VerifyArgs, d_sn)
+      .TP_PTR(VerifyArgs, uniforms).TP_VAL(VerifyArgs, rule).TP_PTR(VerifyArgs, workspace)
+      .TP_PTR(VerifyArgs, accept_index).TP_PTR(VerifyArgs, accept_len).TP_PTR(VerifyArgs, next_token)
+      .TP_PTR(VerifyArgs, depth).TP_PTR(VerifyArgs, max_depth);
+  py::class_<AttentionArgs>(m, "AttentionArgs", "Arguments of sparse_decode_attention (kernels.h).")
+      .def(py::init<>())
+      .TP_VAL(AttentionArgs, B).TP_VAL(AttentionArgs, H).TP_VAL(AttentionArgs, Hkv).TP_VAL(AttentionArgs, Hi)
+      .TP_VAL(AttentionArgs, K).TP_VAL(AttentionArgs, D).TP_VAL(AttentionArgs, dtype).TP_VAL(AttentionArgs, scale)
+      .TP_PTR(AttentionArgs, q).TP_VAL(AttentionArgs, q_sb).TP_VAL(AttentionArgs, q_sh)
+      .TP_PTR(AttentionArgs, k).TP_VAL(AttentionArgs, k_sb).TP_VAL(AttentionArgs, k_sh).TP_VAL(AttentionArgs, k_st)
+      .TP_PTR(AttentionArgs, v).TP_VAL(AttentionArgs, v_sb).TP_VAL(AttentionArgs, v_sh).TP_VAL(AttentionArgs, v_st)
+      .TP_PTR(AttentionArgs, indices).TP_PTR(AttentionArgs, out).TP_VAL(AttentionArgs, splits)
+      .TP_PTR(AttentionArgs, workspace);
+  py::class_<TopkArgs>(m, "TopkArgs", "Arguments of select_tokens (kernels.h).")
+      .def(py::init<>())
+      .TP_VAL(TopkArgs, R).TP_VAL(TopkArgs, N).TP_VAL(TopkArgs, keep)
+      .TP_PTR(TopkArgs, scores).TP_PTR(TopkArgs, out);
+
+  m.def("build_info", &build_info, "What this build contains: cuda, archs, ops, parts, compiler, codes.");
+  def_op(m, "verify_tree_greedy", &verify_greedy, "Greedy tree verification; args: VerifyArgs.");
+  def_op(m, "verify_tree_stochastic", &verify_stochastic, "Stochastic tree verification; args: VerifyArgs.");
+  def_op(m, "sparse_decode_attention", &sparse_attention, "Decode attention over gathered tokens; args: AttentionArgs.");
+  def_op(m, "select_tokens", &topk, "Top-k token selection, indices ascending; args: TopkArgs.");
 }

@@ -59,10 +59,11 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(TopkArgs a) {
 
 }  // namespace
 
-void topk_cuda(const TopkArgs& a, void* stream) {
+void topk_cuda(const TopkArgs& a, void* stream, bool sync) {
   if (a.R > 2147483647) throw std::invalid_argument("select_tokens: more than 2^31-1 rows");
-  topk_kernel<<<unsigned(a.R), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
-  check_launch("select_tokens");
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  topk_kernel<<<unsigned(a.R), kThreads, 0, s>>>(a);
+  check_launch("select_tokens", s, sync);
 }
 
 }  // namespace tokprune

@@ -1,6 +1,6 @@
 // Speculative tree verification on the GPU: one thread block per request. Argmax, sums and the
 // bonus-token cumsum are block reductions/scans over V in fixed order, so results are deterministic.
-// Semantics: include/tokprune/verify.h and the CONTRACT in tokprune/kernels/cuda.py.
+// Semantics: include/tokprune/verify.h and the contract in the docstring of tokprune.ops.spec.
 #include <stdint.h>
 
 #include "tokprune/cuda_utils.cuh"
@@ -192,17 +192,18 @@ __global__ void __launch_bounds__(kThreads, 1) verify_stochastic_kernel(VerifyAr
 
 }  // namespace
 
-void verify_greedy_cuda(const VerifyArgs& a, void* stream) {
+void verify_greedy_cuda(const VerifyArgs& a, void* stream, bool sync) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (a.dtype == kFloat32) verify_greedy_kernel<kFloat32><<<unsigned(a.B), kThreads, 0, s>>>(a);
   else if (a.dtype == kFloat16) verify_greedy_kernel<kFloat16><<<unsigned(a.B), kThreads, 0, s>>>(a);
   else verify_greedy_kernel<kBFloat16><<<unsigned(a.B), kThreads, 0, s>>>(a);
-  check_launch("verify_tree_greedy");
+  check_launch("verify_tree_greedy", s, sync);
 }
 
-void verify_stochastic_cuda(const VerifyArgs& a, void* stream) {
-  verify_stochastic_kernel<<<unsigned(a.B), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
-  check_launch("verify_tree_stochastic");
+void verify_stochastic_cuda(const VerifyArgs& a, void* stream, bool sync) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  verify_stochastic_kernel<<<unsigned(a.B), kThreads, 0, s>>>(a);
+  check_launch("verify_tree_stochastic", s, sync);
 }
 
 }  // namespace tokprune

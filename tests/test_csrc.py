@@ -239,27 +239,46 @@ def test_verify_large_vocab_128k():
         _assert_tree_equal(got, oracle_stochastic(tokens, parents, target, draft, rule, uniforms))
 
 
-def test_verify_errors():
+def test_verify_errors_raised_by_the_op():
+    """One validation point: the public op checks, then hands trusted tensors to tokprune._C."""
+    from tokprune.ops import spec
+
     tokens, parents = torch.zeros(1, 3, dtype=torch.long), torch.tensor([[-1, 0, 0]])
-    with pytest.raises(ValueError, match=r"target_logits must be \(batch, nodes, vocab\)"):
-        verify_tree_greedy_cuda(tokens, parents, torch.zeros(1, 2, 5))
-    with pytest.raises(TypeError, match="target_logits must be float32/float16/bfloat16"):
-        verify_tree_greedy_cuda(tokens, parents, torch.zeros(1, 3, 5, dtype=torch.float64))
-    with pytest.raises(IndexError, match=r"tokens of non-root nodes must lie in \[0, 5\)"):
-        verify_tree_greedy_cuda(torch.tensor([[0, 1, 5]]), parents, torch.zeros(1, 3, 5))
+    probs = torch.ones(1, 3, 5) / 5
+    with pytest.raises(ValueError, match=r"target_logits must have shape \(B, N\)"):
+        spec.verify_tree_greedy(tokens, parents, torch.zeros(1, 2, 5), backend="cuda")
+    with pytest.raises(TypeError, match="target_logits must have dtype in"):
+        spec.verify_tree_greedy(tokens, parents, torch.zeros(1, 3, 5, dtype=torch.float64), backend="cuda")
+    with pytest.raises(IndexError, match=r"tokens of active nodes must lie in \[0, V=5\)"):
+        spec.verify_tree_greedy(torch.tensor([[0, 1, 5]]), parents, torch.zeros(1, 3, 5), backend="cuda")
     with pytest.raises(ValueError, match="rule must be one of"):
-        verify_tree_stochastic_cuda(tokens, parents, torch.ones(1, 3, 5) / 5, torch.ones(1, 3, 5) / 5, "bogus",
-                                    torch.rand(1, 3))
-    with pytest.raises(TypeError, match="uniforms must be float32"):
-        verify_tree_stochastic_cuda(tokens, parents, torch.ones(1, 3, 5) / 5, torch.ones(1, 3, 5) / 5, "rsd",
-                                    torch.rand(1, 3, dtype=torch.float64))
-    with pytest.raises(ValueError, match="is on meta but tokens is on cpu"):
-        verify_tree_greedy_cuda(tokens, parents, torch.zeros(1, 3, 5, device="meta"))
-    # the raw binding checks its arguments too
-    with pytest.raises(ValueError, match="rule code 7 is not 0"):
-        _ext.extension().verify_tree_stochastic(False, 0, 1, 1, 1, 7, *([0] * 15))
-    with pytest.raises(ValueError, match="dtype code 5 is not one of"):
-        _ext.extension().verify_tree_greedy(False, 0, 1, 1, 1, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0)
+        spec.verify_tree_stochastic(tokens, parents, target_probs=probs, draft_probs=probs, rule="bogus",
+                                    uniforms=torch.rand(1, 3), backend="cuda")
+    with pytest.raises(TypeError, match="uniforms must have dtype in"):
+        spec.verify_tree_stochastic(tokens, parents, target_probs=probs, draft_probs=probs, rule="rsd",
+                                    uniforms=torch.rand(1, 3, dtype=torch.float64), backend="cuda")
+    with pytest.raises(ValueError, match="target_logits must be on cpu like the other inputs, got meta"):
+        spec.verify_tree_greedy(tokens, parents, torch.zeros(1, 3, 5, device="meta"), backend="cuda")
+
+
+def test_binding_asserts_on_argument_structs():
+    """The binding takes argument structs and keeps only the checks that prevent memory errors."""
+    lib = _ext.extension()
+    a = lib.VerifyArgs()
+    a.B, a.N, a.V, a.rule = 1, 1, 1, 7
+    with pytest.raises(ValueError, match="rule code 7 is not 0 \\(specinfer\\), 1 \\(rsd\\), 2 \\(target_only\\)"):
+        lib.verify_tree_stochastic(a, False)
+    a.rule, a.dtype = 0, 5
+    with pytest.raises(ValueError, match="dtype code 5 is not one of 0 \\(fp32\\), 1 \\(fp16\\), 2 \\(bf16\\)"):
+        lib.verify_tree_greedy(a, False)
+    a.dtype = 0
+    with pytest.raises(ValueError, match="null pointer among tokens/parents/outputs"):
+        lib.verify_tree_greedy(a, False)
+    with pytest.raises(AttributeError):
+        a.no_such_field = 1  # a misspelt field cannot be set silently
+    t = torch.arange(4)
+    a.tokens = t.data_ptr()
+    assert a.tokens == t.data_ptr()  # pointers round-trip as integer addresses
 
 
 # --------------------------------------------------------------------------------------- attention
@@ -301,22 +320,27 @@ def test_sparse_attention_strided_cache_and_int32():
 
 
 def test_sparse_attention_errors():
+    from tokprune.ops import fasa
+
     q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8)
     idx = torch.zeros(1, 2, 3, dtype=torch.long)
-    with pytest.raises(ValueError, match="heads=4 must be a multiple of kv_heads=3"):
-        kv3 = torch.randn(1, 3, 5, 8)
-        sparse_decode_attention_cuda(q, kv3, kv3, torch.zeros(1, 3, 2).long(), 1.0)
-    with pytest.raises(ValueError, match=r"head_dim=300 must be in \[1, 256\]"):
-        sparse_decode_attention_cuda(torch.randn(1, 2, 1, 300), torch.randn(1, 2, 5, 300), torch.randn(1, 2, 5, 300),
-                                     idx, 1.0)
-    with pytest.raises(TypeError, match="k_cache must have q's dtype"):
-        sparse_decode_attention_cuda(q, k.half(), k.half(), idx, 1.0)
+    kv3 = torch.randn(1, 3, 5, 8)
+    with pytest.raises(ValueError, match=r"must be a multiple of k_cache kv_heads \(3\)"):
+        fasa.sparse_decode_attention(q, kv3, kv3, torch.zeros(1, 3, 2).long(), 1.0, backend="cuda")
+    with pytest.raises(TypeError, match="q, k_cache and v_cache must share a dtype"):
+        fasa.sparse_decode_attention(q, k.half(), k.half(), idx, 1.0, backend="cuda")
     with pytest.raises(ValueError, match=r"indices must be \(batch=1, kv_heads=2 or heads=4"):
-        sparse_decode_attention_cuda(q, k, k, torch.zeros(1, 3, 2).long(), 1.0)
-    with pytest.raises(IndexError, match="indices must be < seq=5"):
-        sparse_decode_attention_cuda(q, k, k, idx + 5, 1.0)
+        fasa.sparse_decode_attention(q, k, k, torch.zeros(1, 3, 2).long(), 1.0, backend="cuda")
+    with pytest.raises(IndexError, match="indices values must be < n_tokens=5"):
+        fasa.sparse_decode_attention(q, k, k, idx + 5, 1.0, backend="cuda")
+    # the kernel's own limit is asserted by the binding (it sizes shared memory)
+    with pytest.raises(ValueError, match=r"head_dim D=300 must be in \[1, 256\]"):
+        fasa.sparse_decode_attention(torch.randn(1, 2, 1, 300), torch.randn(1, 2, 5, 300),
+                                     torch.randn(1, 2, 5, 300), idx, 1.0, backend="cuda")
+    a = _ext.extension().AttentionArgs()
+    a.B, a.H, a.Hkv, a.Hi, a.K, a.D = 1, 4, 3, 3, 1, 8
     with pytest.raises(ValueError, match="H=4 is not a multiple of Hkv=3"):
-        _ext.extension().sparse_decode_attention(False, 0, 1, 4, 3, 3, 1, 8, 0, 1.0, *([0] * 15))
+        _ext.extension().sparse_decode_attention(a, False)
 
 
 # -------------------------------------------------------------------------------------------- top-k
@@ -341,14 +365,16 @@ def test_topk_extremes_and_errors():
     assert select_tokens_cuda(scores, 3).tolist() == [[4, 5, 7]]
     assert select_tokens_cuda(scores, 8).tolist() == [list(range(8))]
     assert select_tokens_cuda(scores, 6).tolist() == [[0, 1, 4, 5, 6, 7]]
-    with pytest.raises(ValueError, match="scores must be contiguous"):
-        select_tokens_cuda(torch.randn(8, 4).t(), 2)
-    with pytest.raises(TypeError, match="scores must be float32"):
-        select_tokens_cuda(torch.randn(2, 4).half(), 2)
+    from tokprune.ops import select_tokens
+
+    with pytest.raises(TypeError, match="scores must have dtype in"):
+        select_tokens(torch.randn(2, 4, dtype=torch.float64), 2, backend="cuda")
     with pytest.raises(ValueError, match="keep must be a non-negative int"):
-        select_tokens_cuda(torch.randn(2, 4), -1)
+        select_tokens(torch.randn(2, 4), -1, backend="cuda")
+    a = _ext.extension().TopkArgs()
+    a.R, a.N, a.keep = 1, 4, 9
     with pytest.raises(ValueError, match=r"keep=9 must lie in \[0, N=4\]"):
-        _ext.extension().select_tokens(False, 0, 1, 4, 9, 0, 0)
+        _ext.extension().select_tokens(a, False)
 
 
 def test_select_tokens_op_cuda_backend_equals_torch():
@@ -420,3 +446,54 @@ def test_custom_ops_registered_and_traceable():
     s2 = torch.randn(2, 20, generator=g)
     expected = oracle_attention(q, k, k, oracle_topk(s2, 6).view(1, 2, 6), 0.25).float()
     assert_close(pipeline(s2, q, k, k), expected)
+
+
+# ------------------------------------------------------------------- CUDA launch errors (debug sync)
+def test_sync_mode_follows_debug_and_environment(monkeypatch):
+    from tokprune import _debug
+    from tokprune.kernels import cuda as kcuda
+
+    monkeypatch.delenv("TOKPRUNE_CUDA_SYNC", raising=False)
+    previous = _debug.set_debug(False)
+    try:
+        assert not kcuda.sync_launches()
+        monkeypatch.setenv("TOKPRUNE_CUDA_SYNC", "1")
+        assert kcuda.sync_launches()
+        monkeypatch.setenv("TOKPRUNE_CUDA_SYNC", "0")
+        _debug.set_debug(True)
+        assert kcuda.sync_launches()
+    finally:
+        _debug.set_debug(previous)
+
+
+def test_launch_passes_the_sync_flag_for_cuda_tensors_only(monkeypatch):
+    from tokprune.kernels import cuda as kcuda
+
+    calls = []
+
+    class FakeLib:
+        TopkArgs = type("TopkArgs", (), {})
+
+        def select_tokens(self, args, on_cuda, stream, sync):
+            calls.append((on_cuda, stream, sync))
+
+    monkeypatch.setattr(kcuda, "_lib", lambda: FakeLib())
+    monkeypatch.setattr(kcuda, "_stream", lambda device: (device.type == "cuda", 7 if device.type == "cuda" else 0))
+    monkeypatch.setattr(kcuda, "_on_device", lambda device: __import__("contextlib").nullcontext())
+    monkeypatch.setenv("TOKPRUNE_CUDA_SYNC", "1")
+    kcuda._launch("select_tokens", kcuda._args("TopkArgs", R=1), torch.device("cuda"))
+    kcuda._launch("select_tokens", kcuda._args("TopkArgs", R=1), torch.device("cpu"))
+    assert calls == [(True, 7, True), (False, 0, False)]
+
+
+@pytest.mark.skipif(not _ext.has_cuda_kernels(), reason="tokprune._C was built without nvcc")
+def test_cuda_launch_failure_is_raised_by_the_op_that_launched():
+    """Without a usable GPU/driver the launch itself fails: the binding raises a RuntimeError naming the op
+    (the same path reports 'no kernel image' on an unsupported architecture), it does not crash."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: tests/test_gpu_check.py and make gpu-check cover real launches")
+    lib = _ext.extension()
+    a = lib.TopkArgs()
+    a.R, a.N, a.keep, a.scores, a.out = 1, 4, 2, 16, 32  # never dereferenced: the launch fails first
+    with pytest.raises(RuntimeError, match="select_tokens: CUDA launch failed: "):
+        lib.select_tokens(a, True, 0, True)

@@ -167,6 +167,58 @@ def test_module_reports_its_build_and_needs_no_cuda_driver():
         assert "CUDA (nvcc): verify_tree.cu" in text
 
 
+def test_committed_codes_header_is_the_rendering_of_the_python_table():
+    """csrc/include/tokprune/codes.h is generated from tokprune/_codes.py: a hand edit of either side
+    (a code changed in one place only) fails here."""
+    from tokprune import _codes
+
+    with open(os.path.join(tb.ROOT, _codes.HEADER_PATH)) as f:
+        assert f.read() == _codes.c_header()
+    assert tb.load_codes().DTYPES == _codes.DTYPES  # the build reads the same table, without torch
+    # every consumer takes the codes from the table
+    from tokprune.kernels import cuda as kcuda
+    from tokprune.kernels.triton import spec as tspec
+    from tokprune.ops import spec as ospec
+
+    assert tspec.RULE_IDS is _codes.RULE_IDS and kcuda.RULES is _codes.RULE_IDS
+    assert tuple(ospec.RULES) == tuple(_codes.RULE_IDS)
+    assert {str(k).replace("torch.", ""): v for k, v in kcuda.DTYPE_CODES.items()} == _codes.DTYPES
+
+
+def test_codes_header_rewritten_only_when_the_table_changes(tmp_path, monkeypatch):
+    monkeypatch.setattr(tb, "ROOT", str(tmp_path))
+    (tmp_path / "tokprune").mkdir()
+    shutil.copy(os.path.join(os.path.dirname(tb.__file__), "tokprune", "_codes.py"), tmp_path / "tokprune")
+    path = tb.write_codes_header()
+    first = os.stat(path).st_mtime_ns
+    assert "enum Rule : int { kSpecInfer = 0, kRSD = 1, kTargetOnly = 2 };" in open(path).read()
+    assert tb.write_codes_header() == path and os.stat(path).st_mtime_ns == first  # unchanged: not rewritten
+    src = tmp_path / "tokprune" / "_codes.py"
+    src.write_text(src.read_text().replace('"target_only": 2', '"target_only": 3'))
+    tb.write_codes_header()
+    assert "kTargetOnly = 3" in open(path).read()
+
+
+@pytest.mark.skipif(_ext.load_error() is not None, reason=f"tokprune._C not available: {_ext.load_error()}")
+def test_compiled_codes_and_op_list_come_from_the_binary():
+    from tokprune import _codes
+
+    info = _ext.build_info()
+    assert info["codes"] == {"dtypes": _codes.DTYPES, "rules": _codes.RULE_IDS,
+                             "attn_max_head_dim": _codes.ATTN_MAX_HEAD_DIM}, "stale build: rebuild tokprune._C"
+    # the op list is recorded by the binding as it binds each function: every listed op is callable
+    lib = _ext.extension()
+    assert info["ops"] and all(callable(getattr(lib, op)) for op in info["ops"])
+
+
+def test_nvcc_version_parsed(tmp_path):
+    fake = tmp_path / "nvcc"
+    fake.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.4, V12.4.131'\n")
+    fake.chmod(0o755)
+    assert tb.nvcc_version(str(fake)) == "12.4"
+    assert tb.nvcc_version(None) is None
+
+
 _CONV_PROGRAM = r"""
 #include "tokprune/common.h"
 #include <cstdio>

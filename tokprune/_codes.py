@@ -1,7 +1,7 @@
 """The one table of integer codes shared by Python, the Triton kernels and the C++/CUDA extension.
 
 Codes cross the Python -> kernel boundary as plain integers: the element type of a float tensor
-(``DTYPE_CODES``) and the acceptance rule of stochastic tree verification (``RULE_IDS``). This module
+(``DTYPES``) and the acceptance rule of stochastic tree verification (``RULE_IDS``). This module
 is the single source. ``tokprune_build.py`` renders it into the C++ header
 ``csrc/include/tokprune/codes.h`` (:func:`c_header`) before compiling, the Triton launchers import it,
 and ``tests/test_csrc_build.py`` checks that the committed header equals the rendering.

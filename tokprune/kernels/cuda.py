@@ -1,15 +1,17 @@
 """Python wrappers of the compiled extension ``tokprune._C`` (``csrc/``).
 
 The extension takes raw pointers, shapes, element strides, dtype codes and a CUDA stream; this module
-turns tensors into those arguments, checks shapes/devices/dtypes/strides with clear errors, allocates
+turns tensors into the bound argument structs (``VerifyArgs``, ``AttentionArgs``, ``TopkArgs``), allocates
 outputs and workspaces, and registers every kernel as a ``torch.library`` custom op (namespace
 ``tokprune_ext``) with a fake implementation, so ``torch.compile`` can trace through them.
 
 On CUDA tensors the ``.cu`` kernels run (on the current stream); on CPU tensors the host build of the
 same ``__host__ __device__`` math runs (how the kernels are tested without a GPU).
 
-Wrappers (inputs are expected to be validated by the public op in :mod:`tokprune.ops`; the checks
-here guard the raw-pointer boundary):
+Wrappers. Inputs are validated once, by the public op in :mod:`tokprune.ops` (shapes, dtypes, devices
+always; index ranges in debug mode); these wrappers and the binding trust it (the binding keeps only
+cheap asserts that stop a wrong call from touching foreign memory). Call the ops, not these, from
+user code:
 
 * :func:`verify_tree_greedy_cuda` / :func:`verify_tree_stochastic_cuda` — speculative tree verification;
 * :func:`sparse_decode_attention_cuda` — decode attention over a gathered token set;
@@ -20,15 +22,18 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Tuple
 
 import torch
 
 from tokprune import _ext
+from tokprune._codes import ATTN_MAX_HEAD_DIM, DTYPES, RULE_IDS
+from tokprune._debug import debug_checks
 
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-RULES = {"specinfer": 0, "rsd": 1, "target_only": 2}
-MAX_HEAD_DIM = 256
+DTYPE_CODES = {getattr(torch, name): code for name, code in DTYPES.items()}
+RULES = RULE_IDS
+MAX_HEAD_DIM = ATTN_MAX_HEAD_DIM
 NAMESPACE = "tokprune_ext"
 
 
@@ -53,40 +58,29 @@ def _on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _check(cond: bool, op: str, msg: str, exc=ValueError) -> None:
-    if not cond:
-        raise exc(f"{op}: {msg}")
-
-
-def _same_device(op: str, **tensors: torch.Tensor) -> torch.device:
-    devices = {name: t.device for name, t in tensors.items()}
-    first = next(iter(devices.values()))
-    for name, dev in devices.items():
-        _check(dev == first, op, f"{name} is on {dev} but {next(iter(devices))} is on {first}; "
-                                 "all inputs must be on one device")
-    return first
-
-
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-def _check_tree(op: str, tokens: torch.Tensor, parents: torch.Tensor, vocab: int) -> None:
-    _check(tokens.dim() == 2, op, f"tokens must be (batch, nodes), got shape {tuple(tokens.shape)}")
-    _check(parents.shape == tokens.shape, op,
-           f"parents must have the shape of tokens {tuple(tokens.shape)}, got {tuple(parents.shape)}")
-    _check(tokens.shape[1] >= 1, op, "the tree needs at least the root node (nodes >= 1)")
-    for name, t in (("tokens", tokens), ("parents", parents)):
-        _check(t.dtype in (torch.int32, torch.int64), op, f"{name} must be int32 or int64, got {t.dtype}", TypeError)
-    if tokens.device.type == "cpu" and tokens.numel() and not torch.compiler.is_compiling():
-        # host build: an out-of-range token would read out of bounds, so check (cheap on CPU).
-        active = parents >= 0
-        if bool(active.any()):
-            t = tokens[active]
-            lo, hi = int(t.min()), int(t.max())
-            _check(lo >= 0 and hi < vocab, op, f"tokens of non-root nodes must lie in [0, {vocab}), got [{lo}, {hi}]",
-                   IndexError)
-        _check(int(parents.max()) < tokens.shape[1], op, "parents must be < number of nodes", IndexError)
+def sync_launches() -> bool:
+    """Whether CUDA launches of tokprune._C synchronise their stream and raise a kernel fault at the op that
+    caused it: in debug mode (:func:`tokprune._debug.debug_checks`, ``TOKPRUNE_DEBUG=1``) or with
+    ``TOKPRUNE_CUDA_SYNC=1``. Off by default (a synchronisation per launch stalls the decode loop)."""
+    return debug_checks() or os.environ.get("TOKPRUNE_CUDA_SYNC", "0") not in ("", "0")
+
+
+def _args(cls_name: str, **fields):
+    """A bound argument struct of tokprune._C (``VerifyArgs``, ``AttentionArgs``, ``TopkArgs``)."""
+    args = getattr(_lib(), cls_name)()
+    for name, value in fields.items():
+        setattr(args, name, value)
+    return args
+
+
+def _launch(op: str, args, device: torch.device) -> None:
+    on_cuda, stream = _stream(device)
+    with _on_device(device):
+        getattr(_lib(), op)(args, on_cuda, stream, on_cuda and sync_launches())
 
 
 def _tree_outputs(tokens: torch.Tensor):
@@ -111,11 +105,11 @@ def _verify_tree_greedy_impl(tokens: torch.Tensor, parents: torch.Tensor,
     par = parents.to(torch.int32).contiguous()
     logits = _last_dim_contiguous(target_logits)
     accept, length, nxt, depth, max_depth = _tree_outputs(tokens)
-    on_cuda, stream = _stream(tokens.device)
-    with _on_device(tokens.device):
-        _lib().verify_tree_greedy(on_cuda, stream, B, N, V, tok.data_ptr(), par.data_ptr(), logits.data_ptr(),
-                                  DTYPE_CODES[logits.dtype], logits.stride(0), logits.stride(1), accept.data_ptr(),
-                                  length.data_ptr(), nxt.data_ptr(), depth.data_ptr(), max_depth.data_ptr())
+    args = _args("VerifyArgs", B=B, N=N, V=V, tokens=tok.data_ptr(), parents=par.data_ptr(),
+                 logits=logits.data_ptr(), dtype=DTYPE_CODES[logits.dtype], l_sb=logits.stride(0),
+                 l_sn=logits.stride(1), accept_index=accept.data_ptr(), accept_len=length.data_ptr(),
+                 next_token=nxt.data_ptr(), depth=depth.data_ptr(), max_depth=max_depth.data_ptr())
+    _launch("verify_tree_greedy", args, tokens.device)
     return _finish_tree(accept, length, nxt, max_depth)
 
 
@@ -140,14 +134,15 @@ def _verify_tree_stochastic_impl(tokens: torch.Tensor, parents: torch.Tensor, ta
     tp, dp = _last_dim_contiguous(target_probs), _last_dim_contiguous(draft_probs)
     uni = uniforms.contiguous()
     accept, length, nxt, depth, max_depth = _tree_outputs(tokens)
-    on_cuda, stream = _stream(tokens.device)
+    on_cuda = tokens.device.type == "cuda"
     workspace = torch.empty(B, 2, V, dtype=torch.float32, device=tokens.device) if on_cuda else None
-    with _on_device(tokens.device):
-        _lib().verify_tree_stochastic(
-            on_cuda, stream, B, N, V, RULES[rule], tok.data_ptr(), par.data_ptr(),
-            tp.data_ptr(), tp.stride(0), tp.stride(1), dp.data_ptr(), dp.stride(0), dp.stride(1),
-            uni.data_ptr(), 0 if workspace is None else workspace.data_ptr(), accept.data_ptr(),
-            length.data_ptr(), nxt.data_ptr(), depth.data_ptr(), max_depth.data_ptr())
+    args = _args("VerifyArgs", B=B, N=N, V=V, rule=RULES[rule], tokens=tok.data_ptr(), parents=par.data_ptr(),
+                 target=tp.data_ptr(), t_sb=tp.stride(0), t_sn=tp.stride(1), draft=dp.data_ptr(),
+                 d_sb=dp.stride(0), d_sn=dp.stride(1), uniforms=uni.data_ptr(),
+                 workspace=0 if workspace is None else workspace.data_ptr(), accept_index=accept.data_ptr(),
+                 accept_len=length.data_ptr(), next_token=nxt.data_ptr(), depth=depth.data_ptr(),
+                 max_depth=max_depth.data_ptr())
+    _launch("verify_tree_stochastic", args, tokens.device)
     return _finish_tree(accept, length, nxt, max_depth)
 
 
@@ -157,7 +152,7 @@ def _verify_tree_stochastic_fake(tokens, parents, target_probs, draft_probs, rul
 
 def verify_tree_greedy_cuda(tokens: torch.Tensor, parents: torch.Tensor,
                             target_logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Greedy tree verification with tokprune._C (contract: tokprune.ops.spec / CONTRACTS).
+    """Greedy tree verification with tokprune._C (contract: the docstring of :mod:`tokprune.ops.spec`).
 
     Args:
         tokens: ``(batch, nodes)`` int32/int64 draft tokens (node 0 = root, its token unused).
@@ -167,15 +162,6 @@ def verify_tree_greedy_cuda(tokens: torch.Tensor, parents: torch.Tensor,
     Returns:
         ``accept_index (batch, max_depth + 1)``, ``accept_len (batch,)``, ``next_token (batch,)``, int64.
     """
-    op = "verify_tree_greedy"
-    _check(target_logits.dim() == 3 and target_logits.shape[:2] == tokens.shape, op,
-           f"target_logits must be (batch, nodes, vocab) with (batch, nodes) = {tuple(tokens.shape)}, "
-           f"got {tuple(target_logits.shape)}")
-    _check(target_logits.dtype in DTYPE_CODES, op,
-           f"target_logits must be float32/float16/bfloat16, got {target_logits.dtype}", TypeError)
-    _check(target_logits.shape[-1] >= 1, op, "vocab must be >= 1")
-    _same_device(op, tokens=tokens, parents=parents, target_logits=target_logits)
-    _check_tree(op, tokens, parents, target_logits.shape[-1])
     return _call("verify_tree_greedy", _verify_tree_greedy_impl, tokens, parents, target_logits)
 
 
@@ -194,22 +180,6 @@ def verify_tree_stochastic_cuda(tokens: torch.Tensor, parents: torch.Tensor, tar
     Returns:
         ``accept_index (batch, max_depth + 1)``, ``accept_len (batch,)``, ``next_token (batch,)``, int64.
     """
-    op = "verify_tree_stochastic"
-    _check(rule in RULES, op, f"rule must be one of {tuple(RULES)}, got {rule!r}")
-    for name, t in (("target_probs", target_probs), ("draft_probs", draft_probs)):
-        _check(t.dim() == 3 and t.shape[:2] == tokens.shape, op,
-               f"{name} must be (batch, nodes, vocab) with (batch, nodes) = {tuple(tokens.shape)}, "
-               f"got {tuple(t.shape)}")
-        _check(t.dtype == torch.float32, op, f"{name} must be float32, got {t.dtype}", TypeError)
-    _check(target_probs.shape == draft_probs.shape, op,
-           f"draft_probs {tuple(draft_probs.shape)} must match target_probs {tuple(target_probs.shape)}")
-    _check(target_probs.shape[-1] >= 1, op, "vocab must be >= 1")
-    _check(uniforms.shape == tokens.shape, op,
-           f"uniforms must have the shape of tokens {tuple(tokens.shape)}, got {tuple(uniforms.shape)}")
-    _check(uniforms.dtype == torch.float32, op, f"uniforms must be float32, got {uniforms.dtype}", TypeError)
-    _same_device(op, tokens=tokens, parents=parents, target_probs=target_probs, draft_probs=draft_probs,
-                 uniforms=uniforms)
-    _check_tree(op, tokens, parents, target_probs.shape[-1])
     return _call("verify_tree_stochastic", _verify_tree_stochastic_impl, tokens, parents, target_probs, draft_probs, rule, uniforms)
 
 
@@ -228,15 +198,16 @@ def _sparse_decode_attention_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     qq, kk, vv = _last_dim_contiguous(q), _last_dim_contiguous(k_cache), _last_dim_contiguous(v_cache)
     idx = indices.to(torch.int32).contiguous()
     out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
-    on_cuda, stream = _stream(q.device)
+    on_cuda = q.device.type == "cuda"
     splits = attention_splits(B * H, K) if on_cuda else 1
     workspace = torch.empty(B * H * splits * (D + 2), dtype=torch.float32, device=q.device) if on_cuda else None
-    with _on_device(q.device):
-        _lib().sparse_decode_attention(
-            on_cuda, stream, B, H, Hkv, Hi, K, D, DTYPE_CODES[q.dtype], float(scale),
-            qq.data_ptr(), qq.stride(0), qq.stride(1), kk.data_ptr(), kk.stride(0), kk.stride(1), kk.stride(2),
-            vv.data_ptr(), vv.stride(0), vv.stride(1), vv.stride(2), idx.data_ptr(), out.data_ptr(), splits,
-            0 if workspace is None else workspace.data_ptr())
+    args = _args("AttentionArgs", B=B, H=H, Hkv=Hkv, Hi=Hi, K=K, D=D, dtype=DTYPE_CODES[q.dtype],
+                 scale=float(scale), q=qq.data_ptr(), q_sb=qq.stride(0), q_sh=qq.stride(1),
+                 k=kk.data_ptr(), k_sb=kk.stride(0), k_sh=kk.stride(1), k_st=kk.stride(2),
+                 v=vv.data_ptr(), v_sb=vv.stride(0), v_sh=vv.stride(1), v_st=vv.stride(2),
+                 indices=idx.data_ptr(), out=out.data_ptr(), splits=splits,
+                 workspace=0 if workspace is None else workspace.data_ptr())
+    _launch("sparse_decode_attention", args, q.device)
     return out
 
 
@@ -258,27 +229,6 @@ def sparse_decode_attention_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     Returns:
         ``(batch, heads, 1, head_dim)`` in q's dtype; a row with no valid index is zeros.
     """
-    op = "sparse_decode_attention"
-    _check(q.dim() == 4 and q.shape[2] == 1, op, f"q must be (batch, heads, 1, head_dim), got {tuple(q.shape)}")
-    _check(q.dtype in DTYPE_CODES, op, f"q must be float32/float16/bfloat16, got {q.dtype}", TypeError)
-    B, H, _, D = q.shape
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        _check(t.dim() == 4 and t.shape[0] == B and t.shape[3] == D, op,
-               f"{name} must be (batch={B}, kv_heads, seq, head_dim={D}), got {tuple(t.shape)}")
-        _check(t.dtype == q.dtype, op, f"{name} must have q's dtype {q.dtype}, got {t.dtype}", TypeError)
-    _check(k_cache.shape == v_cache.shape, op,
-           f"v_cache {tuple(v_cache.shape)} must match k_cache {tuple(k_cache.shape)}")
-    Hkv, T = k_cache.shape[1], k_cache.shape[2]
-    _check(Hkv >= 1 and H % Hkv == 0, op, f"heads={H} must be a multiple of kv_heads={Hkv}")
-    _check(1 <= D <= MAX_HEAD_DIM, op, f"head_dim={D} must be in [1, {MAX_HEAD_DIM}]")
-    _check(indices.dim() == 3 and indices.shape[0] == B and indices.shape[1] in (Hkv, H), op,
-           f"indices must be (batch={B}, kv_heads={Hkv} or heads={H}, n_selected), got {tuple(indices.shape)}")
-    _check(indices.dtype in (torch.int32, torch.int64), op, f"indices must be int32 or int64, got {indices.dtype}",
-           TypeError)
-    _same_device(op, q=q, k_cache=k_cache, v_cache=v_cache, indices=indices)
-    if q.device.type == "cpu" and indices.numel() and not torch.compiler.is_compiling():
-        hi = int(indices.max())
-        _check(hi < T, op, f"indices must be < seq={T} (negative = padding), got max {hi}", IndexError)
     return _call("sparse_decode_attention", _sparse_decode_attention_impl, q, k_cache, v_cache, indices, float(scale))
 
 
@@ -287,9 +237,8 @@ def _select_tokens_impl(scores: torch.Tensor, keep: int) -> torch.Tensor:
     R, N = scores.shape
     keep = min(keep, N)
     out = torch.empty(R, keep, dtype=torch.int64, device=scores.device)
-    on_cuda, stream = _stream(scores.device)
-    with _on_device(scores.device):
-        _lib().select_tokens(on_cuda, stream, R, N, keep, scores.data_ptr(), out.data_ptr())
+    _launch("select_tokens", _args("TopkArgs", R=R, N=N, keep=keep, scores=scores.data_ptr(), out=out.data_ptr()),
+            scores.device)
     return out
 
 
@@ -307,12 +256,6 @@ def select_tokens_cuda(scores: torch.Tensor, keep: int) -> torch.Tensor:
     Returns:
         ``(rows, min(keep, n))`` int64.
     """
-    op = "select_tokens"
-    _check(scores.dim() == 2, op, f"scores must be (rows, n_tokens), got shape {tuple(scores.shape)}")
-    _check(scores.dtype == torch.float32, op, f"scores must be float32, got {scores.dtype}", TypeError)
-    _check(scores.is_contiguous(), op, "scores must be contiguous")
-    _check(isinstance(keep, int) and not isinstance(keep, bool) and keep >= 0, op,
-           f"keep must be a non-negative int, got {keep!r}")
     return _call("select_tokens", _select_tokens_impl, scores, keep)
 
 

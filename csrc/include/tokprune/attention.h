@@ -5,8 +5,6 @@
 
 namespace tokprune {
 
-constexpr int kAttnMaxHeadDim = 256;
-
 // exp(a - b) with exp(-inf - b) = 0 (an empty state has m = -inf).
 TP_HD float exp_diff(float a, float b) { return a == -INFINITY ? 0.0f : expf(a - b); }
 

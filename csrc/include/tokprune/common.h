@@ -6,6 +6,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "tokprune/codes.h"
+
 #ifdef __CUDACC__
 #define TP_HD __host__ __device__ __forceinline__
 #else
@@ -14,11 +16,8 @@
 
 namespace tokprune {
 
-// dtype codes passed from Python (tokprune/kernels/cuda.py keeps the same table).
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
-// verification rules (same order as tokprune/kernels/cuda.py RULES).
-enum Rule : int { kSpecInfer = 0, kRSD = 1, kTargetOnly = 2 };
+// dtype codes (DType), verification rule codes (Rule) and kAttnMaxHeadDim come from codes.h, generated
+// from tokprune/_codes.py (the one table shared with Python and Triton).
 
 TP_HD uint32_t float_bits(float x) {
 #ifdef __CUDA_ARCH__

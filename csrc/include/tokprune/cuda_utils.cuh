@@ -10,9 +10,19 @@
 
 namespace tokprune {
 
-inline void check_launch(const char* op) {
+// Launch errors (bad configuration, no kernel image for this GPU) are reported by cudaGetLastError at
+// once. Errors while the kernel runs (illegal address, trap) surface at the next synchronising call,
+// possibly far from the op; with sync = true (tokprune debug mode or TOKPRUNE_CUDA_SYNC=1, decided in
+// tokprune/kernels/cuda.py) the stream is synchronised here so they are raised by the op that caused them.
+inline void check_launch(const char* op, cudaStream_t stream, bool sync) {
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) throw std::runtime_error(std::string(op) + ": CUDA launch failed: " + cudaGetErrorString(err));
+  if (!sync) return;
+  err = cudaStreamSynchronize(stream);
+  if (err == cudaSuccess) err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string(op) + ": CUDA kernel failed (caught by the synchronising debug mode): " +
+                             cudaGetErrorString(err));
 }
 
 struct SumOp {

@@ -59,10 +59,11 @@ void sparse_attention_host(const AttentionArgs& a);
 void topk_host(const TopkArgs& a);
 
 #ifdef TOKPRUNE_WITH_CUDA
-void verify_greedy_cuda(const VerifyArgs& a, void* stream);
-void verify_stochastic_cuda(const VerifyArgs& a, void* stream);
-void sparse_attention_cuda(const AttentionArgs& a, void* stream);
-void topk_cuda(const TopkArgs& a, void* stream);
+// sync: synchronise the stream after the launch and raise kernel faults here (debug mode).
+void verify_greedy_cuda(const VerifyArgs& a, void* stream, bool sync);
+void verify_stochastic_cuda(const VerifyArgs& a, void* stream, bool sync);
+void sparse_attention_cuda(const AttentionArgs& a, void* stream, bool sync);
+void topk_cuda(const TopkArgs& a, void* stream, bool sync);
 #endif
 
 }  // namespace tokprune

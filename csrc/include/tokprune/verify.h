@@ -1,5 +1,5 @@
 // Speculative tree verification: the per-element math and decisions shared by host and CUDA code.
-// Contract (docs: /README "CUDA extension"): node 0 is the root, parents[i] < i or -1 (padding),
+// Contract (the docstring of tokprune.ops.spec): node 0 is the root, parents[i] < i or -1 (padding),
 // children are visited in increasing node index.
 #pragma once
 
