@@ -121,7 +121,7 @@ def main(argv=None) -> int:
         name = f"EntropyPrune keep={keep}" + (f" (avg {budget})" if args.flops_matched else "")
         handle = prune_visual_tokens(model, EntropyPrune(keep=keep, layer=args.layer))
         out = prefill()
-        after = handle.last["tokens_after"]
+        after = handle.info["last"]["tokens_after"]
         kv = cache_bytes(out)
         flops = lm_flops(cfg, [n] * args.layer + [after] * (args.layers - args.layer))
         handle.remove()
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
         def run(keep=keep, times=times):
             with prune_visual_tokens(model, EntropyPrune(keep=keep, layer=args.layer)) as h:
                 prefill()
-            times.append(h.last["scoring_seconds"])
+            times.append(h.info["last"]["scoring_seconds"])
 
         providers[name] = run
         scoring[name] = times

@@ -214,7 +214,7 @@ def test_generation_equals_layerwise_oracle(kind, attn, policy):
     model, inputs, _ = build(kind, attn)
     with prune_visual_tokens(model, policy) as handle:
         got = generate(model, inputs)
-        slots, real = handle.last["slots"], handle.last["real"]
+        slots, real = handle.info["last"]["slots"], handle.info["last"]["real"]
         key_ok = real & inputs["attention_mask"].bool().gather(1, slots)
         # prefill logits of the patched forward at every real kept position
         fwd = dict(inputs)
@@ -222,14 +222,14 @@ def test_generation_equals_layerwise_oracle(kind, attn, policy):
             fwd["position_ids"] = llava_positions(inputs["attention_mask"])
         with torch.no_grad():
             logits = model(**fwd).logits
-    assert handle.last["tokens_after"] < handle.last["tokens_before"]
-    assert handle.last["visual_kept"] == [min(policy.keep, v) for v in handle.last["visual_before"]]
-    want = oracle_generate(model, inputs, handle.layer, slots, key_ok, got.shape[1])
+    assert handle.info["last"]["tokens_after"] < handle.info["last"]["tokens_before"]
+    assert handle.info["last"]["visual_kept"] == [min(policy.keep, v) for v in handle.info["last"]["visual_before"]]
+    want = oracle_generate(model, inputs, handle.info["layer"], slots, key_ok, got.shape[1])
     assert_close(got, want, name="generated tokens")
     embeds, pos = lm_entrance(model, inputs)
     if kind == "llava":
         pos = llava_positions(inputs["attention_mask"])
-    ref = oracle_logits(model, embeds, inputs["attention_mask"], pos, handle.layer, slots, key_ok, embeds.shape[1])
+    ref = oracle_logits(model, embeds, inputs["attention_mask"], pos, handle.info["layer"], slots, key_ok, embeds.shape[1])
     assert logits.shape == ref.shape
     assert_close(logits[key_ok], ref[key_ok], name="prefill logits")
 
@@ -245,7 +245,7 @@ def test_keep_all_visual_tokens_equals_unpruned(kind):
         got = generate(model, inputs)
         with torch.no_grad():
             got_logits = model(**inputs).logits
-    assert handle.last["tokens_after"] == handle.last["tokens_before"]
+    assert handle.info["last"]["tokens_after"] == handle.info["last"]["tokens_before"]
     assert_close(got, want, name="tokens")
     valid = inputs["attention_mask"].bool()
     assert_close(got_logits[valid], want_logits[valid], name="logits")
@@ -262,8 +262,8 @@ def test_rows_with_different_image_counts_match_rows_alone(kind):
     policy = EntropyPrune(keep=6, layer=1)
     with prune_visual_tokens(model, policy) as handle:
         got = generate(model, inputs, n_new=4)
-        kept_batch = handle.last["kept"]
-        real = handle.last["real"]
+        kept_batch = handle.info["last"]["kept"]
+        real = handle.info["last"]["real"]
         for b in range(2):
             alone = generate(model, row_of(inputs, b, per_row, patches), n_new=4)
             assert_close(got[b:b + 1], alone, name=f"row {b} tokens")
@@ -283,9 +283,9 @@ def test_kv_cache_of_pruned_layers_is_shorter(kind):
     n = inputs["input_ids"].shape[1]
     lengths = [cache.layers[i].keys.shape[-2] for i in range(len(cache.layers))]
     assert lengths[:layer] == [n] * layer
-    assert lengths[layer:] == [handle.last["tokens_after"]] * (len(lengths) - layer)
-    visual = sum(handle.last["visual_before"]) // 2  # every row keeps 3 of its own
-    assert handle.last["tokens_after"] < n and handle.last["visual_kept"] == [3, 3]
+    assert lengths[layer:] == [handle.info["last"]["tokens_after"]] * (len(lengths) - layer)
+    visual = sum(handle.info["last"]["visual_before"]) // 2  # every row keeps 3 of its own
+    assert handle.info["last"]["tokens_after"] < n and handle.info["last"]["visual_kept"] == [3, 3]
 
 
 def test_hooks_removed_even_on_error(tiny_llava):
@@ -313,6 +313,10 @@ def test_errors(tiny_llava, tiny_llama):
         prune_visual_tokens(tiny_llama, EntropyPrune(keep=2, layer=1))
     with pytest.raises(ValueError, match="needs calibration"):
         prune_visual_tokens(tiny_llava, EntropyPrune(keep=2, layer="auto"))
+    with pytest.raises(ValueError, match="FastV does not support layer='auto'"):
+        prune_visual_tokens(tiny_llava, FastV(keep=2, layer="auto"))
+    with pytest.raises(ValueError, match="layer must be an int"):
+        prune_visual_tokens(tiny_llava, RandomPrune(keep=2, layer="2"))
     with prune_visual_tokens(tiny_llava, EntropyPrune(keep=2, layer=1)):
         with pytest.raises(ValueError, match="already patched"):
             prune_visual_tokens(tiny_llava, FastV(keep=2, layer=1))
@@ -324,7 +328,7 @@ def test_prompt_without_images_is_not_pruned(tiny_llava):
         want = tiny_llava(input_ids=ids).logits
         with prune_visual_tokens(tiny_llava, EntropyPrune(keep=0, layer=1)) as handle:
             got = tiny_llava(input_ids=ids).logits
-    assert handle.last == {}
+    assert handle.info["last"] == {}
     assert_close(got, want, name="logits")
 
 
@@ -332,8 +336,8 @@ def test_keep_zero_drops_every_visual_token(tiny_llava):
     inputs = llava_batch()
     with prune_visual_tokens(tiny_llava, EntropyPrune(keep=0, layer=2)) as handle:
         generate(tiny_llava, inputs, n_new=2)
-    assert handle.last["visual_kept"] == [0, 0]
-    assert handle.last["tokens_after"] == handle.last["tokens_before"] - 2 * tiny.LLAVA_TOKENS_PER_IMAGE
+    assert handle.info["last"]["visual_kept"] == [0, 0]
+    assert handle.info["last"]["tokens_after"] == handle.info["last"]["tokens_before"] - 2 * tiny.LLAVA_TOKENS_PER_IMAGE
 
 
 # ----------------------------------------------------------------------------------------------------- scores
@@ -388,7 +392,7 @@ def test_entropy_prune_keeps_top_tokens_of_independent_scores(tiny_llava, normal
     for b in range(2):
         vis = visual[b].nonzero().squeeze(1)
         expected = vis[scores[b, vis].argsort(descending=True, stable=True)[:keep]].sort().values
-        got = handle.last["slots"][b][visual[b, handle.last["slots"][b]] & handle.last["real"][b]]
+        got = handle.info["last"]["slots"][b][visual[b, handle.info["last"]["slots"][b]] & handle.info["last"]["real"][b]]
         assert_close(got, expected, name=f"kept visual tokens row {b}")
 
 
@@ -450,7 +454,7 @@ def test_random_prune_is_seeded(tiny_llava):
         with prune_visual_tokens(tiny_llava, RandomPrune(keep=4, layer=1, seed=seed)) as handle:
             with torch.no_grad():
                 tiny_llava(**inputs)
-        kept.append(handle.last["slots"])
+        kept.append(handle.info["last"]["slots"])
     assert torch.equal(kept[0], kept[1]) and not torch.equal(kept[0], kept[2])
 
 
@@ -497,7 +501,7 @@ def test_auto_layer_calibration(tiny_llava):
     assert abs(curve[0] - first) < 1e-4
     assert curve == visual_entropy_curve(tiny_llava, **inputs)
     with prune_visual_tokens(tiny_llava, EntropyPrune(keep=3, layer="auto"), calibration=inputs) as handle:
-        assert handle.layer == layer
+        assert handle.info["layer"] == layer
 
 
 def test_flops_matched_budgets_match_the_paper():
@@ -511,11 +515,17 @@ def test_policy_call_patches_like_kvpress(tiny_llava):
     import tokprune.methods as methods
 
     inputs = llava_batch()
-    with methods.EntropyPrune(keep=2, layer=1)(tiny_llava) as handle:
-        assert tiny_llava._tokprune_vlm_patch is handle
+    from tokprune.methods.base import PatchHandle
+
+    policy = methods.EntropyPrune(keep=2, layer=1)
+    with policy(tiny_llava) as handle:
+        assert isinstance(handle, PatchHandle) and handle.policies == [policy] and handle.active
+        assert hasattr(tiny_llava, "_tokprune_vlm_patch")
         with torch.no_grad():
             tiny_llava(**inputs)
-    assert handle.last["visual_kept"] == [2, 2] and not hasattr(tiny_llava, "_tokprune_vlm_patch")
+    assert handle.info["last"]["visual_kept"] == [2, 2] and not hasattr(tiny_llava, "_tokprune_vlm_patch")
+    assert not handle.active
+    handle.remove()  # idempotent
 
 
 def test_eval_entropy_reports_collapse_layer_and_counts(capsys):

@@ -81,9 +81,9 @@ def report(name: str, model, inputs, keep: int) -> Tuple[int, List[float]]:
     with prune_visual_tokens(model, EntropyPrune(keep=keep, layer="auto"), calibration=inputs) as handle:
         with torch.no_grad():
             model(**inputs)
-    last = handle.last
-    print(f"  EntropyPrune(keep={keep}, layer='auto') -> layer {handle.layer}: sequence {last['tokens_before']} -> "
-          f"{last['tokens_after']} tokens in layers >= {handle.layer}; visual tokens {last['visual_before']} -> "
+    last = handle.info["last"]
+    print(f"  EntropyPrune(keep={keep}, layer='auto') -> layer {handle.info['layer']}: sequence {last['tokens_before']} -> "
+          f"{last['tokens_after']} tokens in layers >= {handle.info['layer']}; visual tokens {last['visual_before']} -> "
           f"{last['visual_kept']}")
     return layer, curve
 

@@ -20,8 +20,8 @@ Batches: rows may hold different numbers of images and padding. The pruned seque
 its length is the longest row after pruning. A row that drops more tokens than the longest row fills
 the difference with some of its dropped visual tokens kept as *masked slots*: present in the tensors
 and in the cache, but invisible as keys to every token (and never the last position), so every real
-token sees exactly the keys it would see if its row were pruned alone. ``handle.last["kept"]`` reports
-how many real tokens each row kept.
+token sees exactly the keys it would see if its row were pruned alone. ``handle.info["last"]["kept"]``
+reports how many real tokens each row kept.
 
 Masks for layers ``>= K`` are built here: a bool ``(batch, 1, q, kv)`` mask for SDPA and tokprune's
 routed attention, an additive float mask for ``eager``.
@@ -31,10 +31,15 @@ given as ``inputs_embeds`` without ``input_ids``, ``K = 0`` (layer 0 keeps the f
 to place decoded tokens), beam search (it reorders cache rows between steps), sliding-window layers
 (the window is not applied to the pruned layers' masks), ``labels`` (logits cover the kept tokens only).
 
-Nothing is patched at import. The handle is a context manager that removes every hook in ``finally``:
+Nothing is patched at import. The handle (a :class:`tokprune.methods.base.PatchHandle`, the one every
+tokprune patch returns) is a context manager that removes every hook in ``finally``:
 
-    with prune_visual_tokens(model, EntropyPrune(keep=64, layer=2)):
+    with prune_visual_tokens(model, EntropyPrune(keep=64, layer=2)) as handle:   # or EntropyPrune(...)(model)
         out = model.generate(input_ids=ids, pixel_values=pv, attention_mask=am, max_new_tokens=8)
+    print(handle.info["last"]["tokens_before"], "->", handle.info["last"]["tokens_after"])
+
+This module never imports :mod:`tokprune.methods`: a policy resolves its own layer
+(``policy.resolve_layer(model, calibration)``, e.g. EntropyPrune's ``layer="auto"`` calibration pass).
 """
 
 from __future__ import annotations
@@ -144,7 +149,9 @@ def select_visual_slots(scores: torch.Tensor, visual_mask: torch.Tensor, keep: i
 # --------------------------------------------------------------------------------------------------------------
 # The patch
 # --------------------------------------------------------------------------------------------------------------
-def _language_model(model):
+def language_model(model) -> Tuple[Any, Any]:
+    """``(inner, language_model)`` of a supported VLM: ``model.model`` and ``model.model.language_model``
+    (whose ``.layers`` is the decoder stack). Raises ``ValueError`` for any other model."""
     inner = getattr(model, "model", model)
     lm = getattr(inner, "language_model", None)
     if lm is None or not hasattr(lm, "layers"):
@@ -185,19 +192,21 @@ class _CallState:
     q_len: int = 0
 
 
-class VisualPrunePatch:
-    """Handle returned by :func:`prune_visual_tokens`; a context manager that removes the hooks on exit.
+class _VisualPruner:
+    """The hooks and per-call state machine behind :func:`prune_visual_tokens` (internal; the user holds a
+    :class:`~tokprune.methods.base.PatchHandle` whose removal calls :meth:`remove`).
 
-    ``last`` holds what the latest prefill did: ``layer``, ``tokens_before``/``tokens_after`` (sequence
-    lengths), ``kept`` (per-row real tokens kept, list), ``visual_before``/``visual_kept`` (per row),
-    ``slots`` ``(B, L)`` kept original indices, ``real`` ``(B, L)`` bool, ``scoring_seconds``.
+    ``last`` (also ``handle.info["last"]``, the same dict, updated in place) holds what the latest prefill
+    did: ``layer``, ``tokens_before``/``tokens_after`` (sequence lengths), ``kept`` (per-row real tokens
+    kept, list), ``visual_before``/``visual_kept`` (per row), ``slots`` ``(B, L)`` kept original indices,
+    ``real`` ``(B, L)`` bool, ``scoring_seconds``.
     """
 
     def __init__(self, model, policy, layer: int):
         self.model = model
         self.policy = policy
         self.layer = layer
-        self.inner, self.lm = _language_model(model)
+        self.inner, self.lm = language_model(model)
         self.visual_ids = visual_token_ids(model)
         self.hooks: List[Any] = []
         self.state = _CallState()
@@ -243,13 +252,6 @@ class VisualPrunePatch:
         if getattr(self.model, _PATCH_ATTR, None) is self:
             delattr(self.model, _PATCH_ATTR)
         self.active = False
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
-        return False
 
     def _on_vlm(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -395,7 +397,8 @@ class VisualPrunePatch:
         subs["attention_mask"] = self._mask_like(allowed[:, None], hidden.dtype)
         st.subs = subs
         kept_vis = (real & visual.gather(1, slots)).sum(1)
-        self.last = dict(layer=self.layer, tokens_before=n, tokens_after=length,
+        self.last.clear()  # in place: handle.info["last"] is this dict
+        self.last.update(layer=self.layer, tokens_before=n, tokens_after=length,
                          kept=real.sum(1).tolist(), visual_before=visual.sum(1).tolist(),
                          visual_kept=kept_vis.tolist(), slots=slots, real=real, scoring_seconds=scoring)
 
@@ -421,20 +424,13 @@ class VisualPrunePatch:
             st.subs["cache_position"] = cpos - st.n_full + length
 
 
-def resolve_layer(policy, model, calibration: Optional[Dict[str, Any]]) -> int:
-    """The pruning layer of ``policy`` for ``model`` (runs the calibration pass for ``layer="auto"``)."""
-    _, lm = _language_model(model)
+def check_layer(policy, model, layer: Any) -> int:
+    """``layer`` if it is a valid pruning layer of ``model`` (an int in ``[1, n_layers)``), else ``ValueError``."""
+    _, lm = language_model(model)
     n_layers = len(lm.layers)
-    layer = getattr(policy, "layer", None)
-    if layer == "auto":
-        if calibration is None:
-            raise ValueError("layer='auto' needs calibration=dict(input_ids=..., pixel_values=..., ...) "
-                             "to find the entropy-collapse layer")
-        from tokprune.methods.entropy_prune import find_collapse_layer
-
-        layer, _ = find_collapse_layer(model, **calibration)
     if isinstance(layer, bool) or not isinstance(layer, int):
-        raise ValueError(f"layer must be an int or 'auto', got {layer!r}")
+        raise ValueError(f"{type(policy).__name__}: layer must be an int (or 'auto' where the policy supports it), "
+                         f"got {layer!r}")
     # Layer 0 is never pruned: its full-length cache is what HF reads (cache.get_seq_length()) to place
     # decoded tokens at their original positions, and layer K-1 provides the queries policies score from.
     if not 1 <= layer < n_layers:
@@ -443,26 +439,31 @@ def resolve_layer(policy, model, calibration: Optional[Dict[str, Any]]) -> int:
     return layer
 
 
-def prune_visual_tokens(model, policy, *, calibration: Optional[Dict[str, Any]] = None) -> VisualPrunePatch:
+def prune_visual_tokens(model, policy, *, calibration: Optional[Dict[str, Any]] = None):
     """Prune visual tokens of ``model``'s prompts inside its language model with ``policy``.
 
     Args:
         model: ``LlavaForConditionalGeneration``, ``Qwen2VLForConditionalGeneration`` or
             ``Qwen2_5_VLForConditionalGeneration`` (attention ``sdpa``, ``eager`` or tokprune's routed one).
-        policy: an object with ``keep`` (visual tokens kept per row, int >= 0), ``layer`` (int or
-            ``"auto"``), optional ``needs_query``/``needs_key`` flags, and
-            ``score(ctx: VisualScoreContext) -> (batch, n_tokens)`` float scores (larger = keep); e.g.
-            :class:`tokprune.methods.EntropyPrune`, ``FastV``, ``DivPrune``, ``RandomPrune``.
-        calibration: model inputs for a calibration pass when ``policy.layer == "auto"``.
+        policy: a :class:`tokprune.methods.base.VisualPolicy` (``keep`` visual tokens kept per row, int
+            ``>= 0``; ``layer``; ``needs_query``/``needs_key``; ``score(ctx: VisualScoreContext) -> (batch,
+            n_tokens)`` float scores, larger = keep; ``resolve_layer(model, calibration) -> int``), e.g.
+            :class:`tokprune.methods.EntropyPrune`, ``FastV``, ``DivPrune``, ``RandomPrune``. A duck-typed
+            object without ``resolve_layer`` must give an int ``layer``.
+        calibration: model inputs for the policy's calibration pass (``EntropyPrune(layer="auto")``).
 
     Returns:
-        A :class:`VisualPrunePatch` (context manager; ``remove()`` undoes the patch).
+        A :class:`tokprune.methods.base.PatchHandle` (context manager; ``remove()`` undoes the patch);
+        ``handle.info["layer"]`` is the resolved pruning layer and ``handle.info["last"]`` the dict of what
+        the latest prefill did (see :class:`_VisualPruner`).
 
     Raises:
         ValueError: the model is not a VLM / has no visual token ids, ``keep`` is negative, the layer is
             out of range, or the model is already patched.
     """
-    _language_model(model)
+    from tokprune.methods.base import PatchHandle  # the shared handle type (no method module is imported)
+
+    language_model(model)
     if not visual_token_ids(model):
         raise ValueError(f"{type(model).__name__} has no image/video token id in its config: nothing to prune")
     keep = getattr(policy, "keep", None)
@@ -472,11 +473,15 @@ def prune_visual_tokens(model, policy, *, calibration: Optional[Dict[str, Any]] 
         raise TypeError("policy must have a score(ctx) method")
     if getattr(model, _PATCH_ATTR, None) is not None:
         raise ValueError("model is already patched by prune_visual_tokens; remove() that patch first")
-    layer = resolve_layer(policy, model, calibration)
-    patch = VisualPrunePatch(model, policy, layer)
+    resolve = getattr(policy, "resolve_layer", None)
+    layer = resolve(model, calibration) if callable(resolve) else getattr(policy, "layer", None)
+    pruner = _VisualPruner(model, policy, check_layer(policy, model, layer))
+    handle = PatchHandle(model, [policy])
+    handle.info["last"], handle.info["layer"] = pruner.last, pruner.layer
+    handle.on_remove(pruner.remove)
     try:
-        patch._install()
+        pruner._install()
     except BaseException:
-        patch.remove()
+        handle.remove()
         raise
-    return patch
+    return handle

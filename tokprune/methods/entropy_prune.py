@@ -15,9 +15,11 @@ and the layer right after the sharpest drop.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
+
+from tokprune.methods.base import VisualPolicy
 
 
 def token_scores(q: torch.Tensor, *, normalize: bool = False) -> torch.Tensor:
@@ -47,7 +49,7 @@ def visual_entropy_curve(model, **inputs) -> List[float]:
         ``num_layers + 1`` floats: entry ``l < L`` is the input of layer ``l`` (``0`` = embeddings), the last
         is the output of the last layer. Rows of a batch are averaged; padding never counts.
     """
-    from tokprune.hf.vlm import _language_model, visual_token_ids
+    from tokprune.hf.vlm import language_model, visual_token_ids
 
     input_ids = inputs.get("input_ids")
     if input_ids is None:
@@ -57,7 +59,7 @@ def visual_entropy_curve(model, **inputs) -> List[float]:
         visual |= input_ids == token
     if not bool(visual.any()):
         raise ValueError("visual_entropy_curve: the inputs contain no visual tokens")
-    _, lm = _language_model(model)
+    _, lm = language_model(model)
     states: List[torch.Tensor] = []
     hooks = [layer.register_forward_pre_hook(
         lambda m, a, k: states.append(k["hidden_states"] if "hidden_states" in k else a[0]), with_kwargs=True)
@@ -103,23 +105,6 @@ def flops_matched_keep(average: int, n_visual: int, n_layers: int, layer: int) -
     return int(min(max(value, 0), n_visual))
 
 
-class VisualPolicy:
-    """Base of visual-token policies: ``with policy(model): ...`` patches ``model`` for the block."""
-
-    keep: int
-    layer: Union[int, str]
-    needs_query = False
-    needs_key = False
-
-    def score(self, ctx) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def __call__(self, model, **kwargs: Any):
-        from tokprune.hf.vlm import prune_visual_tokens
-
-        return prune_visual_tokens(model, self, **kwargs)
-
-
 @dataclass
 class EntropyPrune(VisualPolicy):
     """Keep the ``keep`` visual tokens with the largest query matrix entropy (EntropyPrune).
@@ -135,6 +120,21 @@ class EntropyPrune(VisualPolicy):
     layer: Union[int, str] = 2
     normalize: bool = False
     needs_query = True
+
+    def resolve_layer(self, model: Any, calibration: Optional[Dict[str, Any]] = None) -> int:
+        """The pruning layer for ``model``: ``layer`` when it is an int, else (``"auto"``) the entropy-collapse
+        layer of a calibration pass on ``calibration`` (the model's forward inputs; ``input_ids`` required).
+
+        Raises:
+            ValueError: ``layer="auto"`` without ``calibration``.
+        """
+        if self.layer != "auto":
+            return super().resolve_layer(model, calibration)
+        if calibration is None:
+            raise ValueError("layer='auto' needs calibration=dict(input_ids=..., pixel_values=..., ...) "
+                             "to find the entropy-collapse layer")
+        layer, _ = find_collapse_layer(model, **calibration)
+        return layer
 
     def score(self, ctx) -> torch.Tensor:
         """``(B, N)`` float32 information value of the visual tokens from layer ``K-1``'s post-RoPE

@@ -1,4 +1,4 @@
-"""Visual-token pruning baselines through the same interface as EntropyPrune.
+"""Visual-token pruning baselines: :class:`tokprune.methods.base.VisualPolicy` subclasses like EntropyPrune.
 
 * :class:`FastV` — head-averaged attention of the last real token over the prompt at layer ``K-1``
   (computed from the captured post-RoPE query of that one token and the keys: ``O(N)`` per head, the
@@ -15,7 +15,7 @@ from typing import Union
 
 import torch
 
-from tokprune.methods.entropy_prune import VisualPolicy
+from tokprune.methods.base import VisualPolicy
 
 
 @dataclass
