@@ -29,19 +29,21 @@ def _fc_scores_kernel(
     stride_ob, stride_oh, stride_ot,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # Program ids, offsets and dims are int64 before any stride product: at run time strides below
+    # 2**31 arrive as i32, and an i32 product wraps past 2**31 elements.
     pid_bh = tl.program_id(0)
-    pid_t = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
+    pid_t = tl.program_id(1).to(tl.int64)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_dims
-    qd = tl.load(qdims_ptr + h * n_dims + offs_n, mask=mask_n, other=0)
-    kd = tl.load(kdims_ptr + h * n_dims + offs_n, mask=mask_n, other=0)
+    qd = tl.load(qdims_ptr + h * n_dims + offs_n, mask=mask_n, other=0).to(tl.int64)
+    kd = tl.load(kdims_ptr + h * n_dims + offs_n, mask=mask_n, other=0).to(tl.int64)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + qd * stride_qd, mask=mask_n, other=0.0).to(tl.float32)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < n_tokens
     k_base = k_ptr + b * stride_kb + (h // group) * stride_kh
-    k = tl.load(k_base + offs_t.to(tl.int64)[:, None] * stride_kt + kd[None, :] * stride_kd,
+    k = tl.load(k_base + offs_t[:, None] * stride_kt + kd[None, :] * stride_kd,
                 mask=mask_t[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
     s = tl.sum(k * q[None, :], axis=1)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_t * stride_ot, s, mask=mask_t)
@@ -92,7 +94,7 @@ def _sparse_decode_split_kernel(
     stride_ib, stride_ih, stride_ik,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
+    pid_bh = tl.program_id(0).to(tl.int64)  # int64 before stride products (see _fc_scores_kernel)
     sp = tl.program_id(1)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
@@ -111,7 +113,8 @@ def _sparse_decode_split_kernel(
     for k0 in range(start, end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < end
-        idx = tl.load(idx_ptr + b * stride_ib + ih * stride_ih + offs_k * stride_ik, mask=mask_k, other=-1)
+        idx = tl.load(idx_ptr + b * stride_ib + ih * stride_ih + offs_k.to(tl.int64) * stride_ik, mask=mask_k,
+                      other=-1)
         ok = mask_k & (idx >= 0)
         rows = tl.where(ok, idx, 0).to(tl.int64)
         tile_mask = ok[:, None] & mask_d[None, :]
@@ -132,7 +135,7 @@ def _sparse_decode_split_kernel(
     one = tl.arange(0, 1)
     tl.store(m_ptr + slot + one, m_i)
     tl.store(l_ptr + slot + one, l_i)
-    tl.store(acc_ptr + slot.to(tl.int64) * head_dim + offs_d, acc, mask=mask_d)
+    tl.store(acc_ptr + slot * head_dim + offs_d, acc, mask=mask_d)
 
 
 @triton.jit
@@ -141,7 +144,7 @@ def _sparse_decode_combine_kernel(
     n_splits, head_dim,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     mask_s = offs_s < n_splits
     offs_d = tl.arange(0, BLOCK_D)
@@ -152,13 +155,13 @@ def _sparse_decode_combine_kernel(
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.exp(m - m_safe)
     total = tl.sum(l * w, axis=0)
-    rows = (pid * n_splits + offs_s).to(tl.int64)
+    rows = pid * n_splits + offs_s
     acc = tl.load(acc_ptr + rows[:, None] * head_dim + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :],
                   other=0.0)
     o = tl.sum(acc * w[:, None], axis=0)
     denom = tl.where(total > 0, total, 1.0)
     o = tl.where(total > 0, o / denom, 0.0)
-    tl.store(out_ptr + pid.to(tl.int64) * head_dim + offs_d, o, mask=mask_d)
+    tl.store(out_ptr + pid * head_dim + offs_d, o, mask=mask_d)
 
 
 _MAX_SPLITS = 64

@@ -22,10 +22,12 @@ def _gather_tokens_kernel(
     stride_ob, stride_oh, stride_ok, stride_od,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # Every offset is int64 before it meets a stride: at run time strides below 2**31 arrive as i32 and
+    # tl.program_id is i32, so an i32 product would wrap for tensors past 2**31 elements.
     pid_bh = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
+    pid_k = tl.program_id(1).to(tl.int64)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < n_keep
     rows = tl.load(index_ptr + b * stride_ib + h * stride_ih + offs_k * stride_ik, mask=mask_k, other=0)

@@ -32,10 +32,12 @@ def _compress_qkv_kernel(
     stride_cb, stride_ch, stride_ck, stride_cd,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # Every offset is int64 before it meets a stride: at run time strides below 2**31 arrive as i32 and
+    # tl.program_id is i32, so an i32 product would wrap for tensors past 2**31 elements.
     pid_bh = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
+    pid_k = tl.program_id(1).to(tl.int64)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
     hkv = h // group
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < n_keep
@@ -44,7 +46,7 @@ def _compress_qkv_kernel(
     q_base = q_ptr + b * stride_qb + h * stride_qh + rows * stride_qn
     k_base = k_ptr + b * stride_kb + hkv * stride_kh + rows * stride_kn
     v_base = v_ptr + b * stride_vb + hkv * stride_vh + rows * stride_vn
-    c_off = b * stride_cb + h * stride_ch + offs_k.to(tl.int64)[:, None] * stride_ck
+    c_off = b * stride_cb + h * stride_ch + offs_k[:, None] * stride_ck
     for d0 in range(0, head_dim, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask = mask_k[:, None] & (offs_d[None, :] < head_dim)
@@ -66,13 +68,13 @@ def _decompress_kernel(
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
+    pid_k = tl.program_id(1).to(tl.int64)  # int64 offsets, as in _compress_qkv_kernel
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < n_keep
     rows = tl.load(idx_ptr + b * stride_ib + h * stride_ih + offs_k * stride_ik, mask=mask_k, other=0)
-    s_base = src_ptr + b * stride_sb + h * stride_sh + offs_k.to(tl.int64)[:, None] * stride_sk
+    s_base = src_ptr + b * stride_sb + h * stride_sh + offs_k[:, None] * stride_sk
     o_base = out_ptr + b * stride_ob + h * stride_oh + rows.to(tl.int64)[:, None] * stride_on
     for d0 in range(0, head_dim, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)

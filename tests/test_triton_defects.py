@@ -1,0 +1,107 @@
+"""Triton kernels against defects found by reading them with GPU semantics (issue 12).
+
+* Large offsets: at run time Triton passes every int argument below 2**31 as i32 (and 1 as a
+  constant), and ``tl.program_id`` is i32, so ``b * stride`` wraps past 2**31 elements unless one
+  side is cast to int64 first. The interpreter computes i32 in numpy and wraps the same way, so the
+  defect shows on the CPU: tensors are strided views into one lazily committed buffer of
+  ``2**32 + 2**22`` bf16 elements (8 GiB of address space, only the rows used are ever written), with
+  a batch stride just below 2**31 so that batch 2 starts past 2**32 elements. Wrapped i32 offsets
+  land in the untouched start of the buffer (zeros), never outside it.
+* NaN logits: argmax treats NaN as the maximum, lowest index among NaNs (``torch.argmax``) on every
+  backend.
+* Grids: every launch grid stays within CUDA's limits (axis 0 < 2**31, axes 1 and 2 <= 65535).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import assert_close
+from tokprune._backend import TRITON_INTERPRET_AT_IMPORT
+
+needs_triton = pytest.mark.skipif(not TRITON_INTERPRET_AT_IMPORT and not torch.cuda.is_available(),
+                                  reason="Triton needs a GPU or TRITON_INTERPRET=1")
+
+# ------------------------------------------------------------------------------------ large offsets
+_FAR_STRIDE = 2**31 - 2**20  # batch stride: < 2**31, so Triton passes it as i32
+_BASE = 2**21  # first element of the first view; batch 2's i32-wrapped start is _BASE - 2**21 + ...
+_BUF_ELEMS = 2**32 + 2**22
+
+
+@pytest.fixture(scope="module")
+def big_buffer():
+    """One bf16 buffer of 2**32 + 2**22 elements; pages are committed only where tests write."""
+    return torch.empty(_BUF_ELEMS, dtype=torch.bfloat16)
+
+
+def far_views(buf: torch.Tensor, shape, count: int, gen: torch.Generator):
+    """``count`` tensors of ``shape = (3, A, B, C)`` filled with random values, whose batch ``b``
+    starts at element ``_BASE + i * inner + b * _FAR_STRIDE`` of ``buf`` (``inner = A*B*C``): batch 2
+    lies past 2**32 elements, and an i32 offset computation wraps into the untouched start of ``buf``."""
+    assert shape[0] == 3
+    inner = shape[1] * shape[2] * shape[3]
+    assert (count + 1) * inner < 2**20, "views must stay small for the wrap to land inside the buffer"
+    strides = (_FAR_STRIDE, shape[2] * shape[3], shape[3], 1)
+    views = []
+    for i in range(count):
+        v = buf.as_strided(shape, strides, _BASE + i * inner)
+        v.copy_(torch.randn(shape, generator=gen).to(buf.dtype))
+        views.append(v)
+    return views
+
+
+@needs_triton
+def test_gather_tokens_past_2_31_elements(big_buffer):
+    from tokprune.ops import gather_tokens
+
+    gen = torch.Generator().manual_seed(0)
+    (x,) = far_views(big_buffer, (3, 2, 64, 32), 1, gen)
+    assert x.storage_offset() + 2 * x.stride(0) >= 2**32  # batch 2 starts past 2**32 elements
+    index = torch.randint(0, 64, (3, 4, 20), generator=gen, dtype=torch.int32)
+    out = gather_tokens(x, index, backend="triton")
+    assert_close(out, gather_tokens(x.contiguous(), index, backend="torch"), name="gather_tokens")
+
+
+@needs_triton
+def test_compress_qkv_past_2_31_elements(big_buffer):
+    from tokprune.ops import compress_qkv
+
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = far_views(big_buffer, (3, 2, 48, 32), 3, gen)
+    index = torch.sort(torch.rand(3, 2, 48, generator=gen).argsort(-1)[..., :17], -1).values
+    got = compress_qkv(q, k, v, index, backend="triton")
+    want = compress_qkv(q.contiguous(), k.contiguous(), v.contiguous(), index, backend="torch")
+    for name, a, e in zip("qkv", got, want):
+        assert_close(a, e, name=f"compress_qkv {name}")
+
+
+@needs_triton
+def test_decompress_into_view_past_2_31_elements(big_buffer):
+    from tokprune.kernels.triton.token_sparse import decompress_triton
+
+    gen = torch.Generator().manual_seed(2)
+    (out,) = far_views(big_buffer, (3, 2, 40, 32), 1, gen)
+    before = out.clone()
+    index = torch.sort(torch.rand(3, 2, 40, generator=gen).argsort(-1)[..., :9], -1).values
+    src = torch.randn(3, 2, 9, 32, generator=gen).to(torch.bfloat16)
+    decompress_triton(src, index, out)
+    want = before.scatter(2, index[..., None].expand(-1, -1, -1, 32), src)
+    assert_close(out, want, name="decompress")
+
+
+@needs_triton
+def test_fasa_kernels_past_2_31_elements(big_buffer):
+    from tokprune.ops import fc_scores, sparse_decode_attention
+
+    gen = torch.Generator().manual_seed(3)
+    k, v = far_views(big_buffer, (3, 2, 64, 32), 2, gen)
+    q = torch.randn(3, 4, 1, 32, generator=gen).to(torch.bfloat16)
+    fc_index = torch.randint(0, 16, (2, 4), generator=gen)
+    got = fc_scores(q, k, fc_index, backend="triton")
+    assert_close(got, fc_scores(q, k.contiguous(), fc_index, backend="torch"), name="fc_scores")
+    for heads_of_index in (2, 4):  # indices per KV head and per query head
+        idx = torch.randint(0, 64, (3, heads_of_index, 24), generator=gen)
+        got = sparse_decode_attention(q, k, v, idx, 32 ** -0.5, backend="triton")
+        want = sparse_decode_attention(q, k.contiguous(), v.contiguous(), idx, 32 ** -0.5, backend="torch")
+        assert_close(got, want, name=f"sparse_decode_attention ({heads_of_index} index heads)")
