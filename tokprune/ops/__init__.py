@@ -23,6 +23,14 @@ _EXPORTS = {
     "pack_fc_keys": "fasa",
     "select_sparse_indices": "fasa",
     "fasa_bytes_per_step": "fasa",
+    # paged, ragged decode ops (vLLM block tables)
+    "vllm_cpu_kv_views": "paged",
+    "split_decode_rows": "paged",
+    "write_paged_fc_keys": "paged",
+    "paged_fc_scores": "paged",
+    "paged_select": "paged",
+    "paged_sparse_decode_attention": "paged",
+    "paged_decode_attention": "paged",
     # window-attention token scores (SnapKV, UNComp, token sparse)
     "window_attention_scores": "window",
     # token sparse attention

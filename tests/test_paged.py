@@ -1,0 +1,420 @@
+"""Paged, ragged decode ops against the gather-then-contiguous oracle (tokprune.reference.paged)."""
+
+import pytest
+import torch
+
+from tests.helpers import assert_close
+from tokprune._debug import set_debug
+from tokprune.ops import fc_scores, pack_fc_keys, select_sparse_indices, sparse_decode_attention
+from tokprune.ops.paged import (
+    paged_decode_attention,
+    paged_fc_scores,
+    paged_select,
+    paged_sparse_decode_attention,
+    split_decode_rows,
+    vllm_cpu_kv_views,
+    write_paged_fc_keys,
+)
+from tokprune.reference.fasa import fc_dims
+from tokprune.reference.paged import (
+    gather_request,
+    paged_decode_attention_reference,
+    paged_fc_scores_reference,
+    paged_select_reference,
+    paged_sparse_decode_attention_reference,
+    write_paged_fc_keys_reference,
+)
+
+BACKENDS = ["torch"]  # triton added with tokprune/kernels/triton/paged.py
+
+
+def random_table(lens, block_size, extra_blocks=3, garbage=-1, gen=None):
+    """Block table with shuffled physical blocks; entries past each row's last used block hold ``garbage``."""
+    need = [-(-n // block_size) for n in lens]
+    num_blocks = sum(need) + extra_blocks
+    perm = torch.randperm(num_blocks, generator=gen)
+    max_blocks = max(need + [1]) + 1
+    table = torch.full((len(lens), max_blocks), garbage, dtype=torch.int32)
+    at = 0
+    for r, n in enumerate(need):
+        table[r, :n] = perm[at:at + n].int()
+        at += n
+    return table, num_blocks
+
+
+def vllm_style_cache(num_blocks, kv_heads, block_size, head_dim, dtype=torch.float32):
+    """A vLLM CPU cache ``[num_blocks, Hkv, bs, 2D]`` (K transposed, then V) and its K/V views."""
+    kv = torch.randn(num_blocks, kv_heads, block_size, 2 * head_dim).to(dtype)
+    k, v = vllm_cpu_kv_views(kv, head_dim)
+    return kv, k, v
+
+
+def fc_setup(kv_heads, head_dim, n_fc, chunk=1, heads=None):
+    n_all = head_dim // (2 * chunk)
+    rows = kv_heads if heads is None else heads
+    return torch.stack([torch.randperm(n_all)[:n_fc] for _ in range(rows)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# layout helpers
+# ----------------------------------------------------------------------------------------------------
+
+def test_vllm_cpu_kv_views_address_the_documented_layout():
+    nb, hkv, bs, d = 3, 2, 8, 4
+    big = torch.zeros(2, nb, hkv, bs, 2 * d)  # a stacked cache: the view must honour the storage offset
+    kv = big[1]
+    k, v = vllm_cpu_kv_views(kv, d)
+    assert k.shape == v.shape == (nb, hkv, bs, d)
+    k.copy_(torch.randn(nb, hkv, bs, d))
+    v.copy_(torch.randn(nb, hkv, bs, d))
+    flat = kv.reshape(nb, hkv, bs * 2 * d)
+    for b, h, t, i in [(0, 0, 0, 0), (2, 1, 7, 3), (1, 0, 5, 2), (1, 1, 3, 1)]:
+        assert flat[b, h, i * bs + t] == k[b, h, t, i]  # K transposed [D, bs]
+        assert flat[b, h, d * bs + t * d + i] == v[b, h, t, i]  # then V [bs, D]
+    assert big[0].abs().sum() == 0  # nothing written outside the layer's cache
+
+
+def test_vllm_cpu_kv_views_rejects_bad_input():
+    with pytest.raises(ValueError, match="2\\*head_dim=8"):
+        vllm_cpu_kv_views(torch.zeros(2, 1, 4, 6), 4)
+    with pytest.raises(ValueError, match="contiguous in its last two"):
+        vllm_cpu_kv_views(torch.zeros(2, 1, 8, 4).transpose(2, 3), 4)
+    with pytest.raises(ValueError, match="head_dim must be a positive int"):
+        vllm_cpu_kv_views(torch.zeros(2, 1, 4, 8), 0)
+
+
+def test_split_decode_rows_matches_a_loop():
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        rows = int(torch.randint(0, 9, (1,), generator=gen))
+        q_len = torch.randint(0, 4, (rows,), generator=gen)
+        seq_lens = q_len + torch.randint(0, 50, (rows,), generator=gen)
+        loc = torch.zeros(rows + 1, dtype=torch.int32)
+        loc[1:] = q_len.cumsum(0)
+        split = split_decode_rows(loc, seq_lens.int())
+        want_dec = [r for r in range(rows) if q_len[r] == 1]
+        want_pre = [r for r in range(rows) if q_len[r] > 1]
+        assert split.decode_rows.tolist() == want_dec
+        assert split.prefill_rows.tolist() == want_pre
+        assert split.decode_tokens.tolist() == [int(loc[r]) for r in want_dec]
+        # the token of each decode row is the one that row owns in the flattened query
+        owner = torch.repeat_interleave(torch.arange(rows), q_len)
+        assert owner[split.decode_tokens].tolist() == want_dec
+
+
+def test_split_decode_rows_rejects_bad_input():
+    with pytest.raises(ValueError, match="R \\+ 1 = 3"):
+        split_decode_rows(torch.tensor([0, 1]), torch.tensor([4, 5]))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        split_decode_rows(torch.tensor([0, 2, 1]), torch.tensor([4, 5]))
+    with pytest.raises(ValueError, match="query_start_loc\\[0\\] must be 0"):
+        split_decode_rows(torch.tensor([1, 2]), torch.tensor([4]))
+    with pytest.raises(ValueError, match="seq_lens\\[1\\] = 2 is smaller"):
+        split_decode_rows(torch.tensor([0, 1, 4]), torch.tensor([4, 2]))
+    with pytest.raises(TypeError, match="query_start_loc must have dtype"):
+        split_decode_rows(torch.tensor([0.0, 1.0]), torch.tensor([4]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# FC side cache
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_paged_fc_keys_matches_reference(backend, dtype):
+    nb, hkv, bs, d, n_fc, chunk = 5, 2, 8, 16, 3, 2
+    fc_index = fc_setup(hkv, d, n_fc, chunk)
+    nd = 2 * chunk * n_fc
+    storage = torch.randn(nb, hkv, bs, nd + 3).to(dtype)
+    fc_cache = storage[..., 1:1 + nd]  # strided view
+    expected = fc_cache.clone()
+    key = torch.randn(9, hkv, d).to(dtype)
+    slots = torch.randperm(nb * bs)[:9]
+    slots[[2, 6]] = -1  # padding tokens are skipped
+    write_paged_fc_keys_reference(expected, key, slots, fc_index, chunk)
+    out = write_paged_fc_keys(fc_cache, key, slots.int(), fc_index, chunk, backend=backend)
+    assert out is fc_cache
+    assert torch.equal(fc_cache, expected)
+    assert torch.equal(storage[..., 0], storage[..., 0].clone())  # untouched neighbours keep their values
+    # the packed entries equal pack_fc_keys on the keys
+    dims = fc_dims(fc_index, d, chunk)
+    t = 0
+    s = int(slots[t])
+    assert torch.equal(fc_cache[s // bs, 1, s % bs], key[t, 1, dims[1]])
+
+
+def test_write_paged_fc_keys_rejects_bad_input():
+    fc_index = torch.tensor([[0, 1], [2, 3]])
+    fc_cache = torch.zeros(2, 2, 4, 4)
+    key = torch.randn(3, 2, 16)
+    with pytest.raises(ValueError, match="2\\*chunk\\*F = 4"):
+        write_paged_fc_keys(torch.zeros(2, 2, 4, 5), key, torch.tensor([0, 1, 2]), fc_index)
+    with pytest.raises(ValueError, match="slot_mapping must be \\(T=3,\\)"):
+        write_paged_fc_keys(fc_cache, key, torch.tensor([0, 1]), fc_index)
+    with pytest.raises(IndexError, match="slot_mapping values must be -1 or lie in \\[0, .* = 8\\)"):
+        write_paged_fc_keys(fc_cache, key, torch.tensor([0, 1, 8]), fc_index)
+    with pytest.raises(ValueError, match="must not repeat a slot"):
+        write_paged_fc_keys(fc_cache, key, torch.tensor([0, 1, 1]), fc_index)
+    with pytest.raises(ValueError, match="key must be \\(T, kv_heads=2"):
+        write_paged_fc_keys(fc_cache, torch.randn(3, 3, 16), torch.tensor([0, 1, 2]), fc_index)
+    with pytest.raises(IndexError, match="fc_index values must lie in \\[0, 8\\)"):
+        write_paged_fc_keys(fc_cache, key, torch.tensor([0, 1, 2]), torch.tensor([[0, 8], [1, 2]]))
+    with pytest.raises(ValueError, match="fc_index must be \\(kv_heads=2, F\\)"):
+        write_paged_fc_keys(fc_cache, key, torch.tensor([0, 1, 2]), torch.tensor([[0, 1]]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# scoring
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("packed,per_query_head", [(True, False), (False, False), (False, True)])
+def test_paged_fc_scores_matches_reference(backend, packed, per_query_head):
+    gen = torch.Generator().manual_seed(1)
+    hkv, heads, d, bs, n_fc = 2, 4, 16, 4, 3
+    lens = [13, 1, 8, 0, 6]
+    table, nb = random_table(lens, bs, gen=gen)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    fc_index = fc_setup(hkv, d, n_fc, heads=heads if per_query_head else None)
+    q = torch.randn(len(lens), heads, d)
+    _, k, _ = vllm_style_cache(nb, hkv, bs, d)
+    if packed:
+        cache = torch.randn(nb, hkv, bs, 2 * n_fc)
+        cache[:, :, 0] = float("nan")  # never-written slot 0 of every block: must not leak into the scores
+        for r, n in enumerate(lens):  # write every used slot through the op
+            slots = torch.tensor([int(table[r, t // bs]) * bs + t % bs for t in range(n)], dtype=torch.long)
+            keys = gather_request(k, table, n, r)[0].transpose(0, 1)  # (n, Hkv, D)
+            write_paged_fc_keys(cache, keys, slots, fc_index)
+    else:
+        cache = k
+    expected = paged_fc_scores_reference(q, cache, table, seq_lens, fc_index, 1, packed=packed, max_len=15)
+    out = paged_fc_scores(q, cache, table, seq_lens, fc_index, packed=packed, max_len=15, backend=backend)
+    assert out.dtype == torch.float32 and out.shape == (len(lens), heads, 15)
+    assert_close(out, expected, name="paged_fc_scores")
+    if not per_query_head:
+        grouped = expected.view(len(lens), hkv, heads // hkv, 15)
+        red = paged_fc_scores(q, cache, table, seq_lens, fc_index, packed=packed, reduce="max", backend=backend)
+        assert_close(red, grouped.amax(2)[..., :13], name="reduce=max")
+
+
+def test_paged_fc_scores_rejects_bad_input():
+    q = torch.randn(2, 4, 16)
+    cache = torch.randn(4, 2, 4, 4)
+    fc_index = torch.tensor([[0, 1], [2, 3]])
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    lens = torch.tensor([5, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="q must have 3 dimensions"):
+        paged_fc_scores(q[:, :, None], cache, table, lens, fc_index)
+    with pytest.raises(ValueError, match="2\\*chunk\\*F = 4"):
+        paged_fc_scores(q, torch.randn(4, 2, 4, 6), table, lens, fc_index)
+    with pytest.raises(ValueError, match="fc_index must be \\(kv_heads=2, F\\)"):
+        paged_fc_scores(q, cache, table, lens, torch.zeros(4, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="block_table must be \\(R=2"):
+        paged_fc_scores(q, cache, table[:1], lens, fc_index)
+    with pytest.raises(ValueError, match="seq_lens values must lie in \\[0, .* = 8\\]"):
+        paged_fc_scores(q, cache, table, torch.tensor([5, 9], dtype=torch.int32), fc_index)
+    with pytest.raises(ValueError, match="max_len=6 is smaller than seq_lens.max\\(\\) = 8"):
+        paged_fc_scores(q, cache, table, lens, fc_index, max_len=6)
+    with pytest.raises(ValueError, match="max_len=9 exceeds the block table capacity"):
+        paged_fc_scores(q, cache, table, lens, fc_index, max_len=9)
+    with pytest.raises(IndexError, match="block_table entries of used blocks must lie in \\[0, num_blocks=4\\)"):
+        paged_fc_scores(q, cache, torch.tensor([[0, 1], [2, 4]], dtype=torch.int32), lens, fc_index)
+    with pytest.raises(ValueError, match="reduce must be"):
+        paged_fc_scores(q, cache, table, lens, fc_index, reduce="sum")
+    with pytest.raises(TypeError, match="seq_lens must have dtype"):
+        paged_fc_scores(q, cache, table, lens.float(), fc_index)
+
+
+# ----------------------------------------------------------------------------------------------------
+# selection
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("budget,sink,window", [(6, 1, 2), (20, 2, 3), (4, 4, 4), (0, 0, 0), (5, 0, 0)])
+def test_paged_select_matches_reference(backend, budget, sink, window):
+    gen = torch.Generator().manual_seed(2)
+    bs = 4
+    lens = [17, 3, 0, 9, 1, 12]
+    table, _ = random_table(lens, bs, gen=gen)
+    seq_lens = torch.tensor(lens, dtype=torch.int64)
+    scores = torch.randn(len(lens), 3, 18, generator=gen)
+    scores[:, :, 17] = float("nan")  # past every length: ignored
+    expected = paged_select_reference(scores, budget, sink, window, seq_lens, table, bs)
+    out = paged_select(scores, budget, sink, window, seq_lens, table, bs, backend=backend)
+    assert out.dtype == torch.int64 and out.shape == (len(lens), 3, budget)
+    assert torch.equal(out, expected), (out, expected)
+
+
+def test_paged_select_rejects_bad_input():
+    scores = torch.randn(2, 1, 8)
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    lens = torch.tensor([5, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="budget must be an int >= 0"):
+        paged_select(scores, -1, 0, 0, lens, table, 4)
+    with pytest.raises(ValueError, match="block_size must be an int >= 1"):
+        paged_select(scores, 4, 0, 0, lens, table, 0)
+    with pytest.raises(ValueError, match="scores has 8 positions but seq_lens.max\\(\\) = 9"):
+        paged_select(scores, 4, 0, 0, torch.tensor([5, 9], dtype=torch.int32), torch.zeros(2, 3, dtype=torch.int32), 4)
+    bad = scores.clone()
+    bad[1, 0, 3] = float("nan")
+    with pytest.raises(ValueError, match="scores contains NaN inside a row's length"):
+        paged_select(bad, 4, 0, 0, lens, table, 4)
+    with pytest.raises(IndexError, match="block_table entries of used blocks"):
+        paged_select(scores, 4, 0, 0, lens, torch.tensor([[0, -1], [2, 3]], dtype=torch.int32), 4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# attention
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_query_head", [False, True])
+def test_paged_sparse_decode_matches_reference(backend, dtype, per_query_head):
+    gen = torch.Generator().manual_seed(4)
+    hkv, heads, d, bs = 2, 6, 32, 8
+    lens = [30, 5, 17]
+    table, nb = random_table(lens, bs, gen=gen)
+    _, k, v = vllm_style_cache(nb, hkv, bs, d, dtype)
+    q = torch.randn(len(lens), heads, d).to(dtype)
+    n_idx = heads if per_query_head else hkv
+    scores = torch.randn(len(lens), n_idx, 30)
+    slots = paged_select(scores, 12, 1, 2, torch.tensor(lens), table, bs)
+    slots[2, 0] = -1  # a row with no valid slot gives zeros
+    scale = d ** -0.5
+    expected = paged_sparse_decode_attention_reference(q, k, v, slots, scale)
+    out = paged_sparse_decode_attention(q, k, v, slots, scale, backend=backend)
+    assert out.dtype == dtype and out.shape == (len(lens), heads, d)
+    assert_close(out, expected, name="paged_sparse_decode_attention")
+    group_rows = slice(0, 1) if per_query_head else slice(0, heads // hkv)
+    assert torch.equal(out[2, group_rows], torch.zeros_like(out[2, group_rows]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_budget_covering_the_context_is_exact_dense(backend):
+    gen = torch.Generator().manual_seed(5)
+    hkv, heads, d, bs, n_fc = 1, 3, 16, 4, 2
+    lens = [11, 2, 7]
+    table, nb = random_table(lens, bs, gen=gen)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    _, k, v = vllm_style_cache(nb, hkv, bs, d)
+    q = torch.randn(len(lens), heads, d)
+    fc_index = fc_setup(hkv, d, n_fc)
+    scores = paged_fc_scores(q, k, table, seq_lens, fc_index, packed=False, reduce="max", backend=backend)
+    slots = paged_select(scores, 16, 2, 2, seq_lens, table, bs, backend=backend)
+    sparse = paged_sparse_decode_attention(q, k, v, slots, 0.25, backend=backend)
+    dense = paged_decode_attention(q, k, v, table, seq_lens, 0.25, backend=backend)
+    assert_close(dense, paged_decode_attention_reference(q, k, v, table, seq_lens, 0.25), name="dense vs oracle")
+    assert_close(sparse, dense, name="budget >= length vs dense")
+    assert (slots >= 0).sum(-1).tolist() == [[n] for n in lens]
+
+
+def test_attention_rejects_bad_input():
+    q = torch.randn(2, 4, 8)
+    k = torch.randn(3, 2, 4, 8)
+    with pytest.raises(TypeError, match="share a dtype"):
+        paged_sparse_decode_attention(q, k.half(), k.half(), torch.zeros(2, 2, 1, dtype=torch.long), 1.0)
+    with pytest.raises(ValueError, match="slots must be \\(R=2, kv_heads=2 or heads=4, K\\)"):
+        paged_sparse_decode_attention(q, k, k, torch.zeros(2, 3, 1, dtype=torch.long), 1.0)
+    with pytest.raises(IndexError, match="slots values must be -1 or lie in \\[0, .* = 12\\)"):
+        paged_sparse_decode_attention(q, k, k, torch.full((2, 2, 1), 12), 1.0)
+    with pytest.raises(IndexError, match="slots values must be -1"):
+        paged_sparse_decode_attention(q, k, k, torch.full((2, 2, 1), -2), 1.0)
+    with pytest.raises(ValueError, match="multiple of k_cache kv_heads \\(3\\)"):
+        paged_sparse_decode_attention(q, torch.randn(3, 3, 4, 8), torch.randn(3, 3, 4, 8),
+                                      torch.zeros(2, 3, 1, dtype=torch.long), 1.0)
+    with pytest.raises(TypeError, match="scale must be a float"):
+        paged_decode_attention(q, k, k, torch.zeros(2, 1, dtype=torch.int32), torch.tensor([1, 2]), None)
+
+
+def test_empty_batch_and_empty_rows():
+    k = torch.randn(3, 1, 4, 8)
+    q = torch.randn(0, 2, 8)
+    table = torch.zeros(0, 2, dtype=torch.int32)
+    lens = torch.zeros(0, dtype=torch.int32)
+    assert paged_fc_scores(q, k, table, lens, torch.tensor([[0]]), packed=False).shape == (0, 2, 0)
+    assert paged_decode_attention(q, k, k, table, lens, 1.0).shape == (0, 2, 8)
+    assert paged_select(torch.zeros(0, 1, 0), 4, 1, 1, lens, table, 4).shape == (0, 1, 4)
+    q1 = torch.randn(1, 2, 8)
+    zero = paged_decode_attention(q1, k, k, torch.zeros(1, 2, dtype=torch.int32), torch.tensor([0]), 1.0, max_len=4)
+    assert torch.equal(zero, torch.zeros_like(zero))
+
+
+# ----------------------------------------------------------------------------------------------------
+# whole decode step vs the contiguous ops
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fasa_step_on_mixed_ragged_batch_equals_contiguous_ops(backend):
+    """A mixed prefill + decode batch: the decode rows (split by split_decode_rows) run the paged FASA
+    step; each must equal the contiguous ops on that request's gathered cache."""
+    gen = torch.Generator().manual_seed(6)
+    hkv, heads, d, bs, n_fc, budget = 2, 4, 16, 4, 2, 7
+    seq_lens = torch.tensor([19, 6, 12, 3, 9], dtype=torch.int32)
+    q_len = torch.tensor([1, 6, 1, 1, 4])  # rows 1 and 4 are (chunked) prefill
+    loc = torch.zeros(6, dtype=torch.int32)
+    loc[1:] = q_len.cumsum(0)
+    table, nb = random_table(seq_lens.tolist(), bs, gen=gen)
+    kv, k, v = vllm_style_cache(nb, hkv, bs, d)
+    fc_index = fc_setup(hkv, d, n_fc)
+    fc_cache = torch.zeros(nb, hkv, bs, 2 * n_fc)
+    for r in range(5):  # the FC side cache is written with the same slots as K/V
+        n = int(seq_lens[r])
+        slots = torch.tensor([int(table[r, t // bs]) * bs + t % bs for t in range(n)])
+        write_paged_fc_keys(fc_cache, gather_request(k, table, n, r)[0].transpose(0, 1), slots, fc_index,
+                            backend=backend)
+    query = torch.randn(int(loc[-1]), heads, d)
+    split = split_decode_rows(loc, seq_lens)
+    assert split.decode_rows.tolist() == [0, 2, 3]
+    q = query[split.decode_tokens]
+    rows = split.decode_rows
+    sub_table, sub_lens = table[rows], seq_lens[rows]
+    scores = paged_fc_scores(q, fc_cache, sub_table, sub_lens, fc_index, reduce="max", backend=backend)
+    slots = paged_select(scores, budget, 1, 2, sub_lens, sub_table, bs, backend=backend)
+    out = paged_sparse_decode_attention(q, k, v, slots, d ** -0.5, backend=backend)
+    for i, r in enumerate(rows.tolist()):
+        n = int(seq_lens[r])
+        kc, vc = gather_request(k, table, n, r), gather_request(v, table, n, r)
+        cs = fc_scores(q[i:i + 1, :, None], pack_fc_keys(kc, fc_index), fc_index, packed=True, reduce="max")
+        assert_close(scores[i:i + 1, :, :n], cs, name=f"scores row {r}")
+        idx = select_sparse_indices(cs, budget, sink=1, window=2)
+        co = sparse_decode_attention(q[i:i + 1, :, None], kc, vc, idx, d ** -0.5)
+        assert_close(out[i:i + 1], co[:, :, 0], name=f"attention row {r}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_contiguous_cache_is_the_one_block_special_case(backend):
+    """tokprune's contiguous (B, Hkv, capacity, D) cache = paged with block_size=capacity, table [[0],[1],..]."""
+    batch, hkv, heads, cap, d, n_fc, budget = 3, 2, 4, 20, 16, 2, 6
+    k = torch.randn(batch, hkv, cap, d)
+    v = torch.randn(batch, hkv, cap, d)
+    q = torch.randn(batch, heads, 1, d)
+    fc_index = fc_setup(hkv, d, n_fc)
+    table = torch.arange(batch, dtype=torch.int32)[:, None]
+    lens = torch.tensor([20, 13, 7], dtype=torch.int32)
+    packed = pack_fc_keys(k, fc_index)
+    scores = paged_fc_scores(q[:, :, 0], packed, table, lens, fc_index, reduce="max", backend=backend)
+    valid = torch.arange(cap)[None, :] < lens[:, None].long()
+    cs = fc_scores(q, packed, fc_index, packed=True, reduce="max")
+    assert_close(scores, cs.masked_fill(~valid[:, None], float("-inf")), name="scores")
+    slots = paged_select(scores, budget, 1, 2, lens, table, cap, backend=backend)
+    idx = select_sparse_indices(cs, budget, sink=1, window=2, valid=valid)
+    base = (torch.arange(batch) * cap)[:, None, None]
+    assert torch.equal(slots, torch.where(idx >= 0, idx + base, -1))
+    out = paged_sparse_decode_attention(q[:, :, 0], k, v, slots, 0.3, backend=backend)
+    assert_close(out, sparse_decode_attention(q, k, v, idx, 0.3)[:, :, 0], name="attention")
+
+
+def test_data_checks_are_skipped_outside_debug_mode():
+    """Out of debug mode the ops do not read tensor values to validate (no host sync on the hot path)."""
+    q = torch.randn(1, 2, 8)
+    k = torch.randn(2, 1, 4, 8)
+    bad_slots = torch.full((1, 1, 2), 99)
+    previous = set_debug(False)
+    try:
+        with pytest.raises(IndexError, match="out of bounds"):  # torch's own indexing error, not ours
+            paged_sparse_decode_attention(q, k, k, bad_slots, 1.0)
+    finally:
+        set_debug(previous)
+    with pytest.raises(IndexError, match="slots values must be -1 or lie in"):
+        paged_sparse_decode_attention(q, k, k, bad_slots, 1.0)

@@ -1,0 +1,587 @@
+"""Paged, ragged decode ops: FASA scoring, token selection and sparse decode attention that read a paged
+KV cache through a block table (the layout of vLLM, SGLang and FlashInfer), one query token per request.
+
+Paged layout (vLLM's conventions):
+
+* ``k_cache``, ``v_cache``: ``(num_blocks, kv_heads, block_size, head_dim)``; any strides (they may be
+  views of one interleaved tensor, see :func:`vllm_cpu_kv_views`).
+* ``block_table``: ``(R, max_blocks)`` int32/int64; row ``r``'s logical token ``t`` lives in physical
+  block ``block_table[r, t // block_size]`` at offset ``t % block_size``. Entries past a row's last
+  used block are never read (they may hold anything, e.g. 0 or -1).
+* ``seq_lens``: ``(R,)`` int32/int64 cached tokens per request, the current token included.
+* A *slot* is ``block * block_size + offset`` (``slot_mapping`` in vLLM); ``-1`` means "no token".
+* The FASA side cache ``fc_cache``: ``(num_blocks, kv_heads, block_size, 2*chunk*F)``, the packed FC
+  dimensions of every key (:func:`tokprune.ops.pack_fc_keys` order), written once per token with
+  :func:`write_paged_fc_keys` next to the K/V write; scoring reads ``2*chunk*F / head_dim`` of the K bytes.
+
+A decode step of FASA on a paged cache::
+
+    write_paged_fc_keys(fc_cache, key, slot_mapping, fc_index)       # with the K/V write
+    scores = paged_fc_scores(q, fc_cache, block_table, seq_lens, fc_index, reduce="max")
+    slots = paged_select(scores, budget, sink, window, seq_lens, block_table, block_size)
+    out = paged_sparse_decode_attention(q, k_cache, v_cache, slots, scale)
+
+Ragged batches: decode ops take one query per request; :func:`split_decode_rows` separates the decode
+rows (query length 1) of a mixed prefill + decode batch from the others, which the caller runs densely.
+The contiguous tokprune cache ``(B, Hkv, capacity, D)`` is the special case ``block_size = capacity``,
+``block_table = [[0], [1], ...]``.
+
+Checks that read tensor values (slot/table ranges, NaN) run only in debug mode
+(:func:`tokprune._debug.debug_checks`); shapes and dtypes are always checked. Ops that produce a
+length-dependent width (``paged_fc_scores``, ``paged_decode_attention``) read ``seq_lens.max()`` unless
+``max_len`` is given; give it to keep a decode step free of host synchronisation.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+from tokprune._backend import resolve_backend
+from tokprune._debug import debug_checks
+from tokprune.ops._checks import FLOAT_DTYPES, check_tensor
+
+INT_DTYPES = (torch.int32, torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# layout helpers
+# ----------------------------------------------------------------------------------------------------
+
+def vllm_cpu_kv_views(kv_cache: torch.Tensor, head_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """K and V views of vLLM's CPU attention cache of one layer, without copying.
+
+    Assumed layout (vLLM 0.32 ``CPU_ATTN`` with the vector ISAs): ``kv_cache`` is
+    ``(num_blocks, kv_heads, block_size, 2*head_dim)`` and, inside each ``(block, head)`` slab of
+    ``block_size * 2*head_dim`` contiguous elements, K is stored transposed as ``[head_dim, block_size]``
+    followed by V as ``[block_size, head_dim]``. The layout is ISA-dependent in vLLM; a caller that
+    cannot guarantee it should check one written token against vLLM's own cache-write op.
+
+    Args:
+        kv_cache: ``(num_blocks, kv_heads, block_size, 2*head_dim)`` fp32/fp16/bf16 whose last two
+            dimensions are contiguous (``stride(3) == 1``, ``stride(2) == 2*head_dim``).
+        head_dim: ``D``.
+
+    Returns:
+        ``(k_view, v_view)``, both ``(num_blocks, kv_heads, block_size, head_dim)`` strided views of
+        ``kv_cache`` (``k_view`` has strides ``(s0, s1, 1, block_size)``, ``v_view``
+        ``(s0, s1, head_dim, 1)`` at offset ``head_dim * block_size``). Writes through them land in
+        ``kv_cache``.
+    """
+    check_tensor("kv_cache", kv_cache, ndim=4, dtypes=FLOAT_DTYPES)
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+        raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+    num_blocks, kv_heads, block_size, last = kv_cache.shape
+    if last != 2 * head_dim:
+        raise ValueError(f"kv_cache must be (num_blocks, kv_heads, block_size, 2*head_dim={2 * head_dim}), "
+                         f"got {tuple(kv_cache.shape)}")
+    if kv_cache.stride(3) != 1 or (block_size > 1 and kv_cache.stride(2) != 2 * head_dim):
+        raise ValueError(f"kv_cache must be contiguous in its last two dimensions (strides (..., {2 * head_dim}, 1)), "
+                         f"got strides {kv_cache.stride()}")
+    s0, s1 = kv_cache.stride(0), kv_cache.stride(1)
+    shape = (num_blocks, kv_heads, block_size, head_dim)
+    base = kv_cache.storage_offset()
+    k_view = kv_cache.as_strided(shape, (s0, s1, 1, block_size), base)
+    v_view = kv_cache.as_strided(shape, (s0, s1, head_dim, 1), base + head_dim * block_size)
+    return k_view, v_view
+
+
+class DecodeSplit(NamedTuple):
+    """Rows of a ragged batch by kind (all int64 on the device of ``query_start_loc``).
+
+    ``decode_rows (Rd,)``: requests with exactly one query token; ``decode_tokens (Rd,)``: the index of
+    that token in the flattened ``(T, ...)`` query; ``prefill_rows (Rp,)``: requests with more than one
+    query token (prefill, chunked prefill, speculative verification). Requests with no query token are
+    in neither list.
+    """
+
+    decode_rows: torch.Tensor
+    decode_tokens: torch.Tensor
+    prefill_rows: torch.Tensor
+
+
+def split_decode_rows(query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> DecodeSplit:
+    """Split a ragged batch (vLLM ``query_start_loc`` / ``seq_lens``) into decode and prefill rows.
+
+    Args:
+        query_start_loc: ``(R + 1,)`` int32/int64, non-decreasing, ``query_start_loc[0] == 0``; request
+            ``r`` owns query tokens ``query_start_loc[r] : query_start_loc[r + 1]``.
+        seq_lens: ``(R,)`` int32/int64 tokens in the cache of each request after this step (its query
+            tokens included), so ``seq_lens[r] >= q_len[r]``.
+
+    Returns:
+        :class:`DecodeSplit` ``(decode_rows, decode_tokens, prefill_rows)``; the query of the decode rows
+        is ``query[decode_tokens]`` (``(Rd, Hq, D)``), ready for the ops of this module. Reads the
+        tensors on the host (a planning helper, not a decode-step kernel).
+    """
+    check_tensor("query_start_loc", query_start_loc, ndim=1, dtypes=INT_DTYPES)
+    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INT_DTYPES, device=query_start_loc.device)
+    if query_start_loc.shape[0] != seq_lens.shape[0] + 1:
+        raise ValueError(f"query_start_loc must have R + 1 = {seq_lens.shape[0] + 1} entries for seq_lens of "
+                         f"R = {seq_lens.shape[0]} requests, got {query_start_loc.shape[0]}")
+    loc = query_start_loc.long()
+    q_len = loc[1:] - loc[:-1]
+    if bool(loc[0] != 0):
+        raise ValueError(f"query_start_loc[0] must be 0, got {int(loc[0])}")
+    if bool((q_len < 0).any()):
+        raise ValueError("query_start_loc must be non-decreasing")
+    if bool((seq_lens.long() < q_len).any()):
+        r = int((seq_lens.long() < q_len).nonzero()[0])
+        raise ValueError(f"seq_lens[{r}] = {int(seq_lens[r])} is smaller than that request's query length "
+                         f"{int(q_len[r])}")
+    decode_rows = (q_len == 1).nonzero().squeeze(1)
+    prefill_rows = (q_len > 1).nonzero().squeeze(1)
+    return DecodeSplit(decode_rows, loc[decode_rows], prefill_rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------------
+
+def _check_int(name, value, minimum=0):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_cache(name, cache, device=None, kv_heads=None, last=None):
+    check_tensor(name, cache, ndim=4, dtypes=FLOAT_DTYPES, device=device)
+    if kv_heads is not None and cache.shape[1] != kv_heads:
+        raise ValueError(f"{name} must be (num_blocks, kv_heads={kv_heads}, block_size, ...), got {tuple(cache.shape)}")
+    if last is not None and cache.shape[3] != last:
+        raise ValueError(f"{name} last dimension must be {last}, got shape {tuple(cache.shape)}")
+    if cache.shape[2] == 0:
+        raise ValueError(f"{name} block_size (dimension 2) must be >= 1, got shape {tuple(cache.shape)}")
+
+
+def _check_table(block_table, seq_lens, rows, device, block_size, num_blocks, max_len=None):
+    """Shapes always; in debug mode: lengths fit the table and every used table entry is a real block."""
+    check_tensor("block_table", block_table, ndim=2, dtypes=INT_DTYPES, device=device)
+    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INT_DTYPES, device=device)
+    if block_table.shape[0] != rows or seq_lens.shape[0] != rows:
+        raise ValueError(f"block_table must be (R={rows}, max_blocks) and seq_lens (R={rows},), got "
+                         f"{tuple(block_table.shape)} and {tuple(seq_lens.shape)}")
+    capacity = block_table.shape[1] * block_size
+    if debug_checks() and rows:
+        lens = seq_lens.long()
+        if int(lens.min()) < 0 or int(lens.max()) > capacity:
+            raise ValueError(f"seq_lens values must lie in [0, max_blocks * block_size = {capacity}], got range "
+                             f"[{int(lens.min())}, {int(lens.max())}]")
+    if max_len is not None and max_len > capacity:
+        raise ValueError(f"max_len={max_len} exceeds the block table capacity max_blocks * block_size = {capacity}")
+    if debug_checks() and rows:
+        if max_len is not None and int(lens.max()) > max_len:
+            raise ValueError(f"max_len={max_len} is smaller than seq_lens.max() = {int(lens.max())}")
+        used = torch.arange(block_table.shape[1], device=device)[None, :] * block_size < lens[:, None]
+        entries = block_table.long()[used]
+        upper = num_blocks if num_blocks is not None else float("inf")
+        if entries.numel() and (int(entries.min()) < 0 or int(entries.max()) >= upper):
+            raise IndexError(f"block_table entries of used blocks must lie in [0, num_blocks={num_blocks}), got "
+                             f"range [{int(entries.min())}, {int(entries.max())}]")
+
+
+def _resolve_max_len(max_len, seq_lens):
+    if max_len is None:
+        return int(seq_lens.max()) if seq_lens.numel() else 0
+    _check_int("max_len", max_len)
+    return max_len
+
+
+def _check_fc_index(fc_index, heads, kv_heads, head_dim, chunk, device, per_kv_only):
+    check_tensor("fc_index", fc_index, ndim=2, dtypes=INT_DTYPES, device=device)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1 or head_dim % (2 * chunk):
+        raise ValueError(f"chunk must be a positive int dividing head_dim/2 ({head_dim // 2}), got {chunk!r}")
+    allowed = (kv_heads,) if per_kv_only else (kv_heads, heads)
+    if fc_index.shape[0] not in allowed:
+        what = f"kv_heads={kv_heads}" if per_kv_only else f"kv_heads={kv_heads} or heads={heads}"
+        raise ValueError(f"fc_index must be ({what}, F), got {tuple(fc_index.shape)}")
+    n_fc = head_dim // (2 * chunk)
+    if debug_checks() and fc_index.numel():
+        lo, hi = int(fc_index.min()), int(fc_index.max())
+        if lo < 0 or hi >= n_fc:
+            raise IndexError(f"fc_index values must lie in [0, {n_fc}) (head_dim={head_dim}, chunk={chunk}), "
+                             f"got range [{lo}, {hi}]")
+
+
+def _check_q(q):
+    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
+    return q.shape
+
+
+def _check_slots(name, slots, upper):
+    if debug_checks() and slots.numel():
+        lo, hi = int(slots.min()), int(slots.max())
+        if lo < -1 or hi >= upper:
+            raise IndexError(f"{name} values must be -1 or lie in [0, num_blocks * block_size = {upper}), got range "
+                             f"[{lo}, {hi}]")
+
+
+# ----------------------------------------------------------------------------------------------------
+# FC side cache write
+# ----------------------------------------------------------------------------------------------------
+
+def write_paged_fc_keys(fc_cache: torch.Tensor, key: torch.Tensor, slot_mapping: torch.Tensor,
+                        fc_index: torch.Tensor, chunk: int = 1, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Write the packed FC dimensions of new keys into the paged FASA side cache, in place.
+
+    ``fc_cache[s // bs, h, s % bs, :] = key[t, h, dims(h)]`` for every token ``t`` with slot
+    ``s = slot_mapping[t] >= 0`` (``-1`` skips a token, as vLLM does for padding), where ``dims(h)`` are
+    the dimensions of FC set ``fc_index[h]`` in :func:`tokprune.reference.fasa.fc_dims` order.
+
+    Args:
+        fc_cache: ``(num_blocks, kv_heads, block_size, 2*chunk*F)`` fp32/fp16/bf16, any strides; written.
+        key: ``(T, kv_heads, head_dim)`` post-RoPE keys of this step (any float dtype; cast on store).
+        slot_mapping: ``(T,)`` int32/int64 slots ``block * block_size + offset`` or ``-1``. Slots must be
+            distinct (checked in debug mode).
+        fc_index: ``(kv_heads, F)`` int32/int64 FC ids per KV head.
+        chunk: rotation pairs per FC.
+        backend: ``"auto" | "torch" | "triton"``.
+
+    Returns:
+        ``fc_cache`` (the same tensor).
+    """
+    _check_cache("fc_cache", fc_cache)
+    num_blocks, kv_heads, block_size, n_dims = fc_cache.shape
+    check_tensor("key", key, ndim=3, dtypes=FLOAT_DTYPES, device=fc_cache.device)
+    if key.shape[1] != kv_heads:
+        raise ValueError(f"key must be (T, kv_heads={kv_heads}, head_dim), got {tuple(key.shape)}")
+    head_dim = key.shape[2]
+    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=INT_DTYPES, device=fc_cache.device)
+    if slot_mapping.shape[0] != key.shape[0]:
+        raise ValueError(f"slot_mapping must be (T={key.shape[0]},), got {tuple(slot_mapping.shape)}")
+    _check_fc_index(fc_index, kv_heads, kv_heads, head_dim, chunk, fc_cache.device, per_kv_only=True)
+    if n_dims != 2 * chunk * fc_index.shape[1]:
+        raise ValueError(f"fc_cache last dimension must be 2*chunk*F = {2 * chunk * fc_index.shape[1]}, got "
+                         f"{n_dims}")
+    _check_slots("slot_mapping", slot_mapping, num_blocks * block_size)
+    if debug_checks() and slot_mapping.numel():
+        written = slot_mapping[slot_mapping >= 0]
+        if written.unique().numel() != written.numel():
+            raise ValueError("slot_mapping must not repeat a slot (two tokens written to one place)")
+    from tokprune.reference.fasa import fc_dims
+
+    dims = fc_dims(fc_index, head_dim, chunk).to(fc_cache.device)  # (Hkv, nd)
+    chosen = resolve_backend(backend, fc_cache.device, ("torch", "triton"), "write_paged_fc_keys")
+    if key.shape[0] == 0 or n_dims == 0:
+        return fc_cache
+    if chosen == "triton":
+        from tokprune.kernels.triton.paged import write_paged_fc_keys_triton
+
+        write_paged_fc_keys_triton(fc_cache, key, slot_mapping, dims)
+        return fc_cache
+    keep = (slot_mapping >= 0).nonzero().squeeze(1)  # the torch backend may synchronise here
+    slots = slot_mapping.long().index_select(0, keep)
+    packed = torch.gather(key.index_select(0, keep), 2, dims[None].expand(keep.numel(), -1, -1))  # (T', Hkv, nd)
+    fc_cache[slots // block_size, :, slots % block_size] = packed.to(fc_cache.dtype)
+    return fc_cache
+
+
+# ----------------------------------------------------------------------------------------------------
+# scoring
+# ----------------------------------------------------------------------------------------------------
+
+def _gather_blocks(cache, block_table, seq_lens, max_len):
+    """``(R, Hkv, n_blocks * block_size, last)`` copy of each row's first ``ceil(max_len / bs)`` blocks; table
+    entries past a row's length are replaced by block 0 (read but masked by the caller)."""
+    block_size = cache.shape[2]
+    n_blocks = -(-max_len // block_size)
+    table = block_table[:, :n_blocks].long()
+    used = torch.arange(n_blocks, device=cache.device)[None, :] * block_size < seq_lens.long()[:, None]
+    table = torch.where(used, table, torch.zeros_like(table))
+    rows = cache[table]  # (R, nb, Hkv, bs, last)
+    r = rows.shape[0]
+    return rows.permute(0, 2, 1, 3, 4).reshape(r, cache.shape[1], n_blocks * block_size, cache.shape[3])
+
+
+def paged_fc_scores(q: torch.Tensor, fc_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                    fc_index: torch.Tensor, chunk: int = 1, *, packed: bool = True, reduce: Optional[str] = None,
+                    max_len: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """FASA partial logits of one decode query per request over its paged cache.
+
+    ``scores[r, h, t] = sum_{d in dims(h)} q[r, h, d] * k_r[h // g, t, d]`` for ``t < seq_lens[r]``
+    (``k_r`` = request ``r``'s keys in logical order, ``g = Hq / Hkv``), ``-inf`` for
+    ``seq_lens[r] <= t < max_len``. Equals :func:`tokprune.ops.fc_scores` on each request's gathered cache.
+
+    Args:
+        q: ``(R, Hq, head_dim)`` post-RoPE decode queries, fp32/fp16/bf16.
+        fc_cache: with ``packed=True`` (default) the side cache ``(num_blocks, Hkv, block_size,
+            2*chunk*F)`` written by :func:`write_paged_fc_keys`; with ``packed=False`` the paged K cache
+            ``(num_blocks, Hkv, block_size, head_dim)`` itself (reads its FC dimensions, strided). Any strides.
+        block_table: ``(R, max_blocks)`` int32/int64.
+        seq_lens: ``(R,)`` int32/int64.
+        fc_index: ``(Hkv, F)`` int32/int64 FC ids (``(Hq, F)`` also allowed with ``packed=False``).
+        chunk: rotation pairs per FC.
+        reduce: ``None`` -> per query head; ``"max"`` / ``"mean"`` -> over the query heads of a KV group.
+        max_len: width of the result (``>= seq_lens.max()``); ``None`` reads ``seq_lens.max()`` (a sync).
+        backend: ``"auto" | "torch" | "triton"``.
+
+    Returns:
+        fp32 ``(R, Hq, max_len)`` (or ``(R, Hkv, max_len)`` with ``reduce``).
+    """
+    rows, heads, head_dim = _check_q(q)
+    _check_cache("fc_cache", fc_cache, device=q.device)
+    num_blocks, kv_heads, block_size, last = fc_cache.shape
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"q heads ({heads}) must be a multiple of fc_cache kv_heads ({kv_heads})")
+    if not isinstance(packed, bool):
+        raise TypeError(f"packed must be a bool, got {type(packed).__name__}")
+    _check_fc_index(fc_index, heads, kv_heads, head_dim, chunk, q.device, per_kv_only=packed)
+    n_dims = 2 * chunk * fc_index.shape[1]
+    if packed and last != n_dims:
+        raise ValueError(f"packed fc_cache must have last dimension 2*chunk*F = {n_dims}, got {last}")
+    if not packed and last != head_dim:
+        raise ValueError(f"with packed=False fc_cache is the K cache and its head_dim {last} must equal q's {head_dim}")
+    if reduce not in (None, "max", "mean"):
+        raise ValueError(f"reduce must be None, 'max' or 'mean', got {reduce!r}")
+    max_len = _resolve_max_len(max_len, seq_lens)
+    _check_table(block_table, seq_lens, rows, q.device, block_size, num_blocks, max_len)
+    chosen = resolve_backend(backend, q.device, ("torch", "triton"), "paged_fc_scores")
+    from tokprune.reference.fasa import fc_dims
+
+    dims = fc_dims(fc_index, head_dim, chunk).to(q.device)  # (Hf, nd)
+    if rows == 0 or max_len == 0:
+        scores = torch.empty(rows, heads, max_len, dtype=torch.float32, device=q.device)
+    elif chosen == "triton":
+        from tokprune.kernels.triton.paged import paged_fc_scores_triton
+
+        scores = paged_fc_scores_triton(q, fc_cache, block_table, seq_lens, dims, packed, max_len)
+    else:
+        scores = _paged_fc_scores_torch(q, fc_cache, block_table, seq_lens, dims, packed, max_len)
+    if reduce is None:
+        return scores
+    grouped = scores.view(rows, kv_heads, heads // kv_heads, max_len)
+    return grouped.amax(2) if reduce == "max" else grouped.mean(2)
+
+
+def _paged_fc_scores_torch(q, fc_cache, block_table, seq_lens, dims, packed, max_len):
+    rows, heads, head_dim = q.shape
+    kv_heads = fc_cache.shape[1]
+    group = heads // kv_heads
+    keys = _gather_blocks(fc_cache, block_table, seq_lens, max_len)[:, :, :max_len]  # (R, Hkv, L, last)
+    n_dims = dims.shape[1]
+    if dims.shape[0] == kv_heads:
+        q_fc = torch.gather(q.view(rows, kv_heads, group, head_dim), 3,
+                            dims[None, :, None, :].expand(rows, -1, group, -1))  # (R, Hkv, g, nd)
+        if not packed:
+            keys = torch.gather(keys, 3, dims[None, :, None, :].expand(rows, -1, max_len, -1))
+        out = torch.matmul(q_fc.float(), keys.float().transpose(-1, -2)).reshape(rows, heads, max_len)
+    else:  # per query head FCs, unpacked K only
+        head_map = torch.arange(heads, device=q.device) // group
+        q_fc = torch.gather(q, 2, dims[None].expand(rows, -1, -1)).float()  # (R, H, nd)
+        k_fc = torch.gather(keys[:, head_map], 3, dims[None, :, None, :].expand(rows, -1, max_len, n_dims))
+        out = torch.einsum("rhd,rhtd->rht", q_fc, k_fc.float())
+    past = torch.arange(max_len, device=q.device)[None, :] >= seq_lens.long()[:, None]  # (R, L)
+    return out.masked_fill(past[:, None, :], float("-inf"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# selection
+# ----------------------------------------------------------------------------------------------------
+
+def paged_select(scores: torch.Tensor, budget: int, sink: int, window: int, seq_lens: torch.Tensor,
+                 block_table: torch.Tensor, block_size: int, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Physical slots to attend per request and head: sinks, recent window and the best-scoring rest.
+
+    Per row ``(r, h)``, over the logical tokens ``t < seq_lens[r]``: the first ``sink`` and last ``window``
+    tokens are always kept (the window is shortened to ``budget - sink`` when it does not fit), the rest
+    of the ``budget`` go to the highest ``scores`` (ties to the lower token). Same choice as
+    :func:`tokprune.ops.select_sparse_indices` on the request's own scores; each chosen token is then
+    translated to its slot ``block_table[r, t // block_size] * block_size + t % block_size``.
+
+    Args:
+        scores: ``(R, H, L)`` float scores (``H`` = kv_heads or query heads, ``L >= seq_lens.max()``);
+            positions ``>= seq_lens[r]`` are ignored whatever they hold. NaN inside a row's length is
+            rejected in debug mode (undefined choice otherwise).
+        budget, sink, window: non-negative ints.
+        seq_lens: ``(R,)`` int32/int64.
+        block_table: ``(R, max_blocks)`` int32/int64.
+        block_size: tokens per block.
+        backend: ``"auto" | "torch" | "triton"`` (Triton translates tokens to slots; the top-k is torch's).
+
+    Returns:
+        ``(R, H, budget)`` int64 slots in increasing logical-token order, ``-1`` for the unused tail of a
+        row with fewer than ``budget`` tokens.
+    """
+    check_tensor("scores", scores, ndim=3, dtypes=FLOAT_DTYPES)
+    for name, value in (("budget", budget), ("sink", sink), ("window", window)):
+        _check_int(name, value)
+    _check_int("block_size", block_size, 1)
+    rows, heads, n_tokens = scores.shape
+    _check_table(block_table, seq_lens, rows, scores.device, block_size, None)
+    if debug_checks() and rows:
+        if int(seq_lens.max()) > n_tokens:
+            raise ValueError(f"scores has {n_tokens} positions but seq_lens.max() = {int(seq_lens.max())}")
+        inside = torch.arange(n_tokens, device=scores.device)[None, :] < seq_lens.long()[:, None]
+        if bool(torch.isnan(scores).logical_and(inside[:, None, :]).any()):
+            raise ValueError("scores contains NaN inside a row's length")
+    chosen = resolve_backend(backend, scores.device, ("torch", "triton"), "paged_select")
+    token = _select_logical(scores, budget, sink, window, seq_lens)  # (R, H, budget), -1 padded
+    if chosen == "triton":
+        from tokprune.kernels.triton.paged import tokens_to_slots_triton
+
+        return tokens_to_slots_triton(token, block_table, block_size)
+    return _tokens_to_slots_torch(token, block_table, block_size)
+
+
+def _select_logical(scores, budget, sink, window, seq_lens):
+    """Logical token ids ``(R, H, budget)`` chosen per row (ascending, ``-1`` padded)."""
+    from tokprune.ops.fasa import _select_top_cpu
+    from tokprune.ops.selection import select_tokens
+
+    rows, heads, n_tokens = scores.shape
+    sink = min(sink, budget)
+    window = min(window, budget - sink)
+    lens = seq_lens.long()[:, None]
+    pos = torch.arange(n_tokens, device=scores.device)[None, :]
+    valid = pos < lens  # (R, L)
+    forced = valid & ((pos < sink) | (pos >= lens - window))
+    work = scores.float().masked_fill(~valid[:, None, :], float("-inf"))
+    keep = min(budget, n_tokens)
+    if keep == 0 or rows * heads == 0:
+        index = torch.zeros(rows, heads, keep, dtype=torch.long, device=scores.device)
+    elif work.device.type == "cpu":
+        index = _select_top_cpu(work.masked_fill(forced[:, None, :], float("inf")), keep)
+    else:
+        index = select_tokens(work, keep, keep_mask=forced[:, None, :].expand_as(work))
+    index = index.masked_fill(index >= lens[:, :, None], -1)  # chosen past the length: padding
+    if keep < budget:
+        index = torch.nn.functional.pad(index, (0, budget - keep), value=-1)
+    return index
+
+
+def _tokens_to_slots_torch(token, block_table, block_size):
+    rows = token.shape[0]
+    if token.numel() == 0:
+        return token.clone()
+    t = token.clamp_min(0)
+    col = (t // block_size).clamp_max(max(block_table.shape[1] - 1, 0))
+    blk = torch.gather(block_table.long(), 1, col.view(rows, -1)).view_as(t)
+    return torch.where(token >= 0, blk * block_size + t % block_size, torch.full_like(token, -1))
+
+
+# ----------------------------------------------------------------------------------------------------
+# attention
+# ----------------------------------------------------------------------------------------------------
+
+def _check_qkv(q, k_cache, v_cache):
+    rows, heads, head_dim = _check_q(q)
+    _check_cache("k_cache", k_cache, device=q.device)
+    _check_cache("v_cache", v_cache, device=q.device)
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"q, k_cache and v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if k_cache.shape != v_cache.shape or k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache and v_cache must both be (num_blocks, kv_heads, block_size, head_dim={head_dim}), "
+                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    kv_heads = k_cache.shape[1]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"q heads ({heads}) must be a multiple of k_cache kv_heads ({kv_heads})")
+    return rows, heads, kv_heads
+
+
+def _check_scale(scale):
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    return float(scale)
+
+
+def paged_sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  slots: torch.Tensor, scale: float, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Exact decode attention of one query per request and head over the physical slots listed.
+
+    ``out[r, h] = softmax(scale * q[r, h] . K[S, h // g]) @ V[S, h // g]`` with
+    ``S = {s in slots[r, h or h // g] : s >= 0}`` and ``K[s, kvh] = k_cache[s // bs, kvh, s % bs]``;
+    softmax and accumulation in fp32. A row with no valid slot gives zeros. The Triton backend splits
+    the slot list over programs (online softmax per split) and combines the splits (flash-decoding).
+
+    Args:
+        q: ``(R, Hq, head_dim)`` fp32/fp16/bf16.
+        k_cache, v_cache: ``(num_blocks, Hkv, block_size, head_dim)``, q's dtype, any strides.
+        slots: ``(R, Hkv or Hq, K)`` int32/int64 slots (:func:`paged_select`), ``-1`` = none.
+        scale: softmax scale.
+        backend: ``"auto" | "torch" | "triton"``.
+
+    Returns:
+        ``(R, Hq, head_dim)`` in q's dtype.
+    """
+    rows, heads, kv_heads = _check_qkv(q, k_cache, v_cache)
+    check_tensor("slots", slots, ndim=3, dtypes=INT_DTYPES, device=q.device)
+    if slots.shape[0] != rows or slots.shape[1] not in (kv_heads, heads):
+        raise ValueError(f"slots must be (R={rows}, kv_heads={kv_heads} or heads={heads}, K), got {tuple(slots.shape)}")
+    scale = _check_scale(scale)
+    num_blocks, _, block_size, _ = k_cache.shape
+    _check_slots("slots", slots, num_blocks * block_size)
+    chosen = resolve_backend(backend, q.device, ("torch", "triton"), "paged_sparse_decode_attention")
+    if slots.shape[2] == 0 or q.numel() == 0:
+        return torch.zeros_like(q)
+    if chosen == "triton":
+        from tokprune.kernels.triton.paged import paged_sparse_decode_triton
+
+        return paged_sparse_decode_triton(q, k_cache, v_cache, slots, scale)
+    return _paged_sparse_decode_torch(q, k_cache, v_cache, slots, scale)
+
+
+def _softmax_attend(q_rows, k, v, valid, scale):
+    """``q_rows (R, Hi, g', D)``, ``k/v (R, Hi, K, D)`` fp32, ``valid (R, Hi, K)`` -> ``(R, Hi, g', D)`` fp32."""
+    s = torch.matmul(q_rows, k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~valid[:, :, None, :], float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    denom = p.sum(-1, keepdim=True)
+    return torch.matmul(p, v) / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def _paged_sparse_decode_torch(q, k_cache, v_cache, slots, scale):
+    rows, heads, head_dim = q.shape
+    kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+    n_idx_heads = slots.shape[1]
+    group = heads // kv_heads
+    s = slots.long()
+    valid = s >= 0
+    s = s.clamp_min(0)
+    kv_of = (torch.arange(n_idx_heads, device=q.device) // (group if n_idx_heads == heads else 1))[None, :, None]
+    blk, off = s // block_size, s % block_size
+    k = k_cache[blk, kv_of, off].float()  # (R, Hi, K, D)
+    v = v_cache[blk, kv_of, off].float()
+    q_rows = q.float().view(rows, n_idx_heads, heads // n_idx_heads, head_dim)
+    out = _softmax_attend(q_rows, k, v, valid, scale)
+    return out.reshape(rows, heads, head_dim).to(q.dtype)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float, *, max_len: Optional[int] = None,
+                           backend: Optional[str] = None) -> torch.Tensor:
+    """Dense decode attention of one query per request over all its ``seq_lens[r]`` paged tokens.
+
+    The exact path for requests whose context fits the budget, and the baseline the sparse path is
+    measured against. Equals :func:`paged_sparse_decode_attention` with every slot of the request.
+
+    Args:
+        q: ``(R, Hq, head_dim)`` fp32/fp16/bf16.
+        k_cache, v_cache: ``(num_blocks, Hkv, block_size, head_dim)``, q's dtype, any strides.
+        block_table: ``(R, max_blocks)`` int32/int64; seq_lens: ``(R,)`` int32/int64.
+        scale: softmax scale.
+        max_len: ``>= seq_lens.max()``; ``None`` reads ``seq_lens.max()`` (a sync).
+        backend: ``"auto" | "torch" | "triton"``.
+
+    Returns:
+        ``(R, Hq, head_dim)`` in q's dtype (zeros for a request with ``seq_lens[r] == 0``).
+    """
+    rows, heads, kv_heads = _check_qkv(q, k_cache, v_cache)
+    scale = _check_scale(scale)
+    num_blocks, _, block_size, head_dim = k_cache.shape
+    max_len = _resolve_max_len(max_len, seq_lens)
+    _check_table(block_table, seq_lens, rows, q.device, block_size, num_blocks, max_len)
+    chosen = resolve_backend(backend, q.device, ("torch", "triton"), "paged_decode_attention")
+    if rows == 0 or max_len == 0:
+        return torch.zeros_like(q)
+    if chosen == "triton":
+        from tokprune.kernels.triton.paged import paged_decode_triton
+
+        return paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale, max_len)
+    k = _gather_blocks(k_cache, block_table, seq_lens, max_len)[:, :, :max_len].float()  # (R, Hkv, L, D)
+    v = _gather_blocks(v_cache, block_table, seq_lens, max_len)[:, :, :max_len].float()
+    valid = (torch.arange(max_len, device=q.device)[None, :] < seq_lens.long()[:, None])[:, None, :]
+    q_rows = q.float().view(rows, kv_heads, heads // kv_heads, head_dim)
+    out = _softmax_attend(q_rows, k, v, valid.expand(rows, kv_heads, max_len), scale)
+    return out.reshape(rows, heads, head_dim).to(q.dtype)
