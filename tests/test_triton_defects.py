@@ -105,3 +105,70 @@ def test_fasa_kernels_past_2_31_elements(big_buffer):
         got = sparse_decode_attention(q, k, v, idx, 32 ** -0.5, backend="triton")
         want = sparse_decode_attention(q, k.contiguous(), v.contiguous(), idx, 32 ** -0.5, backend="torch")
         assert_close(got, want, name=f"sparse_decode_attention ({heads_of_index} index heads)")
+
+
+# ------------------------------------------------------------------------------------------ NaN logits
+def _nan_rows(vocab: int, dtype) -> torch.Tensor:
+    """Rows with NaN in every position class (first/last lane, across chunks, beside +inf, all NaN)."""
+    gen = torch.Generator().manual_seed(5)
+    rows = torch.randn(10, vocab, generator=gen)
+    rows[0, 1500] = float("nan")
+    rows[0, 10] = 100.0  # a larger number does not beat NaN
+    rows[1, [2047, 5]] = float("nan")  # lowest NaN index wins, across chunks
+    rows[2, vocab - 1] = float("nan")  # last element, last (partial) chunk
+    rows[3, 0] = float("inf")
+    rows[3, 7] = float("nan")  # NaN beats +inf
+    rows[4] = float("nan")  # all NaN -> 0
+    rows[5] = float("-inf")  # no NaN, all -inf -> 0
+    rows[6, [3, 1025]] = 50.0  # no NaN: lowest index among ties
+    rows[7, [1024, 1023]] = float("nan")  # NaN at both sides of a chunk boundary
+    rows[8, 2048] = float("nan")
+    rows[8, 1] = float("nan")
+    return rows.to(dtype)  # row 9: no NaN
+
+
+def _argmax_available_backends():
+    from tokprune._backend import unavailable_reason
+
+    return [b for b in ("triton", "cuda") if unavailable_reason(b, torch.device("cpu"), "verify_tree_greedy") is None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_argmax_nan_is_maximum_on_every_backend(dtype):
+    """Root-only trees: the bonus token is the argmax of row 0, NaN counted as the maximum."""
+    from tokprune.ops import verify_tree_greedy
+
+    vocab = 2500  # three 1024-wide chunks of the Triton kernel, the last one partial
+    rows = _nan_rows(vocab, dtype)
+    bsz = rows.shape[0]
+    expected = rows.float().argmax(-1)
+    assert expected[:9].tolist() == [1500, 5, vocab - 1, 7, 0, 0, 3, 1023, 1]  # torch.argmax's rule
+    backends = _argmax_available_backends()
+    assert "triton" in backends or not TRITON_INTERPRET_AT_IMPORT
+    tokens = torch.zeros(bsz, 1, dtype=torch.long)
+    parents = torch.full((bsz, 1), -1)
+    for backend in backends:
+        _, accept_len, next_token = verify_tree_greedy(tokens, parents, rows[:, None, :], backend=backend)
+        assert next_token.tolist() == expected.tolist(), backend
+        assert accept_len.tolist() == [0] * bsz
+    with pytest.raises(ValueError, match="NaN"):  # the torch backend rejects a NaN argmax
+        verify_tree_greedy(tokens, parents, rows[:, None, :], backend="torch")
+
+
+def test_greedy_path_through_nan_argmax():
+    """A draft token equal to the first NaN of a row is accepted by the kernels (torch.argmax's pick)."""
+    from tokprune.ops import verify_tree_greedy
+
+    vocab = 1300
+    logits = torch.randn(2, 3, vocab)
+    logits[:, 0, 700] = float("nan")
+    logits[:, 0, 900] = float("nan")
+    logits[0, 1, 42] = float("nan")
+    parents = torch.tensor([[-1, 0, 1]] * 2)
+    tokens = torch.tensor([[0, 700, 42], [0, 900, 5]])
+    for backend in _argmax_available_backends():
+        accept_index, accept_len, next_token = verify_tree_greedy(tokens, parents, logits, backend=backend)
+        # row 1 drafts the second NaN (900): rejected, the bonus token is the first NaN (700)
+        assert accept_index.tolist() == [[0, 1, 2], [0, -1, -1]], backend
+        assert accept_len.tolist() == [2, 0]
+        assert next_token.tolist() == [int(logits[0, 2].argmax()), 700]

@@ -4,7 +4,12 @@ The tree arrives as first-child / next-sibling links (computed by :mod:`tokprune
 program walks the children of its current node in sibling order with scalar loads. Rows of the
 vocabulary are processed in chunks of ``BLOCK_V`` so that any vocabulary size (128k+) works; the
 stochastic kernel keeps its working distributions ``p`` and ``q`` in a global scratch buffer of one
-row per request. Semantics: CONTRACTS.md, oracle: :mod:`tokprune.reference.spec`.
+row per request. Semantics: the contract in :mod:`tokprune.ops.spec`, oracle: :mod:`tokprune.reference.spec`.
+
+GPU occupancy: one program per request walks the tree serially and reduces the vocabulary in
+``BLOCK_V`` chunks, so at batch 1 a single SM works. Splitting the vocabulary reduction over several
+programs would need a grid-wide exchange per tree level (a second launch or a cooperative grid);
+it is not done here. The CUDA kernel of :mod:`tokprune._C` has the same one-block-per-request shape.
 """
 
 from __future__ import annotations
@@ -22,19 +27,28 @@ _NUM_WARPS = 4
 
 @triton.jit
 def _row_argmax(row_ptr, vocab, BLOCK_V: tl.constexpr):
-    """argmax of a row of ``vocab`` values, lowest index on ties (per-lane running max, one final
-    reduction: a lane keeps its earliest maximum, the lowest index among maximal lanes wins)."""
+    """argmax of a row of ``vocab`` values with ``torch.argmax``'s rule: NaN is larger than every
+    number, and the lowest index wins among equal maxima (or among NaNs).
+
+    Per-lane running maximum, one final reduction: a lane keeps its earliest maximum (a NaN replaces
+    a number, never another NaN); if any lane holds a NaN the lowest NaN index wins, else the lowest
+    index among the lanes holding the largest number. ``tl.max`` alone would drop NaNs (GPU
+    ``fmax`` returns the other operand), so NaNs are handled explicitly.
+    """
     offs = tl.arange(0, BLOCK_V)
     acc_val = tl.full([BLOCK_V], -float("inf"), dtype=tl.float32)
     acc_idx = offs
     for v0 in range(0, vocab, BLOCK_V):
         idx = v0 + offs
         vals = tl.load(row_ptr + idx, mask=idx < vocab, other=-float("inf")).to(tl.float32)
-        better = vals > acc_val
+        better = (vals > acc_val) | ((vals != vals) & (acc_val == acc_val))
         acc_idx = tl.where(better, idx, acc_idx)
         acc_val = tl.where(better, vals, acc_val)
-    best = tl.max(acc_val, axis=0)
-    return tl.min(tl.where(acc_val == best, acc_idx, 2147483647), axis=0)
+    is_nan = acc_val != acc_val
+    any_nan = tl.max(is_nan.to(tl.int32), axis=0)
+    best = tl.max(tl.where(is_nan, -float("inf"), acc_val), axis=0)
+    winner = tl.where(any_nan > 0, is_nan, acc_val == best)
+    return tl.min(tl.where(winner, acc_idx, 2147483647), axis=0)
 
 
 @triton.jit
@@ -159,6 +173,14 @@ def _verify_stochastic_kernel(
                 ok = u < px
             else:
                 ok = u * tl.load(q_row + x) < px
+            # Every thread of the program reads the scalars p[x] and q[x] from the scratch rows above;
+            # the next write to those rows comes right after (residual update / zeroing on rejection,
+            # or the next level's _load_rows once a child is accepted). Warps run independently, so
+            # without this barrier a fast warp could overwrite p/q before a slow one has read p[x],
+            # and the warps would disagree on acceptance (wrong path, or a hang at a later barrier).
+            # The Triton interpreter runs a program as one thread and cannot show this race: the fix
+            # is by construction (the CUDA kernel has the same barrier).
+            tl.debug_barrier()
             if ok:
                 accepted = c
             else:
