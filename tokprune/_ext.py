@@ -34,7 +34,13 @@ def load_error() -> Optional[str]:
 
 
 def build_info() -> dict:
-    """What the extension was built with: ``{"cuda": bool, "archs": [...], "ops": [...], ...}``."""
+    """What the extension was built with: ``{"cuda": bool, "archs": [...], "ops": [...], "codes": {...},
+    ...}`` (the op list is recorded by the binding as it binds each kernel)."""
+    return dict(_build_info())
+
+
+@functools.lru_cache(maxsize=None)
+def _build_info() -> dict:
     ext = extension()
     if ext is None:
         return {}
@@ -42,10 +48,21 @@ def build_info() -> dict:
     return dict(info()) if callable(info) else {}
 
 
+def cuda_runtime_version() -> Optional[str]:
+    """CUDA runtime version linked into tokprune._C (``"13.0"``, the release of the nvcc that built it, as
+    recorded in ``_C_build.json``); ``None`` for a host-only build or when unknown."""
+    return build_report().get("cuda_runtime") if has_cuda_kernels() else None
+
+
 def build_report() -> dict:
     """The build report written beside the module by ``tokprune_build.py`` (``tokprune/_C_build.json``):
-    ``{"cuda", "archs", "cxx", "nvcc", "ninja_seconds", "ptxas": [{kernel, arch, registers, spill_stores,
+    ``{"cuda", "archs", "cxx", "nvcc", "cuda_runtime", "ninja_seconds", "ptxas": [{kernel, arch, registers, spill_stores,
     spill_loads, stack, smem, source}, ...]}``; ``{}`` when absent."""
+    return dict(_build_report())
+
+
+@functools.lru_cache(maxsize=None)
+def _build_report() -> dict:
     import json
 
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C_build.json")
@@ -60,7 +77,7 @@ def describe() -> list:
     """Lines for ``tokprune info``: which parts of tokprune._C were compiled and their ptxas summary."""
     if extension() is None:
         return [f"extension tokprune._C: unavailable: {load_error()}"]
-    info = build_info()
+    info = _build_info()
     parts = info.get("parts", {})
     lines = [f"  compiled parts: host (g++): {', '.join(parts.get('host', [])) or 'none'}; "
              f"CUDA (nvcc): {', '.join(parts.get('cuda', [])) or 'none (built without nvcc)'}"]
@@ -73,8 +90,8 @@ def describe() -> list:
 
 
 def has_cuda_kernels() -> bool:
-    return bool(build_info().get("cuda", False))
+    return bool(_build_info().get("cuda", False))
 
 
 def has_op(op: str) -> bool:
-    return op in build_info().get("ops", ())
+    return op in _build_info().get("ops", ())

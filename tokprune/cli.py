@@ -85,7 +85,8 @@ def info_lines() -> List[str]:
 
     import tokprune
     from tokprune import _ext
-    from tokprune._backend import TRITON_INTERPRET_AT_IMPORT, available_backends
+    from tokprune._backend import (TRITON_INTERPRET_AT_IMPORT, auto_order, available_backends, device_facts,
+                                   driver_reason, kernel_image_reason, validated_archs)
 
     lines = [f"tokprune {tokprune.__version__}", f"python {platform.python_version()} ({platform.machine()})",
              f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'}; "
@@ -109,17 +110,37 @@ def info_lines() -> List[str]:
     else:
         build = _ext.build_info()
         lines.append(f"extension tokprune._C: loaded; CUDA kernels: "
-                     f"{'yes, archs ' + str(build.get('archs')) if build.get('cuda') else 'no (host build only)'}")
+                     f"{'yes, archs ' + str(build.get('archs')) if build.get('cuda') else 'no (host build only)'}"
+                     + (f"; CUDA runtime {_ext.cuda_runtime_version() or 'unknown'} (linked statically: the driver "
+                        f"must support it)" if build.get("cuda") else ""))
         if build.get("ops"):
             lines.append(f"  ops: {', '.join(build['ops'])}")
         lines.extend(_ext.describe())
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    validated = validated_archs()
+    lines.append("GPU architectures validated by make gpu-check: " + (", ".join(
+        f"{arch} ({'+'.join(entry.get('backends', [])) or 'none'})" for arch, entry in sorted(validated.items()))
+        or "none yet (auto uses torch on CUDA tensors; backend='cuda' is opt-in)"))
+    cuda_devices = [torch.device("cuda", i) for i in range(torch.cuda.device_count())] \
+        if torch.cuda.is_available() else []
+    for device in cuda_devices:
+        facts = device_facts(device)
+        cap = tuple(facts["capability"])
+        lines.append(f"{device}: {facts['name']}, compute capability {cap[0]}.{cap[1]} ({facts['arch']}), driver "
+                     f"supports CUDA {facts.get('driver_cuda') or 'unknown'}; torch built with CUDA "
+                     f"{torch.version.cuda}")
+        if _ext.has_cuda_kernels():
+            why = kernel_image_reason(cap, _ext.build_info().get("archs", [])) or driver_reason(
+                _ext.cuda_runtime_version(), facts.get("driver_cuda"))
+            lines.append(f"  tokprune._C on this GPU: {'kernel image and driver OK' if why is None else why}")
+        lines.append(f"  validated: {'yes' if facts['arch'] in validated else 'no'}; auto order: "
+                     f"{' -> '.join(auto_order(device))}")
+    devices = [torch.device("cpu")] + cuda_devices[:1]
     for device in devices:
         lines.append(f"backends for {device.type} tensors:")
         for name, reason in available_backends(device).items():
             lines.append(f"  {name:<7} {'available' if reason is None else 'unavailable: ' + reason}")
     lines.append(f"default backend (auto) for cpu tensors: torch"
-                 f"{'; TOKPRUNE_BACKEND=' + os.environ['TOKPRUNE_BACKEND'] if os.environ.get('TOKPRUNE_BACKEND') else ''}")
+                 f"{'; TOKPRUNE_BACKEND=' + os.environ['TOKPRUNE_BACKEND'] + ' (a preference)' if os.environ.get('TOKPRUNE_BACKEND') else ''}")
     from tokprune.models import smollm2_available
 
     reason = smollm2_available()
