@@ -25,7 +25,7 @@ from tokprune.reference.paged import (
     write_paged_fc_keys_reference,
 )
 
-BACKENDS = ["torch"]  # triton added with tokprune/kernels/triton/paged.py
+BACKENDS = ["torch", "triton"]
 
 
 def random_table(lens, block_size, extra_blocks=3, garbage=-1, gen=None):

@@ -1,0 +1,318 @@
+"""Triton kernels for the paged decode ops (:mod:`tokprune.ops.paged`): every cache access goes through
+a block table or a physical slot, ``address = block * stride_block + head * stride_head + offset *
+stride_token + dim * stride_dim`` in int64, so strided views (vLLM's transposed CPU K) work unchanged.
+
+* ``_write_fc_kernel``: one program per new token; copies its FC dimensions into the side cache slot.
+* ``_paged_fc_scores_kernel``: one program per (request * head, block of logical tokens); translates the
+  tokens through the block table and reads only the FC dimensions; ``-inf`` past the request's length.
+* ``_tokens_to_slots_kernel``: logical token ids -> physical slots through the block table.
+* ``_paged_decode_split_kernel``: flash-decoding split over the slot list (``DENSE=False``) or over the
+  request's logical tokens (``DENSE=True``, the exact dense path); the splits are merged by the combine
+  kernel of :mod:`tokprune.kernels.triton.fasa`. Elementwise multiply + sum, fp32 math (no ``tl.dot``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tokprune.kernels.triton.aot import LaunchConfig, register_aot
+from tokprune.kernels.triton.fasa import _combine_config, _sparse_decode_combine_kernel, split_plan
+
+
+@triton.jit
+def _write_fc_kernel(
+    key_ptr, slot_ptr, dims_ptr, fc_ptr,
+    n_heads, n_dims, block_size,
+    stride_kt, stride_kh, stride_kd,
+    stride_fb, stride_fh, stride_ft, stride_fd,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    t = tl.program_id(0)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_n = tl.arange(0, BLOCK_N)
+    slot = tl.load(slot_ptr + t + offs_h * 0).to(tl.int64)  # the token's slot, broadcast over heads
+    mask = ((offs_h < n_heads) & (slot >= 0))[:, None] & (offs_n[None, :] < n_dims)
+    dims = tl.load(dims_ptr + offs_h[:, None] * n_dims + offs_n[None, :], mask=mask, other=0)
+    k = tl.load(key_ptr + t.to(tl.int64) * stride_kt + offs_h[:, None] * stride_kh + dims * stride_kd, mask=mask,
+                other=0.0)
+    safe = tl.where(slot >= 0, slot, 0)
+    blk = safe // block_size
+    off = safe % block_size
+    dst = fc_ptr + (blk * stride_fb + off * stride_ft + offs_h * stride_fh)[:, None] + offs_n[None, :] * stride_fd
+    tl.store(dst, k.to(fc_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _paged_fc_scores_kernel(
+    q_ptr, k_ptr, qdims_ptr, kdims_ptr, table_ptr, lens_ptr, out_ptr,
+    n_heads, max_len, n_dims, group, block_size,
+    stride_qr, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_tr, stride_tc,
+    stride_or, stride_oh, stride_ot,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_rh = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    r = pid_rh // n_heads
+    h = pid_rh % n_heads
+    length = tl.load(lens_ptr + r)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_dims
+    qd = tl.load(qdims_ptr + h * n_dims + offs_n, mask=mask_n, other=0)
+    kd = tl.load(kdims_ptr + h * n_dims + offs_n, mask=mask_n, other=0)
+    q = tl.load(q_ptr + r * stride_qr + h * stride_qh + qd * stride_qd, mask=mask_n, other=0.0).to(tl.float32)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_len = offs_t < length
+    blk = tl.load(table_ptr + r.to(tl.int64) * stride_tr + (offs_t // block_size) * stride_tc, mask=in_len,
+                  other=0).to(tl.int64)
+    off = (offs_t % block_size).to(tl.int64)
+    base = k_ptr + (h // group).to(tl.int64) * stride_kh
+    k = tl.load(base + (blk * stride_kb + off * stride_kt)[:, None] + kd[None, :] * stride_kd,
+                mask=in_len[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+    s = tl.sum(k * q[None, :], axis=1)
+    s = tl.where(in_len, s, float("-inf"))
+    tl.store(out_ptr + r.to(tl.int64) * stride_or + h * stride_oh + offs_t * stride_ot, s, mask=offs_t < max_len)
+
+
+@triton.jit
+def _tokens_to_slots_kernel(
+    tok_ptr, table_ptr, out_ptr,
+    n_heads, n_keep, block_size,
+    stride_tr, stride_tc,
+    BLOCK_K: tl.constexpr,
+):
+    pid_rh = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    r = pid_rh // n_heads
+    offs = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = offs < n_keep
+    row = pid_rh.to(tl.int64) * n_keep
+    tok = tl.load(tok_ptr + row + offs, mask=mask, other=-1)
+    ok = tok >= 0
+    t = tl.where(ok, tok, 0)
+    blk = tl.load(table_ptr + r.to(tl.int64) * stride_tr + (t // block_size) * stride_tc, mask=mask & ok,
+                  other=0).to(tl.int64)
+    slot = tl.where(ok, blk * block_size + t % block_size, -1)
+    tl.store(out_ptr + row + offs, slot, mask=mask)
+
+
+@triton.jit
+def _paged_decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, slots_ptr, table_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr,
+    n_heads, n_keep, head_dim, group, idx_div, block_size, split_size, n_splits, scale,
+    stride_qr, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_sr, stride_sh, stride_sk,
+    stride_tr, stride_tc,
+    DENSE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_rh = tl.program_id(0)
+    sp = tl.program_id(1)
+    r = pid_rh // n_heads
+    h = pid_rh % n_heads
+    kvh = (h // group).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < head_dim
+    q = tl.load(q_ptr + r.to(tl.int64) * stride_qr + h * stride_qh + offs_d * stride_qd, mask=mask_d,
+                other=0.0).to(tl.float32)
+    m_i = tl.full([1], float("-inf"), tl.float32)
+    l_i = tl.zeros([1], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    start = sp * split_size
+    end = tl.minimum(start + split_size, n_keep)
+    if DENSE:
+        end = tl.minimum(end, tl.load(lens_ptr + r))
+    k_base = k_ptr + kvh * stride_kh
+    v_base = v_ptr + kvh * stride_vh
+    for k0 in range(start, end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < end
+        if DENSE:
+            ok = mask_k
+            t = tl.where(ok, offs_k, 0)
+            blk = tl.load(table_ptr + r.to(tl.int64) * stride_tr + (t // block_size) * stride_tc, mask=ok,
+                          other=0).to(tl.int64)
+            off = (t % block_size).to(tl.int64)
+        else:
+            slot = tl.load(slots_ptr + r.to(tl.int64) * stride_sr + (h // idx_div) * stride_sh + offs_k * stride_sk,
+                           mask=mask_k, other=-1).to(tl.int64)
+            ok = mask_k & (slot >= 0)
+            safe = tl.where(ok, slot, 0)
+            blk = safe // block_size
+            off = safe % block_size
+        tile_mask = ok[:, None] & mask_d[None, :]
+        kt = tl.load(k_base + (blk * stride_kb + off * stride_kt)[:, None] + offs_d[None, :] * stride_kd,
+                     mask=tile_mask, other=0.0).to(tl.float32)
+        s = tl.sum(kt * q[None, :], axis=1) * scale
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe)
+        vt = tl.load(v_base + (blk * stride_vb + off * stride_vt)[:, None] + offs_d[None, :] * stride_vd,
+                     mask=tile_mask, other=0.0).to(tl.float32)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
+        m_i = m_new
+    out_row = pid_rh * n_splits + sp
+    one = tl.arange(0, 1)
+    tl.store(m_ptr + out_row + one, m_i)
+    tl.store(l_ptr + out_row + one, l_i)
+    tl.store(acc_ptr + out_row.to(tl.int64) * head_dim + offs_d, acc, mask=mask_d)
+
+
+# ----------------------------------------------------------------------------------------------------
+# launch configurations and launchers (inputs validated in tokprune.ops.paged)
+# ----------------------------------------------------------------------------------------------------
+
+def _write_config(kv_heads: int, n_dims: int) -> LaunchConfig:
+    return LaunchConfig({"BLOCK_H": max(1, triton.next_power_of_2(kv_heads)),
+                         "BLOCK_N": max(16, triton.next_power_of_2(n_dims))}, num_warps=1, num_stages=1)
+
+
+def _scores_config(n_dims: int) -> LaunchConfig:
+    block_n = max(16, triton.next_power_of_2(n_dims))
+    return LaunchConfig({"BLOCK_T": min(128, max(16, 4096 // block_n)), "BLOCK_N": block_n}, num_warps=4,
+                        num_stages=1)
+
+
+_SLOTS_CONFIG = LaunchConfig({"BLOCK_K": 128}, num_warps=4, num_stages=1)
+
+
+def _split_config(head_dim: int, dense: bool) -> LaunchConfig:
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    # DENSE with BLOCK_K=32, BLOCK_D=64 spills 24 B on sm_90 (AOT check); 16 tokens per step do not.
+    block_k = 32 if block_d <= 128 and not dense else 16
+    return LaunchConfig({"DENSE": dense, "BLOCK_K": block_k, "BLOCK_D": block_d}, num_warps=4, num_stages=1)
+
+
+def write_paged_fc_keys_triton(fc_cache, key, slot_mapping, dims) -> None:
+    """Launcher for :func:`tokprune.ops.write_paged_fc_keys` (``dims (Hkv, nd)`` from ``fc_dims``)."""
+    n_tokens, kv_heads, _ = key.shape
+    n_dims = dims.shape[1]
+    cfg = _write_config(kv_heads, n_dims)
+    _write_fc_kernel[(n_tokens,)](
+        key, slot_mapping, dims.to(torch.int32).contiguous(), fc_cache,
+        kv_heads, n_dims, fc_cache.shape[2],
+        *key.stride(), *fc_cache.stride(),
+        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def paged_fc_scores_triton(q, cache, block_table, seq_lens, dims, packed: bool, max_len: int) -> torch.Tensor:
+    """Launcher for :func:`tokprune.ops.paged_fc_scores`; returns ``(R, Hq, max_len)`` fp32."""
+    rows, heads, _ = q.shape
+    kv_heads = cache.shape[1]
+    group = heads // kv_heads
+    n_dims = dims.shape[1]
+    head_rows = torch.arange(heads, device=q.device) // (group if dims.shape[0] == kv_heads else 1)
+    qdims = dims[head_rows].to(torch.int32).contiguous()
+    kdims = torch.arange(n_dims, device=q.device, dtype=torch.int32).expand(heads, -1).contiguous() if packed else qdims
+    out = torch.empty(rows, heads, max_len, device=q.device, dtype=torch.float32)
+    if n_dims == 0:
+        past = torch.arange(max_len, device=q.device)[None, :] >= seq_lens.long()[:, None]
+        return out.zero_().masked_fill_(past[:, None, :], float("-inf"))
+    cfg = _scores_config(n_dims)
+    grid = (rows * heads, triton.cdiv(max_len, cfg.constexprs["BLOCK_T"]))
+    _paged_fc_scores_kernel[grid](
+        q, cache, qdims, kdims, block_table, seq_lens, out,
+        heads, max_len, n_dims, group, cache.shape[2],
+        *q.stride(), *cache.stride(), *block_table.stride(), *out.stride(),
+        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def tokens_to_slots_triton(token, block_table, block_size: int) -> torch.Tensor:
+    """Logical token ids ``(R, H, K)`` int64 (``-1`` = none) -> physical slots, same shape."""
+    rows, heads, n_keep = token.shape
+    out = torch.empty_like(token)
+    if token.numel() == 0:
+        return out
+    token = token.contiguous()
+    cfg = _SLOTS_CONFIG
+    grid = (rows * heads, triton.cdiv(n_keep, cfg.constexprs["BLOCK_K"]))
+    _tokens_to_slots_kernel[grid](
+        token, block_table, out, heads, n_keep, block_size, *block_table.stride(),
+        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def _decode(q, k_cache, v_cache, slots, block_table, seq_lens, scale, n_keep, dense):
+    rows, heads, head_dim = q.shape
+    kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+    group = heads // kv_heads
+    idx_div = 1 if (dense or slots.shape[1] == heads) else group
+    cfg = _split_config(head_dim, dense)
+    n_splits, split_size = split_plan(n_keep, cfg.constexprs["BLOCK_K"])
+    n_rows = rows * heads
+    m = torch.empty(n_rows * n_splits, device=q.device, dtype=torch.float32)
+    lse = torch.empty_like(m)
+    acc = torch.empty(n_rows * n_splits, head_dim, device=q.device, dtype=torch.float32)
+    dummy = torch.zeros(1, 1, 1, dtype=torch.int64, device=q.device)
+    slots = dummy if dense else slots
+    table = block_table if dense else dummy[0]
+    lens = seq_lens if dense else dummy[0, 0]
+    _paged_decode_split_kernel[(n_rows, n_splits)](
+        q, k_cache, v_cache, slots, table, lens, m, lse, acc,
+        heads, n_keep, head_dim, group, idx_div, block_size, split_size, n_splits, scale,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *slots.stride(), *table.stride(),
+        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    out = torch.empty(n_rows, head_dim, device=q.device, dtype=torch.float32)
+    ccfg = _combine_config(head_dim)
+    _sparse_decode_combine_kernel[(n_rows,)](
+        m, lse, acc, out, n_splits, head_dim,
+        **ccfg.constexprs, num_warps=ccfg.num_warps, num_stages=ccfg.num_stages,
+    )
+    return out.view(rows, heads, head_dim).to(q.dtype)
+
+
+def paged_sparse_decode_triton(q, k_cache, v_cache, slots, scale: float) -> torch.Tensor:
+    """Launcher for :func:`tokprune.ops.paged_sparse_decode_attention`."""
+    return _decode(q, k_cache, v_cache, slots, None, None, scale, slots.shape[2], dense=False)
+
+
+def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale: float, max_len: int) -> torch.Tensor:
+    """Launcher for :func:`tokprune.ops.paged_decode_attention` (dense over each request's tokens)."""
+    return _decode(q, k_cache, v_cache, None, block_table, seq_lens, scale, max_len, dense=True)
+
+
+_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def _register() -> None:
+    strides = lambda *names: {f"stride_{n}": "i64" for n in names}  # noqa: E731
+    for elem in ("fp32", "bf16"):
+        sig = {"key_ptr": f"*{elem}", "slot_ptr": "*i64", "dims_ptr": "*i32", "fc_ptr": f"*{elem}",
+               "n_heads": "i32", "n_dims": "i32", "block_size": "i32"}
+        sig.update(strides("kt", "kh", "kd", "fb", "fh", "ft", "fd"))
+        configs = {c.label(): c for c in (_write_config(h, n) for h in (1, 2, 4, 8, 16) for n in (2, 16, 32, 64))}
+        register_aot("paged", _write_fc_kernel, sig, list(configs.values()))
+        sig = {"q_ptr": f"*{elem}", "k_ptr": f"*{elem}", "qdims_ptr": "*i32", "kdims_ptr": "*i32",
+               "table_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": "*fp32"}
+        sig.update({n: "i32" for n in ("n_heads", "max_len", "n_dims", "group", "block_size")})
+        sig.update(strides("qr", "qh", "qd", "kb", "kh", "kt", "kd", "tr", "tc", "or", "oh", "ot"))
+        configs = {c.label(): c for c in (_scores_config(n) for n in (2, 32, 64, 128, 256))}
+        register_aot("paged", _paged_fc_scores_kernel, sig, list(configs.values()))
+        sig = {"q_ptr": f"*{elem}", "k_ptr": f"*{elem}", "v_ptr": f"*{elem}", "slots_ptr": "*i64",
+               "table_ptr": "*i32", "lens_ptr": "*i32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32"}
+        sig.update({n: "i32" for n in ("n_heads", "n_keep", "head_dim", "group", "idx_div", "block_size",
+                                       "split_size", "n_splits")})
+        sig["scale"] = "fp32"
+        sig.update(strides("qr", "qh", "qd", "kb", "kh", "kt", "kd", "vb", "vh", "vt", "vd", "sr", "sh", "sk",
+                           "tr", "tc"))
+        register_aot("paged", _paged_decode_split_kernel, sig,
+                     [_split_config(d, dense) for d in _HEAD_DIMS for dense in (False, True)])
+    sig = {"tok_ptr": "*i64", "table_ptr": "*i32", "out_ptr": "*i64", "n_heads": "i32", "n_keep": "i32",
+           "block_size": "i32"}
+    sig.update(strides("tr", "tc"))
+    register_aot("paged", _tokens_to_slots_kernel, sig, [_SLOTS_CONFIG])
+
+
+_register()
