@@ -51,6 +51,8 @@ _EXPORTS = {
     "tree_mask_packed": "spec",
     "unpack_tree_mask": "spec",
     "compact_accepted_kv": "spec",
+    # dense decode attention on a KV cache (GQA without repeat_kv)
+    "dense_decode_attention": "decode",
 }
 
 __all__ = sorted(_EXPORTS)
