@@ -1,5 +1,7 @@
 """Token sparse attention ops: scores, compress/decompress (torch + Triton), composed attention."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +9,7 @@ import torch.nn.functional as F
 from tests.helpers import assert_close
 from tokprune._backend import BackendUnavailable
 from tokprune.ops import compress_qkv, decompress, select_tokens, token_sparse_attention, token_sparse_scores
-from tokprune.ops.token_sparse import resolve_keep
+from tokprune.ops.token_sparse import coverage_keep_count, resolve_keep
 from tokprune.reference.token_sparse import (compress_qkv_reference, decompress_reference,
                                              token_sparse_attention_reference, token_sparse_scores_reference)
 
@@ -237,3 +239,69 @@ def test_attention_errors():
         token_sparse_scores(q, k, kernel_size=4)
     with pytest.raises(ValueError, match="window must be a positive int"):
         token_sparse_attention(q, k, v, window=0)
+
+
+# ------------------------------------------------------------------------------------------- coverage rule (tau)
+def _coverage_count_by_hand(scores, window, tau, min_tokens):
+    """The paper's kept count written as plain loops over rows and sorted values."""
+    batch, heads, n = scores.shape
+    w = min(window, n)
+    prefix = n - w
+    counts = []
+    for b in range(batch):
+        g = [sum(max(float(scores[b, h, j]), 0.0) if math.isfinite(float(scores[b, h, j])) else 0.0
+                 for h in range(heads)) / heads for j in range(prefix)]
+        total = sum(g) + 1e-8
+        acc, sparse = 0.0, 0
+        for value in sorted(x / total for x in g):
+            acc += value
+            sparse += acc < tau
+        counts.append(sparse)
+    sparse = min(counts)
+    if sparse == 0:
+        return n
+    return min(n, w + max(min_tokens - w, prefix - sparse - 1))
+
+
+def test_coverage_count_hand_example():
+    # prefix of 8 tokens, head-mean mass [1, 1, 1, 1, 96, 0, 0, 0] / 100 (window 2 after it).
+    # sorted ascending: 0, 0, 0, .01, .01, .01, .01, .96 -> cumsum 0, 0, 0, .01, .02, .03, .04, 1
+    # tau = 0.025: 5 values below -> 5 + 1 = 6 tokens dropped, 2 prefix tokens + the window kept.
+    mass = torch.tensor([1.0, 1, 1, 1, 96, 0, 0, 0, 5, 5])
+    scores = torch.stack([mass * 0.5, mass * 1.5])[None]  # two heads; the head mean is `mass`
+    assert coverage_keep_count(scores, window=2, tau=0.025) == 2 + 2
+    assert coverage_keep_count(scores, window=2, tau=0.025, min_tokens=7) == 7  # floor: 5 prefix + window
+    assert coverage_keep_count(scores, window=2, tau=0.0) == 10  # nothing below tau: dense
+    # a second row whose rule drops fewer tokens sets the one count of the batch
+    flat = torch.ones(1, 2, 10)  # uniform: cumsum .125, .25, ... -> tau .2 drops 1 + 1
+    both = torch.cat([scores, flat])
+    assert coverage_keep_count(both, window=2, tau=0.2) == min(10, 2 + 8 - 1 - 1)
+    with pytest.raises(ValueError, match=r"tau must be a float in \[0, 1\)"):
+        coverage_keep_count(scores, window=2, tau=1.5)
+
+
+@pytest.mark.parametrize("tau", [0.005, 0.05, 0.3])
+def test_coverage_count_matches_loop_oracle(tau):
+    q, k, _ = _qkv(2, 4, 2, 70, 16)
+    pad = _left_padding(2, 70, [0, 9])
+    scores = token_sparse_scores(q, k, window=8, kernel_size=3, key_padding_mask=pad)
+    got = coverage_keep_count(scores, window=8, tau=tau, min_tokens=12)
+    assert got == _coverage_count_by_hand(scores, 8, tau, 12)
+    assert 12 <= got <= 70
+
+
+def test_tau_attention_equals_explicit_count():
+    q, k, v = _qkv(1, 6, 2, 90, 16)
+    scores = token_sparse_scores(q, k, window=8, kernel_size=7)
+    n_keep = _coverage_count_by_hand(scores, 8, 0.2, 0)
+    assert 8 < n_keep < 90
+    out, idx = token_sparse_attention(q, k, v, keep=None, tau=0.2, window=8, return_indices=True)
+    ref, ref_idx = token_sparse_attention(q, k, v, keep=n_keep, window=8, return_indices=True)
+    assert idx.shape[-1] == n_keep and torch.equal(idx, ref_idx) and torch.equal(out, ref)
+    # tau = 0 drops nothing: exactly dense
+    dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert torch.equal(token_sparse_attention(q, k, v, keep=None, tau=0.0, window=8), dense)
+    with pytest.raises(ValueError, match="give keep"):
+        token_sparse_attention(q, k, v, keep=None)
+    with pytest.raises(ValueError, match="both given"):
+        token_sparse_attention(q, k, v, keep=0.5, tau=0.005)

@@ -23,6 +23,7 @@ EVALS: Dict[str, str] = {
 }
 CALIBRATIONS: Dict[str, str] = {
     "fasa": "tokprune.methods.fasa:calibrate_main",
+    "token-sparse": "tokprune.methods.token_sparse:calibrate_main",
 }
 
 

@@ -16,11 +16,12 @@ The rules follow the authors' released code (``sparse_attn/token_sparse/sparse_c
   layer and head the token gets no attention update and keeps only its residual path; the next
   layer re-scores every token (interleaved selection, never a permanent eviction).
 
-Where the paper differs from this API: it sets the number of kept tokens adaptively from a coverage
-threshold ``tau`` over the head-mean score distribution with a floor ``min_tokens`` (1024); here the
-budget is explicit (``keep``, a fraction or a count) with the same ``min_tokens`` floor, which makes
-speed and quality comparable across inputs. The paper applies the method to the second half of the
-layers only; the policy :class:`tokprune.methods.TokenSparseAttention` has a ``layers`` setting.
+Kept count: the paper sets it adaptively from a coverage threshold ``tau`` (0.005) over the head-mean
+score distribution with a floor ``min_tokens`` (1024 prefix tokens + the window):
+``keep=None, tau=...`` (:func:`coverage_keep_count`). ``keep`` (a fraction or a count) is tokprune's
+explicit budget, with the same floor, which makes speed and quality comparable across inputs. The paper
+applies the method to the layers whose hidden-state drift is below the ``delta`` quantile;
+:class:`tokprune.methods.TokenSparseAttention` has ``layers="profile"`` for that.
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from tokprune._backend import resolve_backend
+from tokprune._debug import debug_checks
 from tokprune.ops._checks import FLOAT_DTYPES, check_index, check_tensor
 from tokprune.ops.selection import select_tokens
+from tokprune.ops.window import window_attention_scores
 
 Keep = Union[float, int]
 
@@ -63,6 +66,14 @@ def _check_padding(key_padding_mask: Optional[torch.Tensor], batch: int, n: int,
         raise ValueError(f"key_padding_mask must be (batch={batch}, n_tokens={n}) bool, True = real token, "
                          f"got {tuple(key_padding_mask.shape)}")
     return None if bool(key_padding_mask.all()) else key_padding_mask
+
+
+def _check_indices(indices: torch.Tensor, upper: int) -> None:
+    """dtype always; the value range (reads the data: a host sync) only in debug mode."""
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
+    if debug_checks():
+        check_index("indices", indices, upper)
 
 
 def resolve_keep(keep: Keep, n_tokens: int) -> int:
@@ -121,36 +132,49 @@ def token_sparse_scores(
     resolve_backend(backend, q.device, ("torch",), "token_sparse_scores")
     batch, heads, n, dim = q.shape
     pad = _check_padding(key_padding_mask, batch, n, q.device)
-    return _scores_torch(q, k, min(window, n), kernel_size, dim ** -0.5 if scale is None else float(scale),
-                         causal, pad)
-
-
-def _scores_torch(q, k, w, kernel_size, scale, causal, pad):
-    batch, heads, n, dim = q.shape
-    kv_heads = k.shape[1]
-    group = heads // kv_heads
     if n == 0:
         return q.new_zeros(batch, heads, 0, dtype=torch.float32)
-    # (B, Hkv, g*W, D): the window queries of the g heads that share one KV head, no KV expansion.
-    # The scale is folded into the (small) window queries instead of the (W, N) logits.
-    qw = (q[:, :, n - w:, :].float() * scale).reshape(batch, kv_heads, group * w, dim)
-    logits = torch.matmul(qw, k.float().transpose(-1, -2)).view(batch, kv_heads, group, w, n)
-    if causal:  # only the (W, W) block of window keys can lie in a window query's future
-        future = torch.ones(w, w, dtype=torch.bool, device=q.device).triu(1)
-        logits[..., n - w:].masked_fill_(future, float("-inf"))
-    if pad is not None:
-        logits.masked_fill_(~pad[:, None, None, None, :], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if pad is not None:
-        probs = probs.nan_to_num_(0.0)  # a padding query in the window sees no key
-    mean = probs.sum(3).div_(w).view(batch, heads, n)
+    # The shared window op (SnapKV / UNComp use it too): per query head, mean over the window,
+    # average pool (zero padding counted) over the prefix keys only.
+    return window_attention_scores(q, k, window, kernel_size, scale, pad, None, window_reduce="mean",
+                                   pool_mode="avg", pool_prefix_only=True, causal=causal)
+
+
+def coverage_keep_count(scores: torch.Tensor, window: int, tau: float, min_tokens: int = 0) -> int:
+    """Tokens kept (window included) by the paper's coverage rule: one count per layer call.
+
+    Over the prefix keys ``j < N - w`` (``w = min(window, N)``), the head-mean score
+    ``g[b, j] = mean_h scores[b, h, j]`` is normalised to a distribution (``g / (sum g + 1e-8)``, padding
+    and ``-inf`` count as 0); sorted ascending, its cumulative sum gives the number of *sparse* tokens
+    ``s_b = #{cumsum < tau}`` (the least-attended tokens that together hold less than ``tau`` of the
+    mass). One count for the batch: ``s = min_b s_b`` (no row drops more than its own rule allows). If
+    ``s == 0`` nothing is dropped (returns ``N``); else ``s + 1`` tokens are dropped, with a floor of
+    ``min_tokens - w`` kept prefix tokens:
+    ``n_keep = w + max(min_tokens - w, N - w - s - 1)``, at most ``N``.
+
+    Args:
+        scores: ``(batch, heads, N)`` float, e.g. :func:`token_sparse_scores` (larger = more attended).
+        window: observation window (the last ``window`` tokens are always kept and not counted).
+        tau: coverage threshold in ``[0, 1)`` (paper: 0.005).
+        min_tokens: floor on the kept count, window included.
+
+    Returns:
+        ``n_keep`` (python int, in ``[min(window, N), N]``). Reads the scores on the host (one sync).
+    """
+    check_tensor("scores", scores, ndim=3, dtypes=FLOAT_DTYPES)
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= float(tau) < 1.0:
+        raise ValueError(f"tau must be a float in [0, 1) (coverage threshold; paper: 0.005), got {tau!r}")
+    n = scores.shape[-1]
+    w = min(window, n)
     prefix = n - w
-    if prefix > 0 and kernel_size > 1:
-        pooled = F.avg_pool1d(mean[..., :prefix], kernel_size=kernel_size, stride=1, padding=kernel_size // 2)
-        mean = torch.cat([pooled, mean[..., prefix:]], dim=-1)
-    if pad is not None:
-        mean = mean.masked_fill(~pad[:, None, :], float("-inf"))
-    return mean
+    if prefix <= 0 or tau == 0:
+        return n
+    g = scores[..., :prefix].float().nan_to_num(0.0, posinf=0.0, neginf=0.0).clamp_min(0.0).mean(1)  # (B, P)
+    g = g / (g.sum(-1, keepdim=True) + 1e-8)
+    sparse = int((g.sort(-1).values.cumsum(-1) < float(tau)).sum(-1).min())
+    if sparse == 0:
+        return n
+    return min(n, w + max(min_tokens - w, prefix - sparse - 1))
 
 
 # ----------------------------------------------------------------------------------------------- compress
@@ -184,7 +208,7 @@ def compress_qkv(
     check_tensor("indices", indices, ndim=3, device=q.device)
     if tuple(indices.shape[:2]) != tuple(q.shape[:2]):
         raise ValueError(f"indices must be (batch={q.shape[0]}, heads={q.shape[1]}, n_keep), got {tuple(indices.shape)}")
-    check_index("indices", indices, q.shape[2])
+    _check_indices(indices, q.shape[2])
     chosen = resolve_backend(backend, q.device, ("torch", "triton"), "compress_qkv")
     if chosen == "triton":
         from tokprune.kernels.triton.token_sparse import compress_qkv_triton
@@ -235,7 +259,7 @@ def decompress(
                          f"out_compressed, got {tuple(indices.shape)}")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < indices.shape[2]:
         raise ValueError(f"seq_len must be an int >= n_keep={indices.shape[2]}, got {seq_len!r}")
-    check_index("indices", indices, seq_len)
+    _check_indices(indices, seq_len)
     batch, heads, _, dim = out_compressed.shape
     chosen = resolve_backend(backend, out_compressed.device, ("torch", "triton"), "decompress")
     buf = torch.empty(batch, seq_len, heads, dim, dtype=out_compressed.dtype, device=out_compressed.device)
@@ -285,7 +309,7 @@ def token_sparse_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    keep: Keep = 0.25,
+    keep: Optional[Keep] = 0.25,
     causal: bool = True,
     min_tokens: int = 0,
     window: int = 128,
@@ -294,11 +318,14 @@ def token_sparse_attention(
     key_padding_mask: Optional[torch.Tensor] = None,
     return_indices: bool = False,
     backend: Optional[str] = None,
+    tau: Optional[float] = None,
 ):
     """Token sparse attention: score -> select per head -> compress -> dense attention -> decompress.
 
-    Every query head keeps ``n_keep = max(resolve_keep(keep, N), min(min_tokens, N), min(window, N))``
-    tokens: the last ``window`` tokens plus the best-scored others (:func:`token_sparse_scores`),
+    Every query head keeps ``n_keep = max(budget, min(min_tokens, N), min(window, N))`` tokens, where
+    ``budget`` is ``resolve_keep(keep, N)`` (explicit budget) or, with ``keep=None``, the paper's coverage
+    count :func:`coverage_keep_count` for ``tau`` (one count per call, from the head-mean scores):
+    the last ``window`` tokens plus the best-scored others (:func:`token_sparse_scores`),
     sorted by original position. Selected queries attend causally to the selected keys of their head;
     other queries output zeros (see :func:`decompress`). When every token is kept the call is exactly
     dense attention (the same SDPA call on the uncompressed tensors).
@@ -306,7 +333,7 @@ def token_sparse_attention(
     Args:
         q: ``(batch, heads, n_tokens, head_dim)`` fp32/fp16/bf16, after RoPE.
         k, v: ``(batch, kv_heads, n_tokens, head_dim)`` (GQA not expanded), dtype of ``q``.
-        keep: fraction of tokens in ``(0, 1]`` or a count in ``[1, n_tokens]``.
+        keep: fraction of tokens in ``(0, 1]`` or a count in ``[1, n_tokens]``; ``None``: use ``tau``.
         causal: causal attention (order preserved by original positions).
         min_tokens: floor on the kept count (the paper's ``min_tokens``).
         window, kernel_size: scoring settings, see :func:`token_sparse_scores`.
@@ -316,6 +343,8 @@ def token_sparse_attention(
         return_indices: also return the ``(batch, heads, n_keep)`` int64 selected indices
             (``None`` when every token was kept).
         backend: gather/scatter backend ``"auto" | "torch" | "triton"``; scoring and selection use torch.
+        tau: coverage threshold in ``[0, 1)`` when ``keep is None`` (paper: 0.005 with
+            ``min_tokens = 1024 + window``); the call is dense when the rule drops nothing.
 
     Returns:
         ``(batch, heads, n_tokens, head_dim)`` (a view of a ``(batch, n_tokens, heads, head_dim)``
@@ -327,13 +356,24 @@ def token_sparse_attention(
         raise ValueError(f"min_tokens must be a non-negative int, got {min_tokens!r}")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be a positive int, got {window!r}")
+    if keep is None and tau is None:
+        raise ValueError("token_sparse_attention: give keep (a budget) or keep=None with tau (coverage threshold)")
+    if keep is not None and tau is not None:
+        raise ValueError(f"token_sparse_attention: keep={keep!r} and tau={tau!r} both given; set keep=None to "
+                         "use the coverage threshold tau")
     chosen = resolve_backend(backend, q.device, ("torch", "triton"), "token_sparse_attention")
     scale = dim ** -0.5 if scale is None else float(scale)
     pad = _check_padding(key_padding_mask, batch, n, q.device)
     if n == 0:
         out = q.new_zeros(batch, heads, 0, v.shape[-1])
         return (out, None) if return_indices else out
-    n_keep = max(resolve_keep(keep, n), min(min_tokens, n), min(window, n))
+    floor = max(min(min_tokens, n), min(window, n))
+    n_keep = max(resolve_keep(keep, n), floor) if keep is not None else floor
+    scores = None
+    if keep is None and n_keep < n:  # coverage rule: the count depends on the scores
+        scores = token_sparse_scores(q, k, window=window, kernel_size=kernel_size, scale=scale, causal=causal,
+                                     key_padding_mask=pad)
+        n_keep = max(coverage_keep_count(scores, window, tau, min_tokens), floor)
     if n_keep >= n:
         out = dense_attention(q, k, v, causal=causal, scale=scale,
                               attn_mask=None if pad is None else _dense_mask(pad, n, causal))
@@ -344,8 +384,9 @@ def token_sparse_attention(
         raise ValueError(f"v head_dim must equal q head_dim {dim} on the sparse path, got {v.shape[-1]}")
 
     w = min(window, n)
-    scores = token_sparse_scores(q, k, window=w, kernel_size=kernel_size, scale=scale, causal=causal,
-                                 key_padding_mask=pad)
+    if scores is None:
+        scores = token_sparse_scores(q, k, window=w, kernel_size=kernel_size, scale=scale, causal=causal,
+                                     key_padding_mask=pad)
     forced = torch.zeros(n, dtype=torch.bool, device=q.device)
     forced[n - w:] = True
     indices = select_tokens(scores, n_keep, keep_mask=forced.expand(batch, heads, n))
@@ -372,4 +413,4 @@ def _dense_mask(pad: torch.Tensor, n: int, causal: bool) -> torch.Tensor:
 
 
 __all__ = ["token_sparse_scores", "compress_qkv", "decompress", "token_sparse_attention", "resolve_keep",
-           "dense_attention"]
+           "coverage_keep_count", "dense_attention"]
