@@ -172,3 +172,112 @@ def test_greedy_path_through_nan_argmax():
         assert accept_index.tolist() == [[0, 1, 2], [0, -1, -1]], backend
         assert accept_len.tolist() == [2, 0]
         assert next_token.tolist() == [int(logits[0, 2].argmax()), 700]
+
+
+# ------------------------------------------------------------------------------ grids and devices
+def test_grids_stay_within_cuda_limits_for_long_sequences():
+    """Token blocks go on grid axis 0 (2**31 - 1 programs); heads, batch, splits on axes 1 / 2."""
+    import triton
+
+    from tokprune.kernels.triton import fasa, gather, token_sparse
+    from tokprune.kernels.triton._launch import MAX_GRID, check_grid, token_grid
+
+    def within(grid):
+        return all(n <= limit for n, limit in zip(grid, MAX_GRID)) and check_grid(grid, "k") == tuple(grid)
+
+    for n_tokens in (1, 1_000_000, 16_000_000, 300_000_000):
+        for batch, heads in ((1, 32), (64, 128)):
+            block_t = fasa._fc_config(16).constexprs["BLOCK_T"]
+            grid = fasa.fc_scores_grid(batch, heads, n_tokens, block_t)
+            assert within(grid) and grid[0] * block_t >= n_tokens > (grid[0] - 1) * block_t
+            assert grid[1:] == (heads, batch)
+            for config in (gather._launch_config(n_tokens), token_sparse._launch_config(n_tokens)):
+                block_k = config.constexprs["BLOCK_K"]
+                grid = token_grid(batch, heads, n_tokens, block_k)
+                assert within(grid) and grid[0] * block_k >= n_tokens > (grid[0] - 1) * block_k
+    # decode: index rows (batch x heads) on axis 0, even for huge batches
+    grid = fasa.sparse_decode_grid(8192, 32, 4, 64, 4)
+    assert within(grid) and grid == (8192 * 32, 64, 1)
+    # the old layout (batch x heads, token blocks) is what check_grid rejects past ~1M tokens
+    with pytest.raises(ValueError, match="grid axis 1 has 62500 programs|grid axis 1 has 65536"):
+        check_grid((32, triton.cdiv(1_048_576, 16)), "old fc_scores layout")
+    with pytest.raises(ValueError, match="_fc_scores_kernel: grid axis 2"):
+        check_grid((1, 1, 70000), "_fc_scores_kernel")
+
+
+def test_split_plan_uses_batch_times_heads():
+    from tokprune.kernels.triton.fasa import split_plan
+
+    n_keep, block_k = 4096, 32
+    assert split_plan(n_keep, block_k) == (64, 64)  # no device information: finest split
+    few, _ = split_plan(n_keep, block_k, programs=8, n_sms=132)
+    many, size = split_plan(n_keep, block_k, programs=4096, n_sms=132)
+    assert few == 64 and many == 1 and size >= n_keep  # B*H fills the SMs: no split, no combine work
+    mid, size = split_plan(n_keep, block_k, programs=132, n_sms=132)
+    assert mid == 4 and mid * size >= n_keep and size % block_k == 0
+
+
+@needs_triton
+def test_every_triton_launch_runs_under_the_tensor_device(monkeypatch):
+    """All launchers go through _launch.launch: grid checked and the tensor's device made current."""
+    import contextlib
+
+    from tokprune import ops
+    from tokprune.kernels.triton import _launch
+
+    seen = []
+    real_check = _launch.check_grid
+
+    def record_check(grid, what):
+        seen.append(what)
+        return real_check(grid, what)
+
+    devices = []
+
+    def record_guard(device):
+        devices.append(device)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(_launch, "check_grid", record_check)
+    monkeypatch.setattr(_launch, "device_guard", record_guard)
+    q = torch.randn(1, 4, 1, 16)
+    k = torch.randn(1, 2, 20, 16)
+    idx = torch.randint(0, 20, (1, 2, 5))
+    ops.fc_scores(q, k, torch.randint(0, 8, (2, 2)), backend="triton")
+    ops.sparse_decode_attention(q, k, k, idx, 0.25, backend="triton")
+    ops.gather_tokens(k, idx, backend="triton")
+    qf = torch.randn(1, 4, 20, 16)
+    sel = torch.sort(torch.rand(1, 4, 20).argsort(-1)[..., :6], -1).values
+    qc, _, _ = ops.compress_qkv(qf, k, k, sel, backend="triton")
+    ops.decompress(qc, sel, 20, backend="triton")
+    ops.verify_tree_greedy(torch.zeros(1, 1, dtype=torch.long), torch.full((1, 1), -1), torch.randn(1, 1, 30),
+                           backend="triton")
+    probs = torch.softmax(torch.randn(1, 1, 30), -1)
+    ops.verify_tree_stochastic(torch.zeros(1, 1, dtype=torch.long), torch.full((1, 1), -1), probs, probs,
+                               rule="specinfer", uniforms=torch.rand(1, 1), backend="triton")
+    ops.token_information_scores(torch.randn(1, 5, 4, 8), backend="triton")
+    assert {"_fc_scores_kernel", "_sparse_decode_split_kernel", "_sparse_decode_combine_kernel",
+            "_gather_tokens_kernel", "_compress_qkv_kernel", "_decompress_kernel", "_verify_greedy_kernel",
+            "_verify_stochastic_kernel", "_token_gram_kernel"} <= set(seen)
+    assert len(devices) == len(seen) and all(d == torch.device("cpu") for d in devices)
+
+
+# ------------------------------------------------------------------------- FASA decode, GQA groups
+@needs_triton
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (16, 2), (4, 4)])
+@pytest.mark.parametrize("per", ["kv", "q"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_decode_gqa_groups(heads, kv_heads, per, dtype):
+    """Indices per KV head: one program serves up to four heads of a group (group 3: one masked lane,
+    group 8: two head chunks); per query head: one head per program."""
+    from tokprune.ops import sparse_decode_attention
+
+    gen = torch.Generator().manual_seed(heads * 10 + kv_heads)
+    q = torch.randn(2, heads, 1, 48, generator=gen).to(dtype)
+    k = torch.randn(2, kv_heads, 90, 48, generator=gen).to(dtype)
+    v = torch.randn(2, kv_heads, 90, 48, generator=gen).to(dtype)
+    idx = torch.randint(-1, 90, (2, kv_heads if per == "kv" else heads, 70), generator=gen)
+    idx[1, 0] = -1  # a row with no valid token gives zeros
+    got = sparse_decode_attention(q, k, v, idx, 48 ** -0.5, backend="triton")
+    want = sparse_decode_attention(q, k, v, idx, 48 ** -0.5, backend="torch")
+    assert_close(got, want, name=f"sparse decode H={heads} Hkv={kv_heads} per {per}")

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tokprune.kernels.triton._launch import launch
 from tokprune.kernels.triton.aot import LaunchConfig, register_aot
 
 
@@ -31,9 +32,10 @@ def _masked_gram_kernel(
 ):
     # Rows of the Gram product are indexed by m (tokens when TOKENS_SIDE, features otherwise) and the
     # product contracts over k (features when TOKENS_SIDE, tokens otherwise).
-    pid_i = tl.program_id(0)
-    pid_j = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    # Grid (batch, row blocks, column blocks): the batch, which has no bound, sits on axis 0.
+    b = tl.program_id(0).to(tl.int64)
+    pid_i = tl.program_id(1)
+    pid_j = tl.program_id(2)
     offs_i = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_j = pid_j * BLOCK_M + tl.arange(0, BLOCK_M)
     in_i = offs_i < m_size
@@ -135,12 +137,11 @@ def masked_gram_triton(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor,
         return out
     cfg = _gram_config(m_size)
     block_m = cfg.constexprs["BLOCK_M"]
-    grid = (triton.cdiv(m_size, block_m), triton.cdiv(m_size, block_m), batch)
-    _masked_gram_kernel[grid](
-        x, mean, scale, count, out, m_size, k_size,
-        x.stride(0), s_m, s_k, mean.stride(0), scale.stride(0), *out.stride(),
-        TOKENS_SIDE=tokens_side, **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    grid = (batch, triton.cdiv(m_size, block_m), triton.cdiv(m_size, block_m))
+    launch(_masked_gram_kernel, grid, x.device,
+           x, mean, scale, count, out, m_size, k_size,
+           x.stride(0), s_m, s_k, mean.stride(0), scale.stride(0), *out.stride(),
+           TOKENS_SIDE=tokens_side, **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
@@ -159,10 +160,9 @@ def token_gram_triton(x: torch.Tensor) -> torch.Tensor:
     if out.numel() == 0:
         return out
     cfg = _token_config(heads)
-    _token_gram_kernel[(n_tok,)](
-        x, out, heads, head_dim, *x.stride(), *out.stride(),
-        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    launch(_token_gram_kernel, (n_tok,), x.device,
+           x, out, heads, head_dim, *x.stride(), *out.stride(),
+           **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 

@@ -7,8 +7,14 @@ logits.
 Sparse decode attention is split over the selected tokens (flash-decoding): ``_sparse_decode_split_kernel``
 runs an online softmax over one slice of the index list per program and writes its running max ``m``, sum
 ``l`` and unnormalised output; ``_sparse_decode_combine_kernel`` rescales the slices by
-``exp(m_i - max m)`` and normalises. Dot products use elementwise multiply + sum (one query row), so no
-``tl.dot`` is needed (the interpreter's bf16 ``tl.dot`` is broken); all math is fp32.
+``exp(m_i - max m)`` and normalises. A split program serves every query head that shares its index row
+(the whole GQA group when the indices are per KV head, FASA's case), in chunks of ``BLOCK_G`` heads, so
+each selected K/V row is read once per KV head instead of once per query head. Dot products use
+elementwise multiply + sum (a few query rows), so no ``tl.dot`` is needed (the interpreter's bf16
+``tl.dot`` is broken); all math is fp32.
+
+Grids keep the growing dimension on axis 0 (token blocks for ``fc_scores``, index rows for the decode)
+and launch on the tensors' device (:mod:`tokprune.kernels.triton._launch`).
 """
 
 from __future__ import annotations
@@ -17,24 +23,25 @@ import torch
 import triton
 import triton.language as tl
 
+from tokprune.kernels.triton._launch import launch
 from tokprune.kernels.triton.aot import LaunchConfig, register_aot
 
 
 @triton.jit
 def _fc_scores_kernel(
     q_ptr, k_ptr, qdims_ptr, kdims_ptr, out_ptr,
-    n_heads, n_tokens, n_dims, group,
+    n_tokens, n_dims, group,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_ob, stride_oh, stride_ot,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Program ids, offsets and dims are int64 before any stride product: at run time strides below
-    # 2**31 arrive as i32, and an i32 product wraps past 2**31 elements.
-    pid_bh = tl.program_id(0)
-    pid_t = tl.program_id(1).to(tl.int64)
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
+    # Grid (token blocks, heads, batch): see fc_scores_grid. Program ids, offsets and dims are int64
+    # before any stride product: at run time strides below 2**31 arrive as i32, and an i32 product
+    # wraps past 2**31 elements.
+    pid_t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_dims
     qd = tl.load(qdims_ptr + h * n_dims + offs_n, mask=mask_n, other=0).to(tl.int64)
@@ -55,6 +62,12 @@ def _fc_config(n_dims: int) -> LaunchConfig:
     return LaunchConfig({"BLOCK_T": block_t, "BLOCK_N": block_n}, num_warps=4, num_stages=1)
 
 
+def fc_scores_grid(batch: int, heads: int, n_tokens: int, block_t: int) -> tuple:
+    """Grid of ``_fc_scores_kernel``: ``(token blocks, heads, batch)``; the token axis, the one that
+    grows with the context, sits on axis 0 (up to 2**31 - 1 programs)."""
+    return (triton.cdiv(n_tokens, block_t), heads, batch)
+
+
 def fc_scores_triton(q: torch.Tensor, k_cache: torch.Tensor, dims: torch.Tensor, packed: bool) -> torch.Tensor:
     """Launcher for :func:`tokprune.ops.fc_scores` (inputs validated there). ``dims (Hkv or H, nd)``."""
     batch, heads, _, _ = q.shape
@@ -73,69 +86,73 @@ def fc_scores_triton(q: torch.Tensor, k_cache: torch.Tensor, dims: torch.Tensor,
     if n_dims == 0:
         return out.zero_()
     cfg = _fc_config(n_dims)
-    grid = (batch * heads, triton.cdiv(n_tokens, cfg.constexprs["BLOCK_T"]))
-    _fc_scores_kernel[grid](
-        q, k_cache, qdims, kdims, out,
-        heads, n_tokens, n_dims, group,
-        q.stride(0), q.stride(1), q.stride(3),
-        *k_cache.stride(), *out.stride(),
-        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    launch(_fc_scores_kernel, fc_scores_grid(batch, heads, n_tokens, cfg.constexprs["BLOCK_T"]), q.device,
+           q, k_cache, qdims, kdims, out,
+           n_tokens, n_dims, group,
+           q.stride(0), q.stride(1), q.stride(3),
+           *k_cache.stride(), *out.stride(),
+           **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
 @triton.jit
 def _sparse_decode_split_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, m_ptr, l_ptr, acc_ptr,
-    n_heads, n_keep, head_dim, group, idx_div, split_size, n_splits, scale,
+    n_idx_heads, n_keep, head_dim, heads_per_row, group, split_size, n_splits, scale,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ib, stride_ih, stride_ik,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0).to(tl.int64)  # int64 before stride products (see _fc_scores_kernel)
+    # Grid (index rows, splits, head chunks). Index row r = b * n_idx_heads + ih is shared by the
+    # heads_per_row query heads ih * heads_per_row + g (all of them read KV head h // group); this
+    # program serves BLOCK_G of them, so a selected K/V row is loaded once for BLOCK_G heads.
+    # Everything that meets a stride is int64 (strides below 2**31 arrive as i32).
+    row = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    kvh = h // group
-    ih = h // idx_div
+    b = row // n_idx_heads
+    ih = row % n_idx_heads
+    offs_g = tl.program_id(2) * BLOCK_G + tl.arange(0, BLOCK_G)
+    mask_g = offs_g < heads_per_row
+    h0 = ih * heads_per_row
+    kvh = h0 // group
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < head_dim
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d * stride_qd, mask=mask_d, other=0.0).to(tl.float32)
-    m_i = tl.full([1], float("-inf"), tl.float32)
-    l_i = tl.zeros([1], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    q = tl.load(q_ptr + b * stride_qb + (h0 + offs_g)[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=mask_g[:, None] & mask_d[None, :], other=0.0).to(tl.float32)  # [G, D]
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     start = sp * split_size
     end = tl.minimum(start + split_size, n_keep)
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
     v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    i_base = idx_ptr + b * stride_ib + ih * stride_ih
     for k0 in range(start, end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < end
-        idx = tl.load(idx_ptr + b * stride_ib + ih * stride_ih + offs_k.to(tl.int64) * stride_ik, mask=mask_k,
-                      other=-1)
+        idx = tl.load(i_base + offs_k.to(tl.int64) * stride_ik, mask=mask_k, other=-1)
         ok = mask_k & (idx >= 0)
         rows = tl.where(ok, idx, 0).to(tl.int64)
         tile_mask = ok[:, None] & mask_d[None, :]
         kt = tl.load(k_base + rows[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=tile_mask,
-                     other=0.0).to(tl.float32)
-        s = tl.sum(kt * q[None, :], axis=1) * scale
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+                     other=0.0).to(tl.float32)  # [K, D], read once for the G heads
+        s = tl.sum(q[:, None, :] * kt[None, :, :], axis=2) * scale  # [G, K]
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe)
+        p = tl.exp(s - m_safe[:, None])
         vt = tl.load(v_base + rows[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=tile_mask,
                      other=0.0).to(tl.float32)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt[None, :, :], axis=1)
         m_i = m_new
-    slot = pid_bh * n_splits + sp
-    one = tl.arange(0, 1)
-    tl.store(m_ptr + slot + one, m_i)
-    tl.store(l_ptr + slot + one, l_i)
-    tl.store(acc_ptr + slot * head_dim + offs_d, acc, mask=mask_d)
+    slot = (row * heads_per_row + offs_g) * n_splits + sp  # (query row b * H + h) * n_splits + split
+    tl.store(m_ptr + slot, m_i, mask=mask_g)
+    tl.store(l_ptr + slot, l_i, mask=mask_g)
+    tl.store(acc_ptr + slot[:, None] * head_dim + offs_d[None, :], acc, mask=mask_g[:, None] & mask_d[None, :])
 
 
 @triton.jit
@@ -165,12 +182,17 @@ def _sparse_decode_combine_kernel(
 
 
 _MAX_SPLITS = 64
+_GROUP_BLOCK = 4  # query heads per split program when several heads share an index row
+_DEFAULT_SMS = 132  # plan for an H100 when the device cannot be asked (CPU tensors, interpreter)
 
 
-def _split_config(head_dim: int) -> LaunchConfig:
+def _split_config(head_dim: int, block_g: int = 1) -> LaunchConfig:
+    """Block sizes of the split kernel; the ``[G, K, D]`` products stay near 32 fp32 values a thread."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_k = 32 if block_d <= 128 else 16
-    return LaunchConfig({"BLOCK_K": block_k, "BLOCK_D": block_d}, num_warps=4, num_stages=1)
+    num_warps = 4 if block_g == 1 else 8
+    block_k = max(8, min(32, 32 * 32 * num_warps // (block_g * block_d)))
+    return LaunchConfig({"BLOCK_G": block_g, "BLOCK_K": block_k, "BLOCK_D": block_d}, num_warps=num_warps,
+                        num_stages=1)
 
 
 def _combine_config(head_dim: int) -> LaunchConfig:
@@ -178,12 +200,32 @@ def _combine_config(head_dim: int) -> LaunchConfig:
     return LaunchConfig({"BLOCK_S": _MAX_SPLITS, "BLOCK_D": block_d}, num_warps=4, num_stages=1)
 
 
-def split_plan(n_keep: int, block_k: int) -> tuple:
-    """``(n_splits, split_size)``: slices of the index list, each a multiple of ``block_k``, at most 64."""
+def split_plan(n_keep: int, block_k: int, programs: int = 1, n_sms: int = 0) -> tuple:
+    """``(n_splits, split_size)``: slices of the index list, each a multiple of ``block_k``, at most 64.
+
+    ``programs`` is the number of programs per split (index rows x head chunks: batch x heads).
+    With ``n_sms > 0`` the plan asks for no more splits than needed to give every SM about four
+    programs: when batch x heads already fills the GPU, splitting only adds combine work.
+    ``n_sms = 0`` splits as finely as allowed (64 slices).
+    """
     n_blocks = max(1, triton.cdiv(n_keep, block_k))
     n_splits = min(_MAX_SPLITS, n_blocks)
+    if n_sms > 0:
+        n_splits = max(1, min(n_splits, triton.cdiv(4 * n_sms, max(programs, 1))))
     split_size = triton.cdiv(n_blocks, n_splits) * block_k
     return triton.cdiv(max(n_keep, 1), split_size), split_size
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _DEFAULT_SMS
+
+
+def sparse_decode_grid(batch: int, n_idx_heads: int, heads_per_row: int, n_splits: int, block_g: int) -> tuple:
+    """Grid of ``_sparse_decode_split_kernel``: ``(index rows, splits, head chunks)``; the index rows
+    (batch x index heads) sit on axis 0 (up to 2**31 - 1), splits (<= 64) and head chunks on 1 / 2."""
+    return (batch * n_idx_heads, n_splits, triton.cdiv(heads_per_row, block_g))
 
 
 def sparse_decode_attention_triton(q, k_cache, v_cache, indices, scale: float) -> torch.Tensor:
@@ -191,29 +233,30 @@ def sparse_decode_attention_triton(q, k_cache, v_cache, indices, scale: float) -
     batch, heads, _, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
-    n_keep = indices.shape[2]
-    idx_div = 1 if indices.shape[1] == heads else group
+    n_idx_heads, n_keep = indices.shape[1], indices.shape[2]
+    heads_per_row = heads // n_idx_heads  # the GQA group when indices are per KV head, else 1
     if n_keep == 0 or q.numel() == 0:
         return torch.zeros_like(q)
-    cfg = _split_config(head_dim)
-    n_splits, split_size = split_plan(n_keep, cfg.constexprs["BLOCK_K"])
+    cfg = _split_config(head_dim, 1 if heads_per_row == 1 else _GROUP_BLOCK)
+    block_g = cfg.constexprs["BLOCK_G"]
+    programs = batch * n_idx_heads * triton.cdiv(heads_per_row, block_g)
+    n_splits, split_size = split_plan(n_keep, cfg.constexprs["BLOCK_K"], programs, _sm_count(q.device))
     rows = batch * heads
     m = torch.empty(rows * n_splits, device=q.device, dtype=torch.float32)
     lse = torch.empty_like(m)
     acc = torch.empty(rows * n_splits, head_dim, device=q.device, dtype=torch.float32)
-    _sparse_decode_split_kernel[(rows, n_splits)](
-        q, k_cache, v_cache, indices, m, lse, acc,
-        heads, n_keep, head_dim, group, idx_div, split_size, n_splits, scale,
-        q.stride(0), q.stride(1), q.stride(3),
-        *k_cache.stride(), *v_cache.stride(), *indices.stride(),
-        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    launch(_sparse_decode_split_kernel, sparse_decode_grid(batch, n_idx_heads, heads_per_row, n_splits, block_g),
+           q.device,
+           q, k_cache, v_cache, indices, m, lse, acc,
+           n_idx_heads, n_keep, head_dim, heads_per_row, group, split_size, n_splits, scale,
+           q.stride(0), q.stride(1), q.stride(3),
+           *k_cache.stride(), *v_cache.stride(), *indices.stride(),
+           **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     out = torch.empty(rows, head_dim, device=q.device, dtype=torch.float32)
     ccfg = _combine_config(head_dim)
-    _sparse_decode_combine_kernel[(rows,)](
-        m, lse, acc, out, n_splits, head_dim,
-        **ccfg.constexprs, num_warps=ccfg.num_warps, num_stages=ccfg.num_stages,
-    )
+    launch(_sparse_decode_combine_kernel, (rows,), q.device,
+           m, lse, acc, out, n_splits, head_dim,
+           **ccfg.constexprs, num_warps=ccfg.num_warps, num_stages=ccfg.num_stages)
     return out.view(batch, heads, 1, head_dim).to(q.dtype)
 
 
@@ -224,7 +267,7 @@ def _register() -> None:
     strides = lambda *names: {f"stride_{n}": "i64" for n in names}  # noqa: E731
     for elem in ("fp32", "bf16"):
         sig = {"q_ptr": f"*{elem}", "k_ptr": f"*{elem}", "qdims_ptr": "*i32", "kdims_ptr": "*i32",
-               "out_ptr": "*fp32", "n_heads": "i32", "n_tokens": "i32", "n_dims": "i32", "group": "i32"}
+               "out_ptr": "*fp32", "n_tokens": "i32", "n_dims": "i32", "group": "i32"}
         sig.update(strides("qb", "qh", "qd", "kb", "kh", "kt", "kd", "ob", "oh", "ot"))
         fc_configs = {}
         for n_dims in (2, 32, 64, 128, 256):
@@ -233,11 +276,12 @@ def _register() -> None:
         register_aot("fasa", _fc_scores_kernel, sig, list(fc_configs.values()))
         sig = {"q_ptr": f"*{elem}", "k_ptr": f"*{elem}", "v_ptr": f"*{elem}", "idx_ptr": "*i64",
                "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32"}
-        sig.update({n: "i32" for n in ("n_heads", "n_keep", "head_dim", "group", "idx_div", "split_size",
-                                       "n_splits")})
+        sig.update({n: "i32" for n in ("n_idx_heads", "n_keep", "head_dim", "heads_per_row", "group",
+                                       "split_size", "n_splits")})
         sig["scale"] = "fp32"
         sig.update(strides("qb", "qh", "qd", "kb", "kh", "kt", "kd", "vb", "vh", "vt", "vd", "ib", "ih", "ik"))
-        register_aot("fasa", _sparse_decode_split_kernel, sig, [_split_config(d) for d in _HEAD_DIMS])
+        register_aot("fasa", _sparse_decode_split_kernel, sig,
+                     [_split_config(d, g) for g in (1, _GROUP_BLOCK) for d in _HEAD_DIMS])
     sig = {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "out_ptr": "*fp32",
            "n_splits": "i32", "head_dim": "i32"}
     register_aot("fasa", _sparse_decode_combine_kernel, sig, [_combine_config(d) for d in _HEAD_DIMS])

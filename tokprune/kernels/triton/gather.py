@@ -10,13 +10,14 @@ import torch
 import triton
 import triton.language as tl
 
+from tokprune.kernels.triton._launch import launch, token_grid
 from tokprune.kernels.triton.aot import LaunchConfig, register_aot
 
 
 @triton.jit
 def _gather_tokens_kernel(
     x_ptr, index_ptr, out_ptr,
-    n_heads, n_keep, head_dim, group,
+    n_keep, head_dim, group,
     stride_xb, stride_xh, stride_xn, stride_xd,
     stride_ib, stride_ih, stride_ik,
     stride_ob, stride_oh, stride_ok, stride_od,
@@ -24,10 +25,10 @@ def _gather_tokens_kernel(
 ):
     # Every offset is int64 before it meets a stride: at run time strides below 2**31 arrive as i32 and
     # tl.program_id is i32, so an i32 product would wrap for tensors past 2**31 elements.
-    pid_bh = tl.program_id(0)
-    pid_k = tl.program_id(1).to(tl.int64)
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
+    # Grid (blocks of kept tokens, heads, batch): see token_grid.
+    pid_k = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < n_keep
     rows = tl.load(index_ptr + b * stride_ib + h * stride_ih + offs_k * stride_ik, mask=mask_k, other=0)
@@ -56,19 +57,17 @@ def gather_tokens_triton(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if out.numel() == 0:
         return out
     cfg = _launch_config(n_keep)
-    grid = (batch * n_heads, triton.cdiv(n_keep, cfg.constexprs["BLOCK_K"]))
-    _gather_tokens_kernel[grid](
-        x, index, out,
-        n_heads, n_keep, head_dim, n_heads // x.shape[1],
-        *x.stride(), *index.stride(), *out.stride(),
-        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    launch(_gather_tokens_kernel, token_grid(batch, n_heads, n_keep, cfg.constexprs["BLOCK_K"]), x.device,
+           x, index, out,
+           n_keep, head_dim, n_heads // x.shape[1],
+           *x.stride(), *index.stride(), *out.stride(),
+           **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
 def _register() -> None:
     sig = {"x_ptr": "*fp32", "index_ptr": "*i64", "out_ptr": "*fp32"}
-    sig.update({name: "i32" for name in ("n_heads", "n_keep", "head_dim", "group")})
+    sig.update({name: "i32" for name in ("n_keep", "head_dim", "group")})
     sig.update({f"stride_{s}": "i64" for s in ("xb", "xh", "xn", "xd", "ib", "ih", "ik", "ob", "oh", "ok", "od")})
     configs = []
     for n_keep in (1, 1024):

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from tokprune._codes import RULE_IDS
+from tokprune.kernels.triton._launch import launch
 from tokprune.kernels.triton.aot import LaunchConfig, register_aot
 
 _BLOCK_V = 1024
@@ -261,12 +262,11 @@ def verify_tree_greedy_triton(tokens, first_child, next_sibling, target_logits, 
     tok = tokens.to(torch.int64).contiguous()
     fc, ns = _links(first_child, next_sibling)
     logits = target_logits if target_logits.stride(-1) == 1 else target_logits.contiguous()
-    _verify_greedy_kernel[(bsz,)](
-        tok, fc, ns, logits, accept_index, accept_len, next_token,
-        n_nodes, vocab, width,
-        tok.stride(0), logits.stride(0), logits.stride(1), accept_index.stride(0),
-        BLOCK_V=_BLOCK_V, num_warps=_NUM_WARPS, num_stages=1,
-    )
+    launch(_verify_greedy_kernel, (bsz,), logits.device,
+           tok, fc, ns, logits, accept_index, accept_len, next_token,
+           n_nodes, vocab, width,
+           tok.stride(0), logits.stride(0), logits.stride(1), accept_index.stride(0),
+           BLOCK_V=_BLOCK_V, num_warps=_NUM_WARPS, num_stages=1)
     return accept_index, accept_len, next_token
 
 
@@ -284,12 +284,11 @@ def verify_tree_stochastic_triton(tokens, first_child, next_sibling, target_prob
     dp = tp if draft_probs is None else draft_probs.float().contiguous()
     u = uniforms.float().contiguous()
     scratch = torch.empty(2, bsz, vocab, dtype=torch.float32, device=tokens.device)
-    _verify_stochastic_kernel[(bsz,)](
-        tok, fc, ns, tp, dp, u, scratch[0], scratch[1], accept_index, accept_len, next_token,
-        n_nodes, vocab, width,
-        tok.stride(0), tp.stride(0), tp.stride(1), u.stride(0), accept_index.stride(0),
-        RULE=RULE_IDS[rule], BLOCK_V=_BLOCK_V, num_warps=_NUM_WARPS, num_stages=1,
-    )
+    launch(_verify_stochastic_kernel, (bsz,), tp.device,
+           tok, fc, ns, tp, dp, u, scratch[0], scratch[1], accept_index, accept_len, next_token,
+           n_nodes, vocab, width,
+           tok.stride(0), tp.stride(0), tp.stride(1), u.stride(0), accept_index.stride(0),
+           RULE=RULE_IDS[rule], BLOCK_V=_BLOCK_V, num_warps=_NUM_WARPS, num_stages=1)
     return accept_index, accept_len, next_token
 
 
@@ -304,10 +303,9 @@ def compact_accepted_kv_triton(cache, prefix_len, accept_index) -> None:
         return
     pl = prefix_len.to(torch.int64).contiguous()
     ai = accept_index.to(torch.int64).contiguous()
-    _compact_kv_kernel[(bsz * n_heads,)](
-        cache, pl, ai, n_heads, ai.shape[1], head_dim, *cache.stride(), ai.stride(0),
-        BLOCK_D=_compact_block_d(head_dim), num_warps=2, num_stages=1,
-    )
+    launch(_compact_kv_kernel, (bsz * n_heads,), cache.device,
+           cache, pl, ai, n_heads, ai.shape[1], head_dim, *cache.stride(), ai.stride(0),
+           BLOCK_D=_compact_block_d(head_dim), num_warps=2, num_stages=1)
 
 
 def _register() -> None:

@@ -18,13 +18,14 @@ import torch
 import triton
 import triton.language as tl
 
+from tokprune.kernels.triton._launch import launch, token_grid
 from tokprune.kernels.triton.aot import LaunchConfig, register_aot
 
 
 @triton.jit
 def _compress_qkv_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, qc_ptr, kc_ptr, vc_ptr,
-    n_heads, n_keep, head_dim, group,
+    n_keep, head_dim, group,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -34,10 +35,10 @@ def _compress_qkv_kernel(
 ):
     # Every offset is int64 before it meets a stride: at run time strides below 2**31 arrive as i32 and
     # tl.program_id is i32, so an i32 product would wrap for tensors past 2**31 elements.
-    pid_bh = tl.program_id(0)
-    pid_k = tl.program_id(1).to(tl.int64)
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
+    # Grid (blocks of kept tokens, heads, batch): see tokprune.kernels.triton._launch.token_grid.
+    pid_k = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     hkv = h // group
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < n_keep
@@ -61,16 +62,15 @@ def _compress_qkv_kernel(
 @triton.jit
 def _decompress_kernel(
     src_ptr, idx_ptr, out_ptr,
-    n_heads, n_keep, head_dim,
+    n_keep, head_dim,
     stride_sb, stride_sh, stride_sk, stride_sd,
     stride_ib, stride_ih, stride_ik,
     stride_ob, stride_oh, stride_on, stride_od,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    pid_k = tl.program_id(1).to(tl.int64)  # int64 offsets, as in _compress_qkv_kernel
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
+    pid_k = tl.program_id(0).to(tl.int64)  # grid and int64 offsets as in _compress_qkv_kernel
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < n_keep
     rows = tl.load(idx_ptr + b * stride_ib + h * stride_ih + offs_k * stride_ik, mask=mask_k, other=0)
@@ -106,13 +106,11 @@ def compress_qkv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indic
     if qc.numel() == 0:
         return qc, kc, vc
     cfg = _launch_config(n_keep)
-    grid = (batch * heads, triton.cdiv(n_keep, cfg.constexprs["BLOCK_K"]))
-    _compress_qkv_kernel[grid](
-        q, k, v, indices, qc, kc, vc,
-        heads, n_keep, head_dim, heads // k.shape[1],
-        *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *qc.stride(),
-        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    launch(_compress_qkv_kernel, token_grid(batch, heads, n_keep, cfg.constexprs["BLOCK_K"]), q.device,
+           q, k, v, indices, qc, kc, vc,
+           n_keep, head_dim, heads // k.shape[1],
+           *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *qc.stride(),
+           **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return qc, kc, vc
 
 
@@ -122,13 +120,11 @@ def decompress_triton(src: torch.Tensor, indices: torch.Tensor, out: torch.Tenso
     if src.numel() == 0:
         return out
     cfg = _launch_config(n_keep)
-    grid = (batch * heads, triton.cdiv(n_keep, cfg.constexprs["BLOCK_K"]))
-    _decompress_kernel[grid](
-        src, indices, out,
-        heads, n_keep, src.shape[-1],
-        *src.stride(), *indices.stride(), *out.stride(),
-        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    launch(_decompress_kernel, token_grid(batch, heads, n_keep, cfg.constexprs["BLOCK_K"]), src.device,
+           src, indices, out,
+           n_keep, src.shape[-1],
+           *src.stride(), *indices.stride(), *out.stride(),
+           **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
@@ -137,7 +133,7 @@ def _register() -> None:
     sig = {name: "*fp32" for name in ("q_ptr", "k_ptr", "v_ptr")}
     sig["idx_ptr"] = "*i64"
     sig.update({name: "*fp32" for name in ("qc_ptr", "kc_ptr", "vc_ptr")})
-    sig.update({name: "i32" for name in ("n_heads", "n_keep", "head_dim", "group")})
+    sig.update({name: "i32" for name in ("n_keep", "head_dim", "group")})
     for t in ("q", "k", "v"):
         sig.update({f"stride_{t}{s}": "i64" for s in "bhnd"})
     sig.update({f"stride_i{s}": "i64" for s in "bhk"})
@@ -145,7 +141,7 @@ def _register() -> None:
     register_aot("token_sparse", _compress_qkv_kernel, sig, configs)
 
     sig = {"src_ptr": "*fp32", "idx_ptr": "*i64", "out_ptr": "*fp32"}
-    sig.update({name: "i32" for name in ("n_heads", "n_keep", "head_dim")})
+    sig.update({name: "i32" for name in ("n_keep", "head_dim")})
     sig.update({f"stride_s{s}": "i64" for s in "bhkd"})
     sig.update({f"stride_i{s}": "i64" for s in "bhk"})
     sig.update({f"stride_o{s}": "i64" for s in "bhnd"})
