@@ -189,3 +189,28 @@ def test_info_reports_runtime_archs_capability_and_driver(monkeypatch):
     assert "compute capability 7.5 (sm_75), driver supports CUDA 12.4" in text
     assert "no kernel image" in text and "validated: no; auto order: torch -> triton" in text
     assert "GPU architectures validated by make gpu-check: none yet" in text
+
+
+def test_shared_data_checks_are_debug_only():
+    from tokprune import _debug
+    from tokprune.ops import matrix_entropy
+    from tokprune.ops._checks import check_finite, check_index
+
+    bad_index = torch.tensor([0, 7])
+    nan = torch.tensor([[[1.0, float("nan")], [0.5, 0.25]]])
+    previous = _debug.set_debug(False)
+    try:
+        check_index("index", bad_index, 4)  # values not read
+        check_finite("scores", nan)
+        matrix_entropy(nan)  # NaN in, NaN out: no host-side finiteness scan
+        with pytest.raises(TypeError, match="index must be int32 or int64"):
+            check_index("index", bad_index.float(), 4)  # the dtype is metadata: always checked
+        _debug.set_debug(True)
+        with pytest.raises(IndexError, match=r"index values must lie in \[0, 4\), got range \[0, 7\]"):
+            check_index("index", bad_index, 4)
+        with pytest.raises(ValueError, match="scores contains NaN"):
+            check_finite("scores", nan)
+        with pytest.raises(ValueError, match="x contains NaN"):
+            matrix_entropy(nan)
+    finally:
+        _debug.set_debug(previous)

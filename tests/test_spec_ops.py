@@ -498,3 +498,57 @@ def test_process_logits_matches_transformers_sampling_warpers():
         got = S.process_logits(logits, temperature, top_k, top_p)
         assert torch.equal(got > 0, expected > 0), (temperature, top_k, top_p)
         assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------- data-reading checks: debug only
+@pytest.fixture
+def debug_off():
+    from tokprune import _debug
+
+    previous = _debug.set_debug(False)
+    yield
+    _debug.set_debug(previous)
+
+
+def test_data_checks_run_only_in_debug_mode(debug_off):
+    """Outside debug mode the ops read no tensor values to validate (no host sync on a GPU); metadata
+    checks still run. Out-of-range tokens then simply never match (the torch backend stays in bounds)."""
+    par = torch.tensor([[-1, 0, 0]])
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 0, 2] = 1.0
+    accept_index, accept_len, next_token = S.verify_tree_greedy(torch.tensor([[0, 9, 2]]), par, logits)
+    assert accept_index.tolist() == [[0, 2]] and next_token.tolist() == [0]
+    # shapes and dtypes are always checked
+    with pytest.raises(ValueError, match="target_logits must have shape"):
+        S.verify_tree_greedy(torch.zeros(1, 3, dtype=torch.long), par, torch.zeros(1, 2, 4))
+    with pytest.raises(TypeError, match="uniforms must have dtype"):
+        S.verify_tree_stochastic(torch.zeros(1, 3, dtype=torch.long), par, torch.full((1, 3, 4), 0.25),
+                                 torch.full((1, 3, 4), 0.25), uniforms=torch.rand(1, 3, dtype=torch.float64))
+    S.verify_tree_stochastic(torch.zeros(1, 3, dtype=torch.long), par, torch.full((1, 3, 4), 0.25),
+                             torch.full((1, 3, 4), 0.25), uniforms=torch.full((1, 3), 2.0))  # range not read
+    from tokprune import _debug
+
+    _debug.set_debug(True)
+    with pytest.raises(IndexError, match="tokens of active nodes"):
+        S.verify_tree_greedy(torch.tensor([[0, 9, 2]]), par, logits)
+    with pytest.raises(ValueError, match="topological order"):
+        S.verify_tree_greedy(torch.zeros(1, 3, dtype=torch.long), torch.tensor([[-1, 0, 5]]), logits)
+    with pytest.raises(ValueError, match=r"uniforms must lie in \[0, 1\)"):
+        S.verify_tree_stochastic(torch.zeros(1, 3, dtype=torch.long), par, torch.full((1, 3, 4), 0.25),
+                                 torch.full((1, 3, 4), 0.25), uniforms=torch.full((1, 3), 2.0))
+
+
+def test_greedy_nan_is_the_maximum_outside_debug_mode(debug_off):
+    """One NaN rule: the argmax of a row with NaN is its first NaN (torch.argmax, the CUDA and the Triton
+    kernels); debug mode additionally rejects it on the torch backend."""
+    par = torch.tensor([[-1, 0]])
+    logits = torch.zeros(1, 2, 4)
+    logits[0, 0, 3] = float("nan")
+    logits[0, 0, 1] = 5.0
+    _, accept_len, next_token = S.verify_tree_greedy(torch.tensor([[0, 3]]), par, logits, backend="torch")
+    assert accept_len.tolist() == [1]  # token 3 (the NaN) is the argmax, so the draft is accepted
+    from tokprune import _debug
+
+    _debug.set_debug(True)
+    with pytest.raises(ValueError, match="NaN"):
+        S.verify_tree_greedy(torch.tensor([[0, 3]]), par, logits, backend="torch")

@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 import torch
 
 from tokprune._backend import resolve_backend
+from tokprune._debug import debug_checks
 from tokprune.ops._checks import FLOAT_DTYPES, check_tensor
 
 _NORMALIZERS = ("rank", "dim", None)
@@ -30,7 +31,8 @@ _SIDES = ("auto", "tokens", "features")
 
 
 def _check_finite(name: str, x: torch.Tensor) -> None:
-    if x.numel() and not bool(torch.isfinite(x).all()):
+    """NaN/inf in ``x`` -> ValueError; reads the data, so debug mode only (:mod:`tokprune._debug`)."""
+    if debug_checks() and x.numel() and not bool(torch.isfinite(x).all()):
         kind = "NaN" if bool(torch.isnan(x).any()) else "inf"
         raise ValueError(f"{name} contains {kind}; matrix entropy needs finite values")
 

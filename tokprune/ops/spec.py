@@ -25,6 +25,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from tokprune._backend import resolve_backend
+from tokprune._debug import debug_checks
 from tokprune.ops._checks import FLOAT_DTYPES, check_tensor
 
 INT_DTYPES = (torch.int32, torch.int64)
@@ -37,13 +38,13 @@ PrefixLen = Union[int, torch.Tensor]
 # ----------------------------------------------------------------------------------------------------
 
 def _check_parents(parents, name: str = "parents") -> torch.Tensor:
-    """Validate a canonical tree and return it as int64."""
+    """Validate a canonical tree and return it as int64 (the structure, which reads data, in debug mode)."""
     check_tensor(name, parents, ndim=2, dtypes=INT_DTYPES)
     bsz, n = parents.shape
     if n == 0:
         raise ValueError(f"{name} must have at least one node (the root), got shape {tuple(parents.shape)}")
     par = parents.long()
-    if bsz == 0:
+    if bsz == 0 or not debug_checks():
         return par
     if bool((par[:, 0] != -1).any()):
         bad = int((par[:, 0] != -1).nonzero()[0])
@@ -168,7 +169,7 @@ def links_to_tree(first_child: torch.Tensor, next_sibling: torch.Tensor) -> torc
     bsz, n = first_child.shape
     fc, ns = first_child.long(), next_sibling.long()
     for name, t in (("first_child", fc), ("next_sibling", ns)):
-        if t.numel() and (int(t.min()) < -1 or int(t.max()) >= n):
+        if debug_checks() and t.numel() and (int(t.min()) < -1 or int(t.max()) >= n):
             raise ValueError(f"{name} values must lie in [-1, {n}), got range [{int(t.min())}, {int(t.max())}]")
     node = torch.arange(n, device=fc.device).expand(bsz, n)
     par = torch.full((bsz, n + 1), -1, dtype=torch.long, device=fc.device)
@@ -233,7 +234,7 @@ def paths_to_tree(retrieve_indices: torch.Tensor, num_nodes: int, *, dtype: torc
     if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
         raise ValueError(f"num_nodes must be a positive int, got {num_nodes!r}")
     ri = retrieve_indices.long()
-    if ri.numel() and (int(ri.min()) < -1 or int(ri.max()) >= num_nodes):
+    if debug_checks() and ri.numel() and (int(ri.min()) < -1 or int(ri.max()) >= num_nodes):
         raise ValueError(f"retrieve_indices values must lie in [-1, {num_nodes}), got range "
                          f"[{int(ri.min())}, {int(ri.max())}]")
     bsz = ri.shape[0]
@@ -254,7 +255,7 @@ def _prefix_tensor(prefix_len: PrefixLen, bsz: int, device, name: str = "prefix_
         if prefix_len.dim() != 1 or prefix_len.shape[0] != bsz or prefix_len.dtype not in INT_DTYPES:
             raise ValueError(f"{name} must be an int or a [B={bsz}] int tensor, got {prefix_len.dtype} "
                              f"shape {tuple(prefix_len.shape)}")
-        if prefix_len.numel() and int(prefix_len.min()) < 0:
+        if debug_checks() and prefix_len.numel() and int(prefix_len.min()) < 0:
             raise ValueError(f"{name} must be >= 0, got min {int(prefix_len.min())}")
         return prefix_len.to(device=device, dtype=torch.long)
     if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 0:
@@ -373,6 +374,8 @@ def _check_tree_inputs(tokens, parents, name_v: str, v_tensor):
                          f"got {tuple(v_tensor.shape)}")
     vocab = v_tensor.shape[2]
     tok = tokens.long()
+    if not debug_checks():
+        return par, tok
     active = _active(par)
     bad = active & ((tok < 0) | (tok >= vocab))
     bad[:, 0] = False  # the root's token is never tested
@@ -405,7 +408,8 @@ def verify_tree_greedy(
         tokens: ``[B, N]`` int32/int64 node tokens.
         parents: ``[B, N]`` int32/int64 canonical tree.
         target_logits: ``[B, N, V]`` fp32/fp16/bf16, the target's logits AT each node (for the token
-            after it). Rows of visited nodes must not contain NaN (checked on the torch backend).
+            after it). A NaN counts as the maximum (``torch.argmax``) on every backend; in debug mode the
+            torch backend rejects a NaN argmax of a visited node.
         backend: ``"auto" | "torch" | "triton" | "cuda"``.
 
     Returns:
@@ -438,7 +442,7 @@ def _verify_greedy_torch(tok, par, logits, width):
     for step in range(width):
         row_logits = _node_rows(logits, rows, cur)
         t = row_logits.argmax(dim=-1)  # first maximal index; a NaN counts as the maximum
-        if bool(torch.isnan(row_logits.gather(1, t.unsqueeze(1))).any()):
+        if debug_checks() and bool(torch.isnan(row_logits.gather(1, t.unsqueeze(1))).any()):
             raise ValueError("target_logits contains NaN in the row of a visited node")
         if children.shape[-1]:
             cand = children[rows, cur]  # [R, K]
@@ -563,7 +567,7 @@ def verify_tree_stochastic(
         check_tensor("uniforms", uniforms, ndim=2, dtypes=(torch.float32,), device=par.device)
         if uniforms.shape != parents.shape:
             raise ValueError(f"uniforms must have shape {tuple(parents.shape)}, got {tuple(uniforms.shape)}")
-        if uniforms.numel() and not bool(((uniforms >= 0) & (uniforms < 1)).all()):
+        if debug_checks() and uniforms.numel() and not bool(((uniforms >= 0) & (uniforms < 1)).all()):
             raise ValueError("uniforms must lie in [0, 1) (NaN is rejected)")
     chosen = resolve_backend(backend, par.device, ("torch", "triton", "cuda"), "verify_tree_stochastic")
     width = int(_depths(par).max()) + 1 if bsz else 1
@@ -635,7 +639,7 @@ def _verify_stochastic_torch(tok, par, target_rows, draft_probs, rule, uniforms,
     cur = torch.zeros(bsz, dtype=torch.long, device=device)
     for step in range(width):
         p = target_rows(rows, cur)  # fresh [R, V] float32, modified in place below
-        if bool(torch.isnan(p.sum(-1)).any()):  # one cheap pass: a NaN anywhere makes the row sum NaN
+        if debug_checks() and bool(torch.isnan(p.sum(-1)).any()):  # one cheap pass: a NaN anywhere makes the row sum NaN
             raise ValueError("the target distribution contains NaN in the row of a visited node")
         q = _node_rows(draft_probs, rows, cur) if draft_probs is not None else None
         n_rows = rows.numel()
@@ -702,6 +706,8 @@ def _check_accept_index(accept_index, bsz, device) -> torch.Tensor:
     if accept_index.shape[0] != bsz or accept_index.shape[1] == 0:
         raise ValueError(f"accept_index must have shape (B={bsz}, W >= 1), got {tuple(accept_index.shape)}")
     ai = accept_index.long()
+    if not debug_checks():
+        return ai
     valid = ai >= 0
     # valid entries form a prefix of each row and strictly increase (a root-to-node path)
     if bool((valid[:, 1:] & ~valid[:, :-1]).any()):
@@ -741,7 +747,7 @@ def compact_accepted_kv(
     ai = _check_accept_index(accept_index, bsz, cache.device)
     pl = _prefix_tensor(prefix_len, bsz, cache.device)
     width = ai.shape[1]
-    if bsz and int((pl + torch.maximum(ai.amax(1), torch.full_like(pl, width - 1))).max()) >= t:
+    if debug_checks() and bsz and int((pl + torch.maximum(ai.amax(1), torch.full_like(pl, width - 1))).max()) >= t:
         raise IndexError(f"cache has T={t} rows, fewer than prefix_len + the accepted node / path width")
     chosen = resolve_backend(backend, cache.device, ("torch", "triton"), "compact_accepted_kv")
     lengths = pl + (ai >= 0).sum(1)
