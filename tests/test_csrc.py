@@ -1,7 +1,9 @@
-"""The host build of tokprune._C (csrc/) against oracles written here from the contracts.
+"""tokprune._C (csrc/) against the oracles of tokprune/reference/.
 
-Verification and top-k must be exact; attention within fp32 tolerance. The CUDA kernels share the
-math headers with the host build (csrc/include/tokprune/*.h); tests/test_csrc_build.py compiles them.
+On the CPU this tests the host build; with ``TOKPRUNE_TEST_DEVICE=cuda`` the same tests launch the CUDA
+kernels on CUDA tensors (oracles on CPU copies). Verification and top-k must be exact; attention within
+fp32 tolerance. The CUDA kernels share the math headers with the host build
+(csrc/include/tokprune/*.h); tests/test_csrc_build.py compiles them.
 """
 
 import math
@@ -10,11 +12,15 @@ import random
 import pytest
 import torch
 
-from tests.helpers import assert_close
+from tests.helpers import assert_close, dev, host, needs_backend, oracle_copy
 from tokprune import _ext
+from tokprune.reference.fasa import sparse_decode_attention_reference
+from tokprune.reference.selection import select_tokens_reference
+from tokprune.reference.spec import verify_tree_greedy_reference, verify_tree_stochastic_reference
 
 pytestmark = pytest.mark.skipif(_ext.load_error() is not None,
                                 reason=f"tokprune._C not available: {_ext.load_error()}")
+on_device = needs_backend("cuda")  # the kernel launches below: host build on cpu, CUDA kernels on cuda
 
 if _ext.load_error() is None:
     from tokprune.kernels.cuda import (select_tokens_cuda, sparse_decode_attention_cuda, verify_tree_greedy_cuda,
@@ -22,108 +28,21 @@ if _ext.load_error() is None:
 
 
 # --------------------------------------------------------------------------------------- oracles
-def _children(par_row, cur):
-    return [c for c in range(len(par_row)) if par_row[c] == cur and c > 0]
-
-
-def _depths(par_row):
-    depth = []
-    for i, p in enumerate(par_row):
-        depth.append(0 if i == 0 else (depth[p] + 1 if p >= 0 else -1))
-    return depth
-
-
-def _pack(paths, lens, nexts, par):
-    max_depth = max(max(_depths(row)) for row in par.tolist()) if par.shape[0] else 0
-    out = torch.full((len(paths), max_depth + 1), -1, dtype=torch.int64)
-    for b, path in enumerate(paths):
-        out[b, :len(path)] = torch.tensor(path)
-    return out, torch.tensor(lens, dtype=torch.int64), torch.tensor(nexts, dtype=torch.int64)
-
-
+# The plain oracles of tokprune/reference/ (contract: the docstring of tokprune.ops.spec), run on the CPU.
 def oracle_greedy(tokens, parents, logits):
-    """CONTRACTS.md, greedy: follow the first child whose token is the argmax (lowest index on ties)."""
-    paths, lens, nexts = [], [], []
-    for b in range(tokens.shape[0]):
-        par, tok = parents[b].tolist(), tokens[b].tolist()
-        cur, path = 0, [0]
-        while True:
-            t = int(torch.argmax(logits[b, cur].float()))  # torch.argmax: first maximal index
-            hit = next((c for c in _children(par, cur) if tok[c] == t), None)
-            if hit is None:
-                nexts.append(t)
-                break
-            path.append(hit)
-            cur = hit
-        paths.append(path)
-        lens.append(len(path) - 1)
-    return _pack(paths, lens, nexts, parents)
+    return verify_tree_greedy_reference(host(tokens), host(parents), host(logits))
 
 
 def oracle_stochastic(tokens, parents, target, draft, rule, uniforms):
-    """CONTRACTS.md, stochastic verification, written with float32 torch ops as the contract states."""
-    paths, lens, nexts = [], [], []
-    for b in range(tokens.shape[0]):
-        par, tok = parents[b].tolist(), tokens[b].tolist()
-        cur, path = 0, [0]
-        p, q = target[b, 0].clone(), draft[b, 0].clone()
-        while True:
-            accepted = None
-            for c in _children(par, cur):
-                x, u = tok[c], uniforms[b, c]
-                accept = bool(u < p[x]) if rule == "target_only" else bool(u * q[x] < p[x])
-                if accept:
-                    accepted = c
-                    break
-                if rule in ("specinfer", "rsd"):
-                    r = torch.clamp(p - q, min=0)
-                    if r.sum() > 0:
-                        p = r / r.sum()
-                    if rule == "rsd":
-                        q = q.clone()
-                        q[x] = 0
-                        if q.sum() > 0:
-                            q = q / q.sum()
-                else:
-                    p = p.clone()
-                    p[x] = 0
-                    if p.sum() > 0:
-                        p = p / p.sum()
-            if accepted is None:
-                break
-            path.append(accepted)
-            cur = accepted
-            p, q = target[b, cur].clone(), draft[b, cur].clone()
-        hits = (torch.cumsum(p, 0) > uniforms[b, 0] * p.sum()).nonzero()
-        nexts.append(int(hits[0]) if len(hits) else int((p > 0).nonzero().max()))
-        paths.append(path)
-        lens.append(len(path) - 1)
-    return _pack(paths, lens, nexts, parents)
+    return verify_tree_stochastic_reference(*host(tokens, parents, target, draft), rule, host(uniforms))
 
 
 def oracle_attention(q, k, v, indices, scale):
-    """Plain float64 attention over the valid indices of each (batch, head)."""
-    B, H, _, D = q.shape
-    Hkv = k.shape[1]
-    out = torch.zeros(B, H, 1, D, dtype=torch.float64)
-    for b in range(B):
-        for h in range(H):
-            kvh = h // (H // Hkv)
-            row = indices[b, h if indices.shape[1] == H else kvh]
-            valid = row[row >= 0].long()
-            if len(valid) == 0:
-                continue
-            s = (k[b, kvh, valid].double() @ q[b, h, 0].double()) * scale
-            out[b, h, 0] = torch.softmax(s, 0) @ v[b, kvh, valid].double()
-    return out
+    return sparse_decode_attention_reference(*(oracle_copy(t) for t in (q, k, v, indices)), scale)
 
 
 def oracle_topk(scores, keep):
-    rows = []
-    for row in scores.tolist():
-        order = sorted(range(len(row)), key=lambda i: (-row[i], i))
-        rows.append(sorted(order[:min(keep, len(row))]))
-    return torch.tensor(rows, dtype=torch.int64).reshape(scores.shape[0], -1)
+    return select_tokens_reference(host(scores), keep)
 
 
 # ------------------------------------------------------------------------------------ tree fuzz
@@ -155,11 +74,12 @@ def steer_tokens(tokens, parents, rows, rng, prob=0.7):
 
 
 def _assert_tree_equal(got, expected):
-    for name, g, e in zip(("accept_index", "accept_len", "next_token"), got, expected):
+    for name, g, e in zip(("accept_index", "accept_len", "next_token"), host(*got), host(*expected)):
         assert g.dtype == torch.int64, name
         assert torch.equal(g, e), f"{name}: got {g.tolist()} expected {e.tolist()}"
 
 
+@on_device
 # ----------------------------------------------------------------------------------- verification
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -171,9 +91,10 @@ def test_verify_greedy_matches_oracle(seed, dtype):
     if vocab > 4:
         logits[..., 3] = logits[..., 1]  # exact ties in some rows
     tokens = steer_tokens(tokens, parents, logits.float(), rng)
-    _assert_tree_equal(verify_tree_greedy_cuda(tokens, parents, logits), oracle_greedy(tokens, parents, logits))
+    _assert_tree_equal(verify_tree_greedy_cuda(*dev(tokens, parents, logits)), oracle_greedy(tokens, parents, logits))
 
 
+@on_device
 def test_verify_greedy_ties_strided_int32_and_padding():
     # row 0: argmax ties between 2 and 5 -> 2; child order decides among equal tokens
     tokens = torch.tensor([[9, 2, 2, 5, 1], [9, 4, 0, 0, 0]], dtype=torch.int32)
@@ -183,11 +104,12 @@ def test_verify_greedy_ties_strided_int32_and_padding():
     base[0, 1, 1] = 9.0  # node 1 wants token 1, but its child is under node 2 -> stops at node 1
     base[1, 0, 4] = 1.0
     logits = base.transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous batch stride
-    got = verify_tree_greedy_cuda(tokens, parents, logits)
+    got = verify_tree_greedy_cuda(*dev(tokens, parents, logits))
     _assert_tree_equal(got, oracle_greedy(tokens, parents, logits))
     assert got[0].tolist() == [[0, 1, -1], [0, 1, -1]] and got[1].tolist() == [1, 1] and got[2].tolist() == [1, 0]
 
 
+@on_device
 @pytest.mark.parametrize("rule", ["specinfer", "rsd", "target_only"])
 @pytest.mark.parametrize("seed", range(8))
 def test_verify_stochastic_matches_oracle(rule, seed):
@@ -203,10 +125,11 @@ def test_verify_stochastic_matches_oracle(rule, seed):
         draft[draft.sum(-1) == 0] = 1.0 / vocab
     tokens = steer_tokens(tokens, parents, draft, rng, prob=0.6)
     uniforms = torch.rand(batch, n, generator=rng)
-    got = verify_tree_stochastic_cuda(tokens, parents, target, draft, rule, uniforms)
+    got = verify_tree_stochastic_cuda(*dev(tokens, parents, target, draft), rule, dev(uniforms))
     _assert_tree_equal(got, oracle_stochastic(tokens, parents, target, draft, rule, uniforms))
 
 
+@on_device
 def test_verify_stochastic_forced_paths():
     """Hand-built case: rejection of node 1 renormalises p, node 2 (same parent) is then accepted."""
     tokens = torch.tensor([[0, 0, 1, 2]])
@@ -215,14 +138,15 @@ def test_verify_stochastic_forced_paths():
     draft = torch.tensor([[[0.8, 0.1, 0.1]] * 4])
     uniforms = torch.tensor([[0.5, 0.9, 0.99, 0.0]])
     for rule in ("specinfer", "rsd", "target_only"):
-        got = verify_tree_stochastic_cuda(tokens, parents, target, draft, rule, uniforms)
+        got = verify_tree_stochastic_cuda(*dev(tokens, parents, target, draft), rule, dev(uniforms))
         _assert_tree_equal(got, oracle_stochastic(tokens, parents, target, draft, rule, uniforms))
     # specinfer: node 1 (token 0): 0.9*0.8 >= 0.1 reject; p -> [0, .5/.7, .2/.7]; node 2 (token 1) accepted;
     # node 3 (token 2): 0*0.1 < 0.3 accepted; bonus from target[3] with u=0.5 -> token 1.
-    got = verify_tree_stochastic_cuda(tokens, parents, target, draft, "specinfer", uniforms)
+    got = verify_tree_stochastic_cuda(*dev(tokens, parents, target, draft), "specinfer", dev(uniforms))
     assert got[0].tolist() == [[0, 2, 3]] and got[1].tolist() == [2] and got[2].tolist() == [1]
 
 
+@on_device
 @pytest.mark.slow
 def test_verify_large_vocab_128k():
     rng = torch.Generator().manual_seed(7)
@@ -230,12 +154,12 @@ def test_verify_large_vocab_128k():
     tokens, parents = random_trees(rng, batch, n, vocab, pad=False)
     logits = torch.randn(batch, n, vocab, generator=rng)
     tokens = steer_tokens(tokens, parents, logits, rng, prob=0.8)
-    _assert_tree_equal(verify_tree_greedy_cuda(tokens, parents, logits), oracle_greedy(tokens, parents, logits))
+    _assert_tree_equal(verify_tree_greedy_cuda(*dev(tokens, parents, logits)), oracle_greedy(tokens, parents, logits))
     target = torch.softmax(logits * 3, -1)
     draft = torch.softmax(logits * 3 + torch.randn(batch, n, vocab, generator=rng), -1)
     uniforms = torch.rand(batch, n, generator=rng)
     for rule in ("specinfer", "rsd", "target_only"):
-        got = verify_tree_stochastic_cuda(tokens, parents, target, draft, rule, uniforms)
+        got = verify_tree_stochastic_cuda(*dev(tokens, parents, target, draft), rule, dev(uniforms))
         _assert_tree_equal(got, oracle_stochastic(tokens, parents, target, draft, rule, uniforms))
 
 
@@ -281,6 +205,7 @@ def test_binding_asserts_on_argument_structs():
     assert a.tokens == t.data_ptr()  # pointers round-trip as integer addresses
 
 
+@on_device
 # --------------------------------------------------------------------------------------- attention
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,H,Hkv,T,K,D,per_head", [
@@ -295,7 +220,7 @@ def test_sparse_attention_matches_oracle(dtype, B, H, Hkv, T, K, D, per_head):
     if K:
         indices[0, 0] = -1  # a row with no valid token -> zeros
     scale = D ** -0.5
-    out = sparse_decode_attention_cuda(q, k, v, indices, scale)
+    out = host(sparse_decode_attention_cuda(*dev(q, k, v, indices), scale))
     assert out.dtype == dtype and out.shape == (B, H, 1, D)
     expected = oracle_attention(q, k, v, indices, scale)
     if dtype == torch.float32:
@@ -308,6 +233,7 @@ def test_sparse_attention_matches_oracle(dtype, B, H, Hkv, T, K, D, per_head):
                            torch.zeros_like(out[0, : (H // Hkv) if not per_head else 1].float()))
 
 
+@on_device
 def test_sparse_attention_strided_cache_and_int32():
     g = torch.Generator().manual_seed(3)
     base_k = torch.randn(2, 40, 3, 16, generator=g)  # (B, T, Hkv, D) viewed as (B, Hkv, T, D)
@@ -315,7 +241,7 @@ def test_sparse_attention_strided_cache_and_int32():
     k, v = base_k.transpose(1, 2), base_v.transpose(1, 2)
     q = torch.randn(2, 6, 1, 16, generator=g)
     indices = torch.randint(0, 40, (2, 3, 9), generator=g, dtype=torch.int32)
-    out = sparse_decode_attention_cuda(q, k, v, indices, 0.3)
+    out = sparse_decode_attention_cuda(*dev(q, k, v, indices), 0.3)
     assert_close(out, oracle_attention(q, k, v, indices, 0.3).float())
 
 
@@ -343,6 +269,7 @@ def test_sparse_attention_errors():
         _ext.extension().sparse_decode_attention(a, False)
 
 
+@on_device
 # -------------------------------------------------------------------------------------------- top-k
 @pytest.mark.parametrize("rows,n,keep", [(1, 1, 1), (3, 37, 5), (2, 64, 64), (2, 10, 25), (4, 1000, 999),
                                          (2, 5000, 4096), (1, 20000, 4096), (3, 7, 0), (2, 300, 1)])
@@ -355,16 +282,17 @@ def test_topk_matches_oracle(rows, n, keep):
     scores[0, 4::13] = 0.0
     if rows > 1:
         scores[1] = torch.randint(-3, 3, (n,), generator=g).float()  # heavy ties
-    got = select_tokens_cuda(scores.contiguous(), keep)
+    got = host(select_tokens_cuda(dev(scores.contiguous()), keep))
     assert got.dtype == torch.int64
     assert torch.equal(got, oracle_topk(scores, keep))
 
 
+@on_device
 def test_topk_extremes_and_errors():
     scores = torch.tensor([[float("-inf")] * 4 + [float("inf"), 1e38, -1e38, 1e-45]])
-    assert select_tokens_cuda(scores, 3).tolist() == [[4, 5, 7]]
-    assert select_tokens_cuda(scores, 8).tolist() == [list(range(8))]
-    assert select_tokens_cuda(scores, 6).tolist() == [[0, 1, 4, 5, 6, 7]]
+    assert select_tokens_cuda(dev(scores), 3).tolist() == [[4, 5, 7]]
+    assert select_tokens_cuda(dev(scores), 8).tolist() == [list(range(8))]
+    assert select_tokens_cuda(dev(scores), 6).tolist() == [[0, 1, 4, 5, 6, 7]]
     from tokprune.ops import select_tokens
 
     with pytest.raises(TypeError, match="scores must have dtype in"):
@@ -377,18 +305,21 @@ def test_topk_extremes_and_errors():
         _ext.extension().select_tokens(a, False)
 
 
+@on_device
 def test_select_tokens_op_cuda_backend_equals_torch():
     from tokprune.ops import select_tokens
 
     g = torch.Generator().manual_seed(11)
     scores = torch.randn(2, 3, 300, generator=g).half()  # fp16 input, many ties after rounding
     mask = torch.rand(2, 3, 300, generator=g) < 0.02
+    scores, mask = dev(scores, mask)
     for keep in (0, 1, 17, 299, 300, 500):
         km = mask if keep >= 20 else None
         assert torch.equal(select_tokens(scores, keep, keep_mask=km, backend="cuda"),
                            select_tokens(scores, keep, keep_mask=km, backend="torch"))
 
 
+@on_device
 # -------------------------------------------------------------- cross-checks with the public ops
 def test_spec_ops_cuda_backend_equals_torch():
     spec = pytest.importorskip("tokprune.ops.spec")
@@ -397,17 +328,19 @@ def test_spec_ops_cuda_backend_equals_torch():
     tokens, parents = random_trees(rng, batch, n, vocab)
     logits = torch.randn(batch, n, vocab, generator=rng)
     tokens = steer_tokens(tokens, parents, logits, rng)
+    tokens, parents, logits = dev(tokens, parents, logits)
     _assert_tree_equal(spec.verify_tree_greedy(tokens, parents, logits, backend="cuda"),
                        spec.verify_tree_greedy(tokens, parents, logits, backend="torch"))
     target = torch.softmax(logits * 2, -1)
-    draft = torch.softmax(logits * 2 + torch.randn(batch, n, vocab, generator=rng), -1)
-    uniforms = torch.rand(batch, n, generator=rng)
+    draft = dev(torch.softmax(host(logits) * 2 + torch.randn(batch, n, vocab, generator=rng), -1))
+    uniforms = dev(torch.rand(batch, n, generator=rng))
     for rule in ("specinfer", "rsd", "target_only"):
         kw = dict(target_probs=target, draft_probs=draft, rule=rule, uniforms=uniforms)
         _assert_tree_equal(spec.verify_tree_stochastic(tokens, parents, backend="cuda", **kw),
                            spec.verify_tree_stochastic(tokens, parents, backend="torch", **kw))
 
 
+@on_device
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fasa_op_cuda_backend_equals_torch(dtype):
     fasa = pytest.importorskip("tokprune.ops.fasa")
@@ -416,6 +349,7 @@ def test_fasa_op_cuda_backend_equals_torch(dtype):
     k = torch.randn(2, 2, 90, 64, generator=g).to(dtype)
     v = torch.randn(2, 2, 90, 64, generator=g).to(dtype)
     idx = torch.randint(-1, 90, (2, 2, 33), generator=g)
+    q, k, v, idx = dev(q, k, v, idx)
     assert_close(fasa.sparse_decode_attention(q, k, v, idx, 0.125, backend="cuda"),
                  fasa.sparse_decode_attention(q, k, v, idx, 0.125, backend="torch"))
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from tests.helpers import assert_close
+from tests.helpers import assert_close, backend_params, dev
 from tokprune.ops import gather_tokens, select_tokens
-from tokprune.reference.selection import gather_tokens_reference
+from tokprune.reference.selection import gather_tokens_naive
 
 
 def _naive_select(scores, keep, keep_mask=None):
@@ -45,26 +45,27 @@ def test_select_tokens_errors():
         select_tokens(torch.arange(4), 2)
 
 
+@pytest.mark.parametrize("backend", backend_params("torch", "triton"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch,kv_heads,heads,n_tokens,n_keep,head_dim", [
     (1, 1, 1, 11, 5, 16), (2, 2, 6, 111, 40, 80), (1, 3, 9, 64, 64, 64), (2, 1, 2, 17, 0, 8)])
-def test_gather_triton_matches_reference(dtype, batch, kv_heads, heads, n_tokens, n_keep, head_dim):
+def test_gather_matches_oracle(backend, dtype, batch, kv_heads, heads, n_tokens, n_keep, head_dim):
     x = torch.randn(batch, kv_heads, n_tokens, head_dim).to(dtype)
     index = torch.randint(0, n_tokens, (batch, heads, n_keep))
-    expected = gather_tokens_reference(x, index)
-    # the oracle itself against an explicit loop
-    if n_keep:
+    expected = gather_tokens_naive(x, index)  # not the torch backend: an independent oracle
+    if n_keep:  # the oracle itself against the definition
         b, h, k = batch - 1, heads - 1, n_keep - 1
         assert torch.equal(expected[b, h, k], x[b, h // (heads // kv_heads), index[b, h, k]])
-    assert_close(gather_tokens(x, index, backend="triton"), expected)
-    assert_close(gather_tokens(x, index, backend="torch"), expected)
+    got = gather_tokens(*dev(x, index), backend=backend)
+    assert got.dtype == dtype and torch.equal(got.cpu(), expected)  # a gather is exact
 
 
-def test_gather_strided_input_and_int32_index():
+@pytest.mark.parametrize("backend", backend_params("torch", "triton"))
+def test_gather_strided_input_and_int32_index(backend):
     base = torch.randn(2, 40, 3, 32)  # (B, N, Hkv, D) layout, viewed as (B, Hkv, N, D)
     x = base.transpose(1, 2)
     index = torch.randint(0, 40, (2, 6, 9), dtype=torch.int32)
-    assert_close(gather_tokens(x, index, backend="triton"), gather_tokens_reference(x.contiguous(), index))
+    assert_close(gather_tokens(*dev(x, index), backend=backend), gather_tokens_naive(x.contiguous(), index))
 
 
 def test_gather_errors():

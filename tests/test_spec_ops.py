@@ -1,6 +1,8 @@
 """Token-tree ops: tree utilities, masks, greedy/stochastic verification, KV compaction.
 
-Every backend is compared with the plain-torch oracle in tokprune.reference.spec (CONTRACTS.md).
+Every backend is compared with the plain-torch oracle in tokprune.reference.spec (contract: the
+docstring of tokprune.ops.spec). The Triton and CUDA backends run on ``TOKPRUNE_TEST_DEVICE`` tensors
+(CPU: interpreter / host build; ``cuda``: the real kernels) and are compared on the CPU.
 """
 
 from __future__ import annotations
@@ -8,13 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import assert_close
-from tokprune._backend import TRITON_INTERPRET_AT_IMPORT, BackendUnavailable
+from tests.helpers import assert_close, dev, host, needs_backend
+from tokprune._backend import BackendUnavailable
 from tokprune.ops import spec as S
 from tokprune.reference import spec as R
 
-needs_triton = pytest.mark.skipif(not TRITON_INTERPRET_AT_IMPORT and not torch.cuda.is_available(),
-                                  reason="Triton needs TRITON_INTERPRET=1 or a GPU")
+needs_triton = needs_backend("triton")
 
 
 def random_tree(bsz: int, n: int, pad: float = 0.0, branch: int = 0, gen=None, dtype=torch.int32) -> torch.Tensor:
@@ -40,7 +41,7 @@ def planted_tokens(par: torch.Tensor, logits: torch.Tensor, frac: float = 0.6) -
 
 
 def assert_same(actual, expected, name="result"):
-    for a, e, part in zip(actual, expected, ("accept_index", "accept_len", "next_token")):
+    for a, e, part in zip(host(*actual), host(*expected), ("accept_index", "accept_len", "next_token")):
         assert a.dtype == torch.int64, f"{name}.{part} dtype {a.dtype}"
         assert_close(a, e, name=f"{name}.{part}")
 
@@ -381,11 +382,11 @@ def test_triton_greedy_equals_torch():
         par = random_tree(bsz, n, pad=0.2, branch=2 if trial % 2 else 0, gen=gen)
         logits = torch.randn(bsz, n, vocab, generator=gen).round()  # ties across chunks
         tok = planted_tokens(par, logits)
-        assert_same(S.verify_tree_greedy(tok, par, logits, backend="triton"),
+        assert_same(S.verify_tree_greedy(*dev(tok, par, logits), backend="triton"),
                     S.verify_tree_greedy(tok, par, logits, backend="torch"), name=f"greedy#{trial}")
     # root-only trees and an all -inf row (argmax 0 in torch)
     logits = torch.full((2, 1, 5), float("-inf"))
-    assert_same(S.verify_tree_greedy(torch.zeros(2, 1, dtype=torch.long), torch.full((2, 1), -1), logits,
+    assert_same(S.verify_tree_greedy(*dev(torch.zeros(2, 1, dtype=torch.long), torch.full((2, 1), -1), logits),
                                      backend="triton"),
                 S.verify_tree_greedy(torch.zeros(2, 1, dtype=torch.long), torch.full((2, 1), -1), logits))
 
@@ -404,7 +405,7 @@ def test_triton_stochastic_equals_torch(rule):
         u = torch.rand(bsz, n, generator=gen)
         if trial == 2:
             u[:, 0] = 1.0 - 2 ** -24
-        assert_same(S.verify_tree_stochastic(tok, par, tp, dp, rule=rule, uniforms=u, backend="triton"),
+        assert_same(S.verify_tree_stochastic(*dev(tok, par, tp, dp), rule=rule, uniforms=dev(u), backend="triton"),
                     S.verify_tree_stochastic(tok, par, tp, dp, rule=rule, uniforms=u, backend="torch"),
                     name=f"{rule}#{trial}")
 
@@ -417,12 +418,12 @@ def test_triton_large_vocab():
     par = torch.tensor([[-1, 0, 0, 1]], dtype=torch.int32)
     logits = torch.randn(1, 4, vocab, generator=gen)
     tok = planted_tokens(par, logits, frac=1.0)
-    assert_same(S.verify_tree_greedy(tok, par, logits, backend="triton"), S.verify_tree_greedy(tok, par, logits))
+    assert_same(S.verify_tree_greedy(*dev(tok, par, logits), backend="triton"), S.verify_tree_greedy(tok, par, logits))
     tp = random_probs((1, 4, vocab), sharp=3.0, gen=gen)
     dp = random_probs((1, 4, vocab), sharp=3.0, gen=gen)
     tok = torch.multinomial(dp.view(-1, vocab), 1, generator=gen).view(1, 4)
     u = torch.rand(1, 4, generator=gen)
-    assert_same(S.verify_tree_stochastic(tok, par, tp, dp, rule="rsd", uniforms=u, backend="triton"),
+    assert_same(S.verify_tree_stochastic(*dev(tok, par, tp, dp), rule="rsd", uniforms=dev(u), backend="triton"),
                 S.verify_tree_stochastic(tok, par, tp, dp, rule="rsd", uniforms=u))
 
 
@@ -432,10 +433,10 @@ def test_triton_compact_accepted_kv(dtype):
     cache = torch.randn(3, 2, 14, 70).to(dtype)
     ai = torch.tensor([[0, 2, 3, -1], [0, 1, 3, 7], [0, -1, -1, -1]])
     prefix = torch.tensor([3, 2, 6])
-    x = cache.clone()
-    lengths = S.compact_accepted_kv(x, prefix, ai, backend="triton")
+    x = dev(cache.clone())
+    lengths = host(S.compact_accepted_kv(x, *dev(prefix, ai), backend="triton"))
     ref, ref_len = R.compact_accepted_kv_reference(cache, prefix, ai)
-    assert torch.equal(lengths, ref_len) and torch.equal(x, ref)
+    assert torch.equal(lengths, ref_len) and torch.equal(host(x), ref)
 
 
 @needs_triton
@@ -444,19 +445,12 @@ def test_triton_greedy_bf16_logits():
     par = random_tree(3, 11, pad=0.2, branch=2, gen=gen)
     logits = (torch.randn(3, 11, 1500, generator=gen) * 2).to(torch.bfloat16)  # bf16: many exact ties
     tok = planted_tokens(par, logits.float())
-    assert_same(S.verify_tree_greedy(tok, par, logits, backend="triton"), S.verify_tree_greedy(tok, par, logits))
+    assert_same(S.verify_tree_greedy(*dev(tok, par, logits), backend="triton"), S.verify_tree_greedy(tok, par, logits))
 
 
 # ------------------------------------------------------------------------------------------ CUDA extension
 
-def _cuda_backend_reason(op):
-    from tokprune._backend import unavailable_reason
-
-    return unavailable_reason("cuda", torch.device("cpu"), op)
-
-
-@pytest.mark.skipif(_cuda_backend_reason("verify_tree_greedy") is not None,
-                    reason="tokprune._C (host build) has no verify_tree_greedy")
+@needs_backend("cuda", op="verify_tree_greedy")
 def test_cuda_extension_greedy_equals_torch():
     gen = torch.Generator().manual_seed(51)
     for trial in range(4):
@@ -464,11 +458,10 @@ def test_cuda_extension_greedy_equals_torch():
         par = random_tree(bsz, n, pad=0.2, branch=2 if trial % 2 else 0, gen=gen)
         logits = torch.randn(bsz, n, vocab, generator=gen).round()
         tok = planted_tokens(par, logits)
-        assert_same(S.verify_tree_greedy(tok, par, logits, backend="cuda"), S.verify_tree_greedy(tok, par, logits))
+        assert_same(S.verify_tree_greedy(*dev(tok, par, logits), backend="cuda"), S.verify_tree_greedy(tok, par, logits))
 
 
-@pytest.mark.skipif(_cuda_backend_reason("verify_tree_stochastic") is not None,
-                    reason="tokprune._C (host build) has no verify_tree_stochastic")
+@needs_backend("cuda", op="verify_tree_stochastic")
 @pytest.mark.parametrize("rule", S.RULES)
 def test_cuda_extension_stochastic_equals_torch(rule):
     gen = torch.Generator().manual_seed(61)
@@ -479,7 +472,7 @@ def test_cuda_extension_stochastic_equals_torch(rule):
         dp = random_probs((bsz, n, vocab), zero_frac=0.3 if trial % 2 == 0 else 0.0, gen=gen)
         tok = torch.multinomial(dp.view(-1, vocab), 1, generator=gen).view(bsz, n)
         u = torch.rand(bsz, n, generator=gen)
-        assert_same(S.verify_tree_stochastic(tok, par, tp, dp, rule=rule, uniforms=u, backend="cuda"),
+        assert_same(S.verify_tree_stochastic(*dev(tok, par, tp, dp), rule=rule, uniforms=dev(u), backend="cuda"),
                     S.verify_tree_stochastic(tok, par, tp, dp, rule=rule, uniforms=u), name=f"{rule}#{trial}")
 
 
