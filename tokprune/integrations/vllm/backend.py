@@ -1,0 +1,319 @@
+"""tokprune's attention backend for vLLM's CPU build: vLLM's own ``CPU_ATTN`` with token-sparse decode.
+
+:class:`TokpruneCPUAttentionBackend` is vLLM's ``CPUAttentionBackend`` with two classes swapped:
+
+* :class:`TokpruneCPUMetadataBuilder` plans each step once for all layers: a request is *sparse* when it
+  decodes (one query token) and its context (cached tokens, the new one included) exceeds the budget.
+  Every other request (prefill, chunked prefill, short decodes) stays dense. vLLM's own kernel still
+  runs over the whole batch, but the scheduler metadata it gets says that each sparse request has a
+  context of one token (its first), so the dense kernel does O(1) work for those rows and no dense
+  work is done twice; no query or output is copied to split the batch.
+* :class:`TokpruneCPUAttentionImpl` is vLLM's impl: vLLM writes K/V into its paged cache with its own
+  op (``do_kv_cache_update``, once per token); the impl also writes the method's side cache there
+  (FASA: the packed dominant-FC dimensions of each key; Quest: per-page key min/max), and after the
+  dense kernel it overwrites the sparse rows' output with the method's attention, computed by the
+  paged ops of :mod:`tokprune.ops.paged` straight from vLLM's cache through the block table.
+
+The K/V layout inside vLLM's CPU cache depends on the ISA vLLM picked; the builder checks once at
+start-up, with vLLM's own write op, that the layout is the one :func:`tokprune.ops.paged.vllm_cpu_kv_views`
+reads, and fails otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from vllm.config import get_current_vllm_config_or_none
+from vllm.logger import init_logger
+from vllm.v1.attention.backend import AttentionType
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+
+from tokprune.integrations.vllm.config import (
+    TokpruneConfigError,
+    VllmSettings,
+    check_model,
+    load_fc_index,
+    model_geometry,
+    parse_settings,
+)
+from tokprune.ops.paged import (
+    paged_fc_scores,
+    paged_select,
+    paged_sparse_decode_attention,
+    vllm_cpu_kv_views,
+    write_paged_fc_keys,
+)
+
+logger = init_logger(__name__)
+BACKEND = "torch"  # tokprune backend of the paged ops on CPU tensors
+
+
+@dataclass
+class SparsePlan:
+    """The sparse requests of one step (shared by every layer), all CPU int64.
+
+    Attributes:
+        rows: ``(Rs,)`` request indices in the batch.
+        tokens: ``(Rs,)`` index of each request's query token in the flattened ``(T, ...)`` query.
+        seq_lens: ``(Rs,)`` true context lengths (the dense metadata says 1 for these rows).
+        block_table: ``(Rs, ceil(max_len / block_size))`` block table rows.
+        max_len: ``max(seq_lens)``.
+        stream_slots: StreamingLLM only: ``(Rs, 1, budget)`` slots of the sink and recent tokens.
+    """
+
+    rows: torch.Tensor
+    tokens: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    max_len: int
+    stream_slots: Optional[torch.Tensor] = None
+
+
+@dataclass
+class TokpruneCPUMetadata(CPUAttentionMetadata):
+    """vLLM's CPU metadata (with the sparse rows' ``seq_lens`` set to 1) plus the step's :class:`SparsePlan`."""
+
+    sparse: Optional[SparsePlan] = None
+
+
+def _settings_from_config(vllm_config) -> Optional[VllmSettings]:
+    if vllm_config is None:
+        return None
+    return parse_settings(getattr(vllm_config, "additional_config", None))
+
+
+def check_cpu_layout(isa: str, dtype: torch.dtype, head_dim: int, block_size: int) -> None:
+    """Write two tokens with vLLM's own CPU cache-write op and check that
+    :func:`tokprune.ops.paged.vllm_cpu_kv_views` reads them back bit-exactly.
+
+    Raises:
+        TokpruneConfigError: the layout of vLLM's cache for this ISA is not the one tokprune reads.
+    """
+    from vllm import _custom_ops as ops
+
+    gen = torch.Generator().manual_seed(0)
+    kv_cache = torch.zeros(2, 1, block_size, 2 * head_dim, dtype=dtype)
+    key = torch.randn(2, 1, head_dim, generator=gen).to(dtype)
+    value = torch.randn(2, 1, head_dim, generator=gen).to(dtype)
+    slots = torch.tensor([1, block_size + block_size - 1], dtype=torch.long)
+    view = kv_cache.view(2, 1, 2 * block_size, head_dim)
+    key_cache, value_cache = view.chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa,
+                                   k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+    k_view, v_view = vllm_cpu_kv_views(kv_cache, head_dim)
+    blk, off = slots // block_size, slots % block_size
+    if not (torch.equal(k_view[blk, 0, off], key[:, 0]) and torch.equal(v_view[blk, 0, off], value[:, 0])):
+        raise TokpruneConfigError(f"tokprune: vLLM's CPU KV-cache layout for ISA {isa!r} (dtype {dtype}, head size "
+                                  f"{head_dim}, block size {block_size}) is not the one tokprune reads; "
+                                  "serve without additional_config['tokprune'] on this machine")
+
+
+class TokpruneCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    """vLLM's CPU metadata builder that also plans the sparse decode rows of each step."""
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.settings = _settings_from_config(vllm_config)
+        self.active = (self.settings is not None and not self.is_cross_attention
+                       and not self.is_encoder_only_attention and self.window_size == -1
+                       and self.kv_cache_dtype == "auto")
+        if self.settings is not None and not self.active:
+            logger.warning("tokprune: layers %s keep vLLM's dense attention (cross/encoder attention, sliding "
+                           "window or quantised KV cache)", layer_names[:2])
+        if self.active:
+            # Start-up checks (before any request): the model, the calibration, the cache layout.
+            check_model(self.settings, vllm_config.model_config.hf_config, dtype=self.dtype,
+                        block_size=self.block_size)
+            check_cpu_layout(self.isa, self.dtype, self.head_dim, self.block_size)
+
+    def _plan(self, common) -> Optional[SparsePlan]:
+        settings = self.settings
+        n = common.num_reqs
+        loc = common.query_start_loc_cpu[: n + 1].long()
+        seq_lens = common.seq_lens[:n].to("cpu", torch.long)
+        sparse = ((loc[1:] - loc[:-1]) == 1) & (seq_lens > settings.budget)
+        if not bool(sparse.any()):
+            return None
+        rows = sparse.nonzero().squeeze(1)
+        lens = seq_lens.index_select(0, rows)
+        max_len = int(lens.max())
+        n_blocks = -(-max_len // self.block_size)
+        table = common.block_table_tensor.index_select(0, rows.to(common.block_table_tensor.device))
+        table = table[:, :n_blocks].to("cpu", torch.long)
+        plan = SparsePlan(rows, loc.index_select(0, rows), lens, table, max_len)
+        if settings.method == "streaming":
+            budget, sink = settings.budget, settings.sink
+            j = torch.arange(budget)
+            token = torch.where(j < sink, j, lens[:, None] - budget + j)  # (Rs, budget): sinks, then the newest
+            blk = torch.gather(table, 1, token // self.block_size)
+            plan.stream_slots = (blk * self.block_size + token % self.block_size)[:, None, :]
+        return plan
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        plan = self._plan(common_attn_metadata) if self.active else None
+        if plan is not None:
+            dense_lens = common_attn_metadata.seq_lens.clone()
+            dense_lens[plan.rows.to(dense_lens.device)] = 1  # the dense kernel reads one token for sparse rows
+            common_attn_metadata = dataclasses.replace(common_attn_metadata, seq_lens=dense_lens,
+                                                       max_seq_len=int(dense_lens.max()))
+        meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        fields = {f.name: getattr(meta, f.name) for f in dataclasses.fields(CPUAttentionMetadata)}
+        return TokpruneCPUMetadata(**fields, sparse=plan)
+
+
+@functools.lru_cache(maxsize=8)
+def _fc_table(settings: VllmSettings, layers: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+    return load_fc_index(settings, layers, kv_heads, head_dim)
+
+
+def _layer_index(layer_name: str) -> int:
+    digits = [int(part) for part in layer_name.split(".") if part.isdigit()]
+    if not digits:
+        raise TokpruneConfigError(f"tokprune: cannot find a layer index in the attention layer name {layer_name!r}")
+    return digits[-1] if len(digits) == 1 else digits[0]
+
+
+class TokpruneCPUAttentionImpl(CPUAttentionBackendImpl):
+    """vLLM's CPU attention impl plus the side-cache writes and the sparse decode rows of tokprune."""
+
+    def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+                 logits_soft_cap=None, attn_type=AttentionType.DECODER, kv_sharing_target_layer_name=None,
+                 sinks=None):
+        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+                         logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
+        vllm_config = get_current_vllm_config_or_none()
+        self.settings = _settings_from_config(vllm_config)
+        self.active = (self.settings is not None and attn_type == AttentionType.DECODER
+                       and self.sliding_window == -1 and self.alibi_slopes is None and not self.logits_soft_cap
+                       and self.sinks is None and not self.is_fp8_kv_cache)
+        self._geometry = None
+        if self.active and self.settings.method == "fasa":
+            self._geometry = model_geometry(vllm_config.model_config.hf_config)
+        self._fc_index: Optional[torch.Tensor] = None
+        self._side: Optional[torch.Tensor] = None  # FASA: packed FC keys; Quest: per-page (min, max)
+
+    # -- side caches -----------------------------------------------------------------------------------
+    def _side_cache(self, layer, kv_cache: torch.Tensor) -> torch.Tensor:
+        num_blocks, kv_heads, block_size, _ = kv_cache.shape
+        if self._side is not None and self._side.shape[0] == num_blocks:
+            return self._side
+        s = self.settings
+        if s.method == "fasa":
+            geo = self._geometry
+            table = _fc_table(s, geo["layers"], geo["kv_heads"], geo["head_dim"])
+            self._fc_index = table[_layer_index(layer.layer_name)].clone()
+            self._side = torch.zeros(num_blocks, kv_heads, block_size, 2 * s.chunk * self._fc_index.shape[1],
+                                     dtype=kv_cache.dtype, device=kv_cache.device)
+        else:  # quest: (pages, kv_heads, 2, head_dim) min and max of the keys of each page of page_size tokens
+            pages = num_blocks * block_size // s.page_size
+            self._side = torch.zeros(pages, kv_heads, 2, self.head_size, dtype=kv_cache.dtype, device=kv_cache.device)
+        return self._side
+
+    def _write_quest_bounds(self, side, key, slot_mapping):
+        ps = self.settings.page_size
+        keep = (slot_mapping >= 0).nonzero().squeeze(1)
+        slots = slot_mapping.long().index_select(0, keep)
+        k = key.index_select(0, keep).to(side.dtype)  # (T', Hkv, D)
+        page = slots // ps
+        first = (slots % ps) == 0  # a page's first token resets its bounds (blocks are reused)
+        if bool(first.any()):
+            side[page[first], :, 0] = k[first]
+            side[page[first], :, 1] = k[first]
+        index = page[:, None, None].expand_as(k)
+        side[:, :, 0].scatter_reduce_(0, index, k, "amin")
+        side[:, :, 1].scatter_reduce_(0, index, k, "amax")
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        """vLLM's own K/V write, then the method's side cache for the same tokens (FASA, Quest)."""
+        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        if not self.active or self.settings.method == "streaming" or slot_mapping is None:
+            return
+        side = self._side_cache(layer, kv_cache)
+        n = slot_mapping.shape[0]
+        if self.settings.method == "fasa":
+            write_paged_fc_keys(side, key[:n], slot_mapping, self._fc_index, self.settings.chunk, backend=BACKEND)
+        else:
+            self._write_quest_bounds(side, key[:n], slot_mapping)
+
+    # -- attention -------------------------------------------------------------------------------------
+    def _quest_slots(self, q, plan: SparsePlan, block_size: int) -> torch.Tensor:
+        from tokprune.ops import select_sparse_indices
+
+        s = self.settings
+        ps = s.page_size
+        per_block = block_size // ps
+        rows, heads, head_dim = q.shape
+        n_pages = -(-plan.max_len // ps)
+        j = torch.arange(n_pages)
+        phys = plan.block_table[:, j // per_block] * per_block + j % per_block  # (Rs, P) physical page ids
+        bounds = self._side[phys]  # (Rs, P, Hkv, 2, D)
+        group = heads // self.num_kv_heads
+        lo = bounds[:, :, :, 0].float().repeat_interleave(group, dim=2)  # (Rs, P, Hq, D)
+        hi = bounds[:, :, :, 1].float().repeat_interleave(group, dim=2)
+        qf = q.float()[:, None]
+        bound = torch.maximum(qf * lo, qf * hi).sum(-1).transpose(1, 2)  # (Rs, Hq, P)
+        page_lens = -(-plan.seq_lens // ps)
+        valid = j[None, :] < page_lens[:, None]
+        pages = select_sparse_indices(bound.masked_fill(~valid[:, None, :], 0.0), max(1, s.budget // ps),
+                                      sink=0, window=1, valid=valid)  # (Rs, Hq, kp), -1 padded
+        token = pages[..., None] * ps + torch.arange(ps)  # (Rs, Hq, kp, ps)
+        ok = (pages[..., None] >= 0) & (token < plan.seq_lens[:, None, None, None])
+        token = token.clamp_min(0)
+        blk = torch.gather(plan.block_table, 1, (token // block_size).reshape(rows, -1)).view_as(token)
+        slots = torch.where(ok, blk * block_size + token % block_size, torch.full_like(token, -1))
+        return slots.reshape(rows, heads, -1)
+
+    def _sparse_slots(self, q, plan: SparsePlan, block_size: int) -> torch.Tensor:
+        s = self.settings
+        if s.method == "streaming":
+            return plan.stream_slots.expand(-1, self.num_kv_heads, -1)
+        if s.method == "quest":
+            return self._quest_slots(q, plan, block_size)
+        scores = paged_fc_scores(q, self._side, plan.block_table, plan.seq_lens, self._fc_index, s.chunk,
+                                 max_len=plan.max_len, backend=BACKEND)  # (Rs, Hq, L) partial logits
+        rows, heads, length = scores.shape
+        # FASA's group vote: the sum over the group's query heads of each head's softmax.
+        weights = torch.softmax(scores * self.head_size ** -0.5, dim=-1)
+        weights = weights.view(rows, self.num_kv_heads, heads // self.num_kv_heads, length).sum(2)
+        return paged_select(weights, s.budget, s.sink, s.window, plan.seq_lens, plan.block_table, block_size,
+                            backend=BACKEND)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        """vLLM's dense CPU attention for all rows (sparse rows read one token there), then the sparse rows'
+        output from the method. Shapes as in vLLM: ``query (T, Hq, D)``, ``output (T, Hq, D)``."""
+        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                 output_block_scale)
+        plan = getattr(attn_metadata, "sparse", None)
+        if plan is None or not self.active:
+            return output
+        if self._side is None and self.settings.method != "streaming":
+            raise RuntimeError("tokprune: the side cache was never written (do_kv_cache_update not called)")
+        q = query.index_select(0, plan.tokens)  # (Rs, Hq, D)
+        k_view, v_view = vllm_cpu_kv_views(kv_cache, self.head_size)
+        slots = self._sparse_slots(q, plan, kv_cache.shape[2])
+        out = paged_sparse_decode_attention(q, k_view, v_view, slots, self.scale, backend=BACKEND)
+        output.view(-1, self.num_heads, self.head_size)[plan.tokens] = out.to(output.dtype)
+        return output
+
+
+class TokpruneCPUAttentionBackend(CPUAttentionBackend):
+    """vLLM's ``CPU_ATTN`` backend with tokprune's metadata builder and impl (same name, layout and kernels)."""
+
+    @staticmethod
+    def get_impl_cls():
+        return TokpruneCPUAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return TokpruneCPUMetadataBuilder
