@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import assert_close
+from tests.helpers import assert_close, dev, needs_backend
 from tokprune._backend import BackendUnavailable
 from tokprune.ops import matrix_entropy, token_information_scores, truncated_matrix_entropy
 from tokprune.reference.entropy import (
@@ -278,7 +278,8 @@ def test_token_information_scores_empty_and_errors():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Triton kernels (interpreter on CPU) == torch oracle
+# Triton kernels (interpreter on CPU, real kernels with TOKPRUNE_TEST_DEVICE=cuda) == torch on the CPU
+@needs_backend("triton")
 @pytest.mark.parametrize("shape", [(2, 13, 40), (1, 70, 24), (2, 33, 33)])
 @pytest.mark.parametrize("normalize_rows", [True, False])
 def test_triton_masked_gram_matches_torch(shape, normalize_rows):
@@ -290,27 +291,29 @@ def test_triton_masked_gram_matches_torch(shape, normalize_rows):
     mask[0, :3] = False
     mean, scale, count = _row_stats(x, mask, True, normalize_rows)
     for tokens_side in (True, False):
-        got = masked_gram_triton(x, mean.float(), scale.float(), count.float(), tokens_side=tokens_side)
+        got = masked_gram_triton(*dev(x, mean.float(), scale.float(), count.float()), tokens_side=tokens_side)
         expected = _gram_torch(x, mean, scale, count, tokens_side).float()
         assert_close(got, expected, atol=1e-5, rtol=1e-4, name=f"tokens_side={tokens_side}")
 
 
+@needs_backend("triton")
 def test_triton_matrix_entropy_matches_torch_including_strided_and_bf16():
     x = torch.randn(2, 50, 36)
     for kwargs in (dict(), dict(truncate=5, order=2), dict(side="features"), dict(normalizer="dim")):
-        assert_close(matrix_entropy(x, backend="triton", **kwargs), matrix_entropy(x, **kwargs), **TOL,
+        assert_close(matrix_entropy(dev(x), backend="triton", **kwargs), matrix_entropy(x, **kwargs), **TOL,
                      name=str(kwargs))
     strided = torch.randn(2, 36, 50).transpose(1, 2)  # non-contiguous view
-    assert_close(matrix_entropy(strided, backend="triton"), matrix_entropy(strided.contiguous()), **TOL)
+    assert_close(matrix_entropy(dev(strided), backend="triton"), matrix_entropy(strided.contiguous()), **TOL)
     xb = x.bfloat16()
-    assert_close(matrix_entropy(xb, backend="triton"), matrix_entropy(xb), **TOL)
+    assert_close(matrix_entropy(dev(xb), backend="triton"), matrix_entropy(xb), **TOL)
     q = torch.randn(1, 2, 40, 16)
     mask = torch.ones(1, 40, dtype=torch.bool)
     mask[0, :9] = False
-    assert_close(truncated_matrix_entropy(q, 8, mask=mask, backend="triton"),
+    assert_close(truncated_matrix_entropy(dev(q), 8, mask=dev(mask), backend="triton"),
                  truncated_matrix_entropy(q, 8, mask=mask), **TOL)
 
 
+@needs_backend("triton")
 @pytest.mark.parametrize("heads,head_dim", [(4, 24), (9, 64), (32, 16), (40, 8)])
 def test_triton_token_gram_and_scores_match_torch(heads, head_dim):
     from tokprune.kernels.triton.entropy import token_gram_triton
@@ -318,18 +321,19 @@ def test_triton_token_gram_and_scores_match_torch(heads, head_dim):
     x = torch.randn(2, 11, heads * head_dim)
     flat = x.view(22, heads, head_dim).double()
     z = flat - flat.mean(1, keepdim=True)
-    assert_close(token_gram_triton(x.view(22, heads, head_dim)), (z @ z.transpose(1, 2) / heads).float(),
+    assert_close(token_gram_triton(dev(x.view(22, heads, head_dim))), (z @ z.transpose(1, 2) / heads).float(),
                  atol=1e-5, rtol=1e-4)
     for exact in (False, True):
-        got = token_information_scores(x, num_heads=heads, exact_reference=exact, backend="triton")
+        got = token_information_scores(dev(x), num_heads=heads, exact_reference=exact, backend="triton")
         # fp32 Gram vs float64: the near-zero eigenvalue (centring) costs ~1e-5 in the exact mode
         assert_close(got, token_information_scores(x, num_heads=heads, exact_reference=exact),
                      atol=1e-4 if not exact else 5e-4, rtol=1e-4)
     xb = x.bfloat16()
-    assert_close(token_information_scores(xb, num_heads=heads, exact_reference=False, backend="triton"),
+    assert_close(token_information_scores(dev(xb), num_heads=heads, exact_reference=False, backend="triton"),
                  token_information_scores(xb, num_heads=heads, exact_reference=False), **TOL)
 
 
+@needs_backend("triton")
 def test_triton_token_gram_rejects_too_many_heads():
     with pytest.raises(ValueError, match="at most 64 heads"):
-        token_information_scores(torch.randn(1, 2, 65 * 2), num_heads=65, backend="triton")
+        token_information_scores(dev(torch.randn(1, 2, 65 * 2)), num_heads=65, backend="triton")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import assert_close
+from tests.helpers import assert_close, backend_params, dev, host
 from tokprune._backend import BackendUnavailable
 from tokprune.ops import compress_qkv, decompress, select_tokens, token_sparse_attention, token_sparse_scores
 from tokprune.ops.token_sparse import coverage_keep_count, resolve_keep
@@ -65,7 +65,7 @@ def test_scores_find_a_planted_key():
 
 
 # ------------------------------------------------------------------------------------------- compress / decompress
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", backend_params("torch", "triton"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,heads,kv_heads,n,n_keep,dim", [
     (1, 1, 1, 11, 5, 16), (2, 6, 2, 111, 40, 80), (1, 9, 3, 64, 64, 64), (2, 4, 2, 300, 17, 8),
@@ -73,7 +73,7 @@ def test_scores_find_a_planted_key():
 def test_compress_matches_oracle(backend, dtype, batch, heads, kv_heads, n, n_keep, dim):
     q, k, v = _qkv(batch, heads, kv_heads, n, dim, dtype)
     idx = _sorted_indices(batch, heads, n, n_keep)
-    got = compress_qkv(q, k, v, idx, backend=backend)
+    got = host(*compress_qkv(*dev(q, k, v, idx), backend=backend))
     for name, g, e in zip("qkv", got, compress_qkv_reference(q, k, v, idx)):
         assert g.shape == (batch, heads, n_keep, dim) and g.dtype == dtype
         assert torch.equal(g, e), name
@@ -82,24 +82,24 @@ def test_compress_matches_oracle(backend, dtype, batch, heads, kv_heads, n, n_ke
         assert torch.equal(got[1][b, h, j], k[b, h // (heads // kv_heads), idx[b, h, j]])
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", backend_params("torch", "triton"))
 def test_compress_strided_hf_layout_and_int32(backend):
     q_bnhd, k_bnhd, v_bnhd = torch.randn(2, 50, 4, 16), torch.randn(2, 50, 2, 16), torch.randn(2, 50, 2, 16)
     q, k, v = q_bnhd.transpose(1, 2), k_bnhd.transpose(1, 2), v_bnhd.transpose(1, 2)  # HF's views
     idx = _sorted_indices(2, 4, 50, 12).int()
-    for g, e in zip(compress_qkv(q, k, v, idx, backend=backend),
+    for g, e in zip(host(*compress_qkv(*dev(q, k, v, idx), backend=backend)),
                     compress_qkv_reference(q.contiguous(), k.contiguous(), v.contiguous(), idx)):
         assert torch.equal(g, e)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", backend_params("torch", "triton"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_decompress_matches_oracle_and_round_trips(backend, dtype):
     batch, heads, n, n_keep, dim = 2, 3, 70, 23, 24
     x = torch.randn(batch, heads, n, dim).to(dtype)
     idx = _sorted_indices(batch, heads, n, n_keep)
     comp = torch.gather(x, 2, idx[..., None].expand(-1, -1, -1, dim))
-    out = decompress(comp, idx, n, backend=backend)
+    out = host(decompress(*dev(comp, idx), n, backend=backend))
     assert out.shape == (batch, heads, n, dim) and out.dtype == dtype
     assert out.transpose(1, 2).is_contiguous()  # HF layout for free
     assert torch.equal(out, decompress_reference(comp, idx, n))
@@ -107,14 +107,14 @@ def test_decompress_matches_oracle_and_round_trips(backend, dtype):
     assert torch.equal(out[selected], x[selected])  # round trip of the kept rows
     assert not out[~selected].any()  # the paper's rule: zeros elsewhere
     # compress -> decompress round trip through compress_qkv (x as q, k, v; no GQA)
-    qc, kc, _ = compress_qkv(x, x, x, idx, backend=backend)
-    assert torch.equal(decompress(qc, idx, n, backend=backend), out)
+    qc, kc, _ = compress_qkv(*dev(x, x, x, idx), backend=backend)
+    assert torch.equal(host(decompress(qc, dev(idx), n, backend=backend)), out)
     # a tensor fill supplies the non-selected rows and is not modified
     fill = torch.randn(batch, heads, n, dim).to(dtype)
     before = fill.clone()
-    got = decompress(comp, idx, n, fill=fill, backend=backend)
+    got = host(decompress(*dev(comp, idx), n, fill=dev(fill), backend=backend))
     assert torch.equal(got, decompress_reference(comp, idx, n, fill=fill)) and torch.equal(fill, before)
-    assert torch.equal(decompress(comp, idx, n, fill=2.5, backend=backend)[~selected],
+    assert torch.equal(host(decompress(*dev(comp, idx), n, fill=2.5, backend=backend))[~selected],
                        torch.full_like(x[~selected], 2.5))
 
 
@@ -160,13 +160,13 @@ def test_compressed_path_with_every_token_equals_dense():
     assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", backend_params("torch", "triton"))
 @pytest.mark.parametrize("batch,heads,kv_heads,n,keep,window", [
     (1, 4, 4, 64, 0.25, 8), (2, 6, 2, 101, 0.5, 16), (1, 9, 3, 80, 20, 4)])
 def test_sparse_attention_matches_oracle(backend, batch, heads, kv_heads, n, keep, window):
     q, k, v = _qkv(batch, heads, kv_heads, n, 16)
-    out, idx = token_sparse_attention(q, k, v, keep=keep, window=window, kernel_size=3, return_indices=True,
-                                      backend=backend)
+    out, idx = host(*token_sparse_attention(*dev(q, k, v), keep=keep, window=window, kernel_size=3,
+                                            return_indices=True, backend=backend))
     n_keep = resolve_keep(keep, n)
     assert idx.shape == (batch, heads, n_keep)
     assert bool((idx[..., 1:] > idx[..., :-1]).all())  # sorted, distinct: causal order preserved
