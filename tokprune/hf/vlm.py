@@ -283,8 +283,11 @@ class _VisualPruner:
             if cache is not None:
                 from transformers import DynamicCache
 
-                if not isinstance(cache, DynamicCache):
-                    raise NotImplementedError(f"prune_visual_tokens needs a DynamicCache, got {type(cache).__name__}")
+                from tokprune.hf.kv_cache import TokpruneCache
+
+                if not isinstance(cache, (DynamicCache, TokpruneCache)):
+                    raise NotImplementedError(f"prune_visual_tokens needs a DynamicCache or a TokpruneCache (per-layer "
+                                              f"lengths), got {type(cache).__name__}")
             st.phase = "prefill" if bool(visual.any()) else None
             st.inputs_embeds, st.cache, st.n_full = embeds, cache, embeds.shape[1]
             st.pending_visual = visual
