@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.tokprune-installed
 
-.PHONY: install ext test test-vllm demo aot bench info clean
+.PHONY: install ext test test-vllm demo aot bench info clean gpu-check
 
 $(STAMP): setup.py pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,15 @@ aot: $(STAMP)
 
 info: $(STAMP)
 	$(VENV)/bin/tokprune info
+
+# On a CUDA machine, with the torch/triton installed there (not .venv, which holds the CPU torch):
+# environment gate, _C built for the device's arch, the kernel tests on CUDA, compute-sanitizer, 2^31
+# offsets, verification stress, sync/recompile audit, benchmarks; <= 10 min on one H100/H200. Writes
+# $(OUT)/gpu_check.md and .csv; on success records the arch in tokprune/data/validated_archs.json.
+GPU_PYTHON ?= python3
+OUT ?= gpu-check-out
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m tokprune.tools.gpu_check --out $(OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info tokprune/_C*.so tokprune/_C_build.json

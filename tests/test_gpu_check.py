@@ -1,0 +1,170 @@
+"""The CPU-side parts of ``make gpu-check`` (tokprune/tools/gpu_check.py, gpu_smoke.py).
+
+On this machine every GPU step must be skipped *with a reason*, the report and CSV must still be
+written, nothing may be recorded as validated, and the pieces that decide (the environment gate, the
+validation entry) must decide correctly from faked facts. The smoke and stress programs themselves run
+here on CPU tensors (Triton interpreter, host build of tokprune._C) with small sizes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tokprune.tools import gpu_check as gc
+
+H200 = {"torch": "2.11.0+cu130", "torch_cuda": "13.0", "cuda_available": True, "device_name": "NVIDIA H200",
+        "capability": [9, 0], "driver_cuda": "13.0", "triton": "3.6.0", "pybind11": True, "ninja": True,
+        "cxx": "g++", "compute_sanitizer": "/usr/local/cuda/bin/compute-sanitizer",
+        "nvcc": [{"path": "/opt/cuda-12.4/bin/nvcc", "release": "12.4"},
+                 {"path": "/usr/local/cuda-13.0/bin/nvcc", "release": "13.0"}]}
+
+
+def test_gate_accepts_a_matching_h200_and_picks_the_nvcc_of_torchs_cuda():
+    g = gc.gate(H200)
+    assert g.gpu and g.build and g.arch == "90" and g.reasons == []
+    assert g.nvcc == "/usr/local/cuda-13.0/bin/nvcc"  # not the first one found: the one matching torch
+
+
+@pytest.mark.parametrize("change,gpu,build,reason", [
+    (dict(torch_cuda=None, cuda_available=False), False, False, "CPU build"),
+    (dict(cuda_available=False), False, False, "no CUDA device is visible"),
+    (dict(capability=[7, 0]), False, False, "compute capability 7.0 is below 7.5"),
+    (dict(driver_cuda="12.8"), False, False, "the driver supports CUDA 12.8 but torch needs 13.0"),
+    (dict(triton=None), False, False, "triton is not installed"),
+    (dict(nvcc=[{"path": "/opt/cuda-12.4/bin/nvcc", "release": "12.4"}]), True, False,
+     "no nvcc of torch's CUDA 13.0"),
+    (dict(pybind11=False), True, False, "pybind11 is missing"),
+])
+def test_gate_refuses_with_the_reason(change, gpu, build, reason):
+    g = gc.gate(dict(H200, **change))
+    assert (g.gpu, g.build) == (gpu, build)
+    assert any(reason in r for r in g.reasons), g.reasons
+
+
+def test_gate_notes_a_minor_version_difference():
+    g = gc.gate(dict(H200, nvcc=[{"path": "/usr/local/cuda/bin/nvcc", "release": "13.1"}]))
+    assert g.build and g.nvcc == "/usr/local/cuda/bin/nvcc" and "differs in minor version" in g.notes[0]
+
+
+def test_check_on_this_cpu_skips_every_gpu_step_with_a_reason_and_writes_the_report(tmp_path, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: make gpu-check runs the real steps")
+    monkeypatch.setattr(gc, "write_validated", lambda *a, **k: pytest.fail("nothing may be validated on a CPU"))
+    code = gc.run_check(str(tmp_path))
+    assert code == 2  # nothing was proven
+    report = (tmp_path / "gpu_check.md").read_text()
+    with open(tmp_path / "gpu_check.csv") as f:
+        rows = list(csv.DictReader(f))
+    steps = {r["step"]: r for r in rows if r["kind"] == "step"}
+    assert set(steps) == set(gc.STEPS)
+    for name in gc.STEPS:
+        assert steps[name]["status"] == "skipped", name
+        assert steps[name]["detail"], f"{name} skipped without a reason"
+        assert f"| {name} | skipped |" in report
+    assert "torch.version.cuda is None" in steps["suite"]["detail"] or "no CUDA device" in steps["suite"]["detail"]
+    assert "Not recorded" in report
+
+
+def test_validation_entry_needs_every_correctness_step(tmp_path):
+    g = gc.gate(H200)
+    ok = [gc.StepResult(s, "passed") for s in gc.CORRECTNESS_STEPS]
+    for r in ok:
+        if r.name in ("smoke", "stress"):
+            r.rows = [{"backend": "triton", "status": "passed"}, {"backend": "cuda", "status": "passed"}]
+    entry = gc.validation_entry(ok, H200, g)
+    assert entry["backends"] == ["triton", "cuda"] and entry["torch"] == H200["torch"]
+    # the build failed: the cuda backend is not validated, triton still is
+    no_build = [gc.StepResult("build", "failed") if r.name == "build" else r for r in ok]
+    assert gc.validation_entry(no_build, H200, g)["backends"] == ["triton"]
+    # any other correctness step not passed: nothing is validated
+    for name in ("suite", "sanitizer", "large", "stress", "smoke"):
+        bad = [gc.StepResult(name, "skipped", "x") if r.name == name else r for r in ok]
+        assert gc.validation_entry(bad, H200, g) is None, name
+    # written next to other archs, read back by the backend selection
+    path = tmp_path / "validated_archs.json"
+    path.write_text(json.dumps({"archs": {"sm_80": {"backends": ["triton"]}}}))
+    gc.write_validated("90", entry, str(path))
+    data = json.loads(path.read_text())
+    assert set(data["archs"]) == {"sm_80", "sm_90"} and data["archs"]["sm_90"]["backends"] == ["triton", "cuda"]
+
+
+def test_smoke_covers_every_kernel_backend_of_the_ops_and_passes_on_cpu():
+    """gpu_smoke (the sanitizer's program) calls every Triton/CUDA op; here on CPU tensors (interpreter and
+    host build), each result equal to the torch backend."""
+    from tokprune.tools.gpu_smoke import KERNEL_OPS, run_ops
+
+    rows = run_ops(torch.device("cpu"))
+    assert {(r["op"], r["backend"]) for r in rows} == {(op, b) for op, bs in KERNEL_OPS.items() for b in bs}
+    assert [r for r in rows if r["status"] == "failed"] == []
+    assert all(r["detail"] for r in rows if r["status"] == "skipped")
+    # every op that declares a kernel backend in its resolve_backend call is covered (or listed as pending)
+    import glob
+    import re
+
+    from tokprune.tools.gpu_smoke import PENDING
+
+    declared = {}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for path in glob.glob(os.path.join(root, "tokprune", "ops", "*.py")):
+        for backends, op in re.findall(r'resolve_backend\([^()]*?\(([^()]*)\),\s*"(\w+)"', open(path).read()):
+            kernels = tuple(b for b in ("triton", "cuda") if f'"{b}"' in backends)
+            if kernels:
+                declared[op] = kernels
+    covered = {op: KERNEL_OPS[op] for op in declared if op in KERNEL_OPS}
+    missing = {op: bs for op, bs in declared.items() if op not in KERNEL_OPS and op not in PENDING}
+    assert missing == {}, f"ops with kernel backends that gpu_smoke does not call: {missing}"
+    assert all(set(declared[op]) == set(bs) for op, bs in covered.items()), (declared, covered)
+
+
+def test_stress_logic_on_cpu_small():
+    res = gc.run_stress(torch.device("cpu"), batch=4, vocab=64, repeats=6, nodes=5, distinct=3)
+    assert res.status == "passed", res.details
+    ran = [r for r in res.rows if r["status"] == "passed"]
+    assert ran and all(r["repeats"] == 6 and r["mismatches"] == 0 for r in ran)
+
+
+def test_stress_detects_a_differing_repeat(monkeypatch):
+    from tokprune.ops import spec
+
+    real = spec.verify_tree_stochastic
+
+    def flaky(*args, backend=None, **kwargs):
+        out = real(*args, backend=backend, **kwargs)
+        if backend != "torch":
+            out = (out[0], out[1], out[2] + 1)  # a wrong bonus token, as a race would give
+        return out
+
+    monkeypatch.setattr(spec, "verify_tree_stochastic", flaky)
+    res = gc.run_stress(torch.device("cpu"), batch=2, vocab=16, repeats=2, nodes=3, distinct=1, backends=("cuda",))
+    assert res.status == "failed" and "repeats differ" in res.reason
+
+
+def test_audit_and_bench_skip_on_cpu_with_a_reason():
+    for fn in (gc.run_audit, gc.run_bench):
+        res = fn(torch.device("cpu"))
+        assert res.status == "skipped" and "CUDA" in res.reason
+
+
+def test_test_device_cuda_without_gpu_is_a_usage_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_backend.py",
+                           "-k", "auto_is_torch"], cwd=root, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TOKPRUNE_TEST_DEVICE="cuda"))
+    assert proc.returncode != 0 and "TOKPRUNE_TEST_DEVICE=cuda but torch sees no CUDA device" in proc.stdout + proc.stderr
+
+
+def test_make_target_passes_out(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(["make", "-n", "gpu-check", f"OUT={tmp_path}"], cwd=root, capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip(f"make unavailable: {out.stderr[:200]}")
+    assert f"-m tokprune.tools.gpu_check --out {tmp_path}" in out.stdout

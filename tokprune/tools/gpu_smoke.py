@@ -1,0 +1,227 @@
+"""Call every Triton and CUDA (tokprune._C) op once and compare it with the torch backend on the CPU.
+
+This is the program ``make gpu-check`` runs under ``compute-sanitizer`` (memcheck, racecheck,
+synccheck): small inputs, every kernel launched at least once, results checked, exit code 1 on any
+mismatch. It also holds the large-offset check (tensors past 2**31 elements on the GPU) and is
+usable on the CPU (Triton interpreter, host build of tokprune._C), which is how CI tests it.
+
+Usage: ``python -m tokprune.tools.gpu_smoke [--device cuda] [--large] [--json FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+# (op, implemented kernel backends) covered here; tests/test_gpu_check.py checks this against the ops.
+KERNEL_OPS: Dict[str, Tuple[str, ...]] = {
+    "verify_tree_greedy": ("triton", "cuda"),
+    "verify_tree_stochastic": ("triton", "cuda"),
+    "compact_accepted_kv": ("triton",),
+    "fc_scores": ("triton",),
+    "sparse_decode_attention": ("triton", "cuda"),
+    "select_tokens": ("cuda",),
+    "gather_tokens": ("triton",),
+    "compress_qkv": ("triton",),
+    "decompress": ("triton",),
+    "matrix_entropy": ("triton",),
+    "truncated_matrix_entropy": ("triton",),
+    "token_information_scores": ("triton",),
+}
+
+#: ops with kernel backends not called here yet, and where they are proven instead.
+PENDING: Dict[str, str] = dict(
+    {op: "paged op (new): proven by tests/test_paged.py in the suite step, not yet by the sanitizer program"
+     for op in ("write_paged_fc_keys", "paged_fc_scores", "paged_select", "paged_sparse_decode_attention",
+                "paged_decode_attention")},
+    token_sparse_attention="composition of compress_qkv and decompress, whose kernels are called here")
+
+
+def _tree(gen: torch.Generator, bsz: int, n: int, vocab: int):
+    parents = torch.full((bsz, n), -1, dtype=torch.int64)
+    for b in range(bsz):
+        for i in range(1, n):
+            parents[b, i] = int(torch.randint(0, i, (1,), generator=gen))
+    tokens = torch.randint(0, vocab, (bsz, n), generator=gen)
+    return tokens, parents
+
+
+def _cases(gen: torch.Generator) -> Dict[str, Tuple[Callable, tuple, dict]]:
+    """op -> (function, CPU positional inputs, keyword arguments)."""
+    from tokprune import ops
+    from tokprune.ops import spec
+
+    tokens, parents = _tree(gen, 3, 9, 1500)
+    logits = torch.randn(3, 9, 1500, generator=gen)
+    best = logits.argmax(-1).gather(1, parents.clamp_min(0))
+    tokens = torch.where(torch.rand(3, 9, generator=gen) < 0.7, best, tokens)  # deep accepted paths
+    target = torch.softmax(logits * 2, -1)
+    draft = torch.softmax(logits * 2 + torch.randn(3, 9, 1500, generator=gen), -1)
+    uniforms = torch.rand(3, 9, generator=gen)
+    q = torch.randn(2, 8, 1, 64, generator=gen)
+    k = torch.randn(2, 2, 300, 64, generator=gen)
+    v = torch.randn(2, 2, 300, 64, generator=gen)
+    idx = torch.randint(-1, 300, (2, 2, 70), generator=gen)
+    fc_index = torch.randint(0, 32, (2, 4), generator=gen)
+    x4 = torch.randn(2, 2, 120, 32, generator=gen)
+    gidx = torch.randint(0, 120, (2, 6, 40), generator=gen)
+    sidx = torch.sort(torch.stack([torch.randperm(120, generator=gen)[:40] for _ in range(12)]).view(2, 6, 40)).values
+    qkv = (torch.randn(2, 6, 120, 32, generator=gen), x4, torch.randn(2, 2, 120, 32, generator=gen))
+    comp = torch.randn(2, 6, 40, 32, generator=gen)
+    cache = torch.randn(3, 2, 30, 16, generator=gen)
+    accept = torch.tensor([[0, 2, 5, -1], [0, 1, -1, -1], [0, 3, 4, 8]])
+    return {
+        "verify_tree_greedy": (spec.verify_tree_greedy, (tokens, parents, logits), {}),
+        "verify_tree_stochastic": (spec.verify_tree_stochastic, (tokens, parents, target, draft),
+                                   {"rule": "rsd", "uniforms": uniforms}),
+        "compact_accepted_kv": (spec.compact_accepted_kv, (cache, torch.tensor([4, 7, 2]), accept), {}),
+        "fc_scores": (ops.fc_scores, (q, k, fc_index), {}),
+        "sparse_decode_attention": (ops.sparse_decode_attention, (q, k, v, idx), {"scale": 0.125}),
+        "select_tokens": (ops.select_tokens, (torch.randn(4, 3, 500, generator=gen),), {"keep": 77}),
+        "gather_tokens": (ops.gather_tokens, (x4, gidx), {}),
+        "compress_qkv": (ops.compress_qkv, qkv + (sidx,), {}),
+        "decompress": (ops.decompress, (comp, sidx, 120), {}),
+        "matrix_entropy": (ops.matrix_entropy, (torch.randn(2, 50, 36, generator=gen),), {}),
+        "truncated_matrix_entropy": (ops.truncated_matrix_entropy, (torch.randn(1, 2, 40, 16, generator=gen), 8), {}),
+        "token_information_scores": (ops.token_information_scores, (torch.randn(2, 11, 8 * 24, generator=gen),),
+                                     {"num_heads": 8, "exact_reference": False}),
+    }
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _compare(got, expected, name: str) -> Optional[str]:
+    """``None`` when equal (integers exactly, floats within the dtype's tolerance), else a description."""
+    if isinstance(expected, (tuple, list)):
+        for i, (g, e) in enumerate(zip(got, expected)):
+            bad = _compare(g, e, f"{name}[{i}]")
+            if bad:
+                return bad
+        return None
+    if not isinstance(expected, torch.Tensor):
+        return None if got == expected else f"{name}: {got!r} != {expected!r}"
+    got = got.detach().cpu()
+    if got.shape != expected.shape:
+        return f"{name}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
+    if not expected.is_floating_point():
+        return None if torch.equal(got, expected) else f"{name}: integer results differ"
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(expected.dtype, 1e-4)
+    a, e = got.double(), expected.double()
+    if torch.equal(torch.isnan(a), torch.isnan(e)) and bool(
+            ((a - e).abs().nan_to_num(0) <= tol + tol * e.abs().nan_to_num(0)).all()):
+        return None
+    return f"{name}: max abs diff {float((a - e).abs().nan_to_num(0).max()):.3g} > tol {tol:g}"
+
+
+def run_ops(device: torch.device, ops_filter: Optional[Sequence[str]] = None, seed: int = 0) -> List[dict]:
+    """Every (op, kernel backend) of :data:`KERNEL_OPS` on ``device`` against the torch backend on the CPU.
+
+    Returns rows ``{"op", "backend", "status": "passed" | "failed" | "skipped", "detail"}``; a backend that
+    cannot run on ``device`` is skipped with :func:`tokprune._backend.unavailable_reason`.
+    """
+    from tokprune._backend import unavailable_reason
+
+    gen = torch.Generator().manual_seed(seed)
+    cases = _cases(gen)
+    rows = []
+    for op, backends in KERNEL_OPS.items():
+        if ops_filter and op not in ops_filter:
+            continue
+        fn, args, kwargs = cases[op]
+        expected = fn(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args], backend="torch", **kwargs)
+        if op == "compact_accepted_kv":
+            expected = (args[0].clone(), expected)
+            fn(expected[0], *args[1:], backend="torch", **kwargs)
+        for backend in backends:
+            reason = unavailable_reason(backend, device, op)
+            if reason is not None:
+                rows.append({"op": op, "backend": backend, "status": "skipped", "detail": reason})
+                continue
+            try:
+                dargs = _to([a.clone() if isinstance(a, torch.Tensor) else a for a in args], device)
+                got = fn(*dargs, backend=backend, **_to(kwargs, device))
+                if op == "compact_accepted_kv":
+                    got = (dargs[0], got)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                bad = _compare(got, expected, op)
+            except Exception as exc:  # a kernel error is a result here, reported with its traceback tail
+                bad = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+            rows.append({"op": op, "backend": backend, "status": "failed" if bad else "passed", "detail": bad or ""})
+    return rows
+
+
+def large_offsets(device: torch.device) -> List[dict]:
+    """Kernels on views whose elements lie past 2**31 of one buffer (needs ~4.3 GB on ``device``):
+    batch 1 starts beyond 2**31 elements, so int32 address arithmetic would wrap."""
+    from tokprune import ops
+    from tokprune._backend import unavailable_reason
+
+    n_batch, heads, dim = 2, 2, 64
+    stride_b = 2**31 - 2**20  # < 2**31 elements: passed to Triton as i32, products overflow without int64
+    buf = torch.zeros(stride_b * n_batch + 2**20, dtype=torch.bfloat16, device=device)
+    n_tok = 4096
+    x = buf.as_strided((n_batch, heads, n_tok, dim), (stride_b, n_tok * dim, dim, 1))
+    gen = torch.Generator().manual_seed(3)
+    x.copy_(torch.randn(n_batch, heads, n_tok, dim, generator=gen).to(torch.bfloat16).to(device))
+    q = torch.randn(n_batch, 4, 1, dim, generator=gen).to(torch.bfloat16).to(device)
+    idx = torch.randint(0, n_tok, (n_batch, heads, 300), generator=gen).to(device)
+    xc = x.contiguous()
+    rows = []
+    checks = {
+        "gather_tokens": (lambda t, b: ops.gather_tokens(t, idx, backend=b), ("triton",)),
+        "sparse_decode_attention": (lambda t, b: ops.sparse_decode_attention(q, t, t, idx, 0.125, backend=b),
+                                    ("triton", "cuda")),
+        "fc_scores": (lambda t, b: ops.fc_scores(q, t, torch.arange(8, device=device).view(2, 4), backend=b),
+                      ("triton",)),
+    }
+    for op, (call, backends) in checks.items():
+        expected = call(xc, "torch").cpu()
+        for backend in backends:
+            reason = unavailable_reason(backend, device, op)
+            if reason is not None:
+                rows.append({"op": f"{op}@2^31", "backend": backend, "status": "skipped", "detail": reason})
+                continue
+            try:
+                bad = _compare(call(x, backend), expected, op)
+            except Exception as exc:
+                bad = f"{type(exc).__name__}: {exc}"
+            rows.append({"op": f"{op}@2^31", "backend": backend, "status": "failed" if bad else "passed",
+                         "detail": bad or ""})
+    del buf, x, xc
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tokprune.tools.gpu_smoke", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--large", action="store_true", help="also run the 2**31-offset checks")
+    parser.add_argument("--json", help="write the result rows to this file")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    rows = run_ops(device)
+    if args.large:
+        rows += large_offsets(device)
+    for r in rows:
+        print(f"{r['status']:<8} {r['op']:<28} {r['backend']:<7} {r['detail'].splitlines()[0] if r['detail'] else ''}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 1 if any(r["status"] == "failed" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
