@@ -208,48 +208,6 @@ def test_bytes_per_step():
 
 # ------------------------------------------------------------------------------------------- KV baselines
 
-class _Layer:
-    layer_idx = 0
-
-
-def test_streaming_llm_selects_sink_and_recent():
-    from tokprune.methods import StreamingLLM
-
-    q, k, _ = _qkv(n_tokens=40)
-    idx = StreamingLLM(budget=10, sink=3).select(_Layer(), q, k, None)
-    assert idx.shape == (2, 2, 10)
-    assert idx[0, 0].tolist() == [0, 1, 2] + list(range(33, 40))
-
-
-def test_quest_bounds_and_selection():
-    from tokprune.methods import Quest
-
-    q, k, _ = _qkv(batch=1, n_tokens=70)
-    k[0, 0, 21] = q[0, 0, 0] * 10  # a key that head 0 (KV head 0) strongly attends, in page 1
-    valid = torch.ones(1, 70, dtype=torch.bool)
-    valid[0, :3] = False
-    idx = Quest(budget=32, page_size=16).select(_Layer(), q, k, valid)
-    assert idx.shape == (1, 4, 32)
-    head0 = set(idx[0, 0].tolist())
-    assert 21 in head0 and 69 in head0  # best page and newest page
-    assert not (head0 & {0, 1, 2})  # padding never attended
-    assert all(i < 70 for i in idx.flatten().tolist())
-
-
-def test_snapkv_requires_prefill_and_keeps_window():
-    from tokprune.methods import SnapKV
-
-    q, k, _ = _qkv(batch=1, n_tokens=40)
-    with pytest.raises(RuntimeError, match="no prefill"):
-        SnapKV(budget=8).select(_Layer(), q, k, None)
-    policy = SnapKV(budget=8, window=3, obs_window=4, pool=1)
-    qp = torch.randn(1, 4, 30, 16)
-    qp[0, :, -4:] = k[0, 0, 5] * 5  # the observation queries all look at token 5
-    policy.prefill(_Layer(), qp, k[:, :, :30], None, None, 0.25)
-    idx = policy.select(_Layer(), q, k, None)[0, 0].tolist()
-    assert 5 in idx and idx[-3:] == [37, 38, 39] and len(idx) == 8
-
-
 def test_policy_argument_errors():
     from tokprune.methods import FASA
 

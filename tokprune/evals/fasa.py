@@ -30,13 +30,14 @@ def _policies(name: str, budget: int, fcs, num_fcs: int, snap_scores):
 
     window = max(1, budget // 4)
     if name == "fasa":
-        return FASA(budget=budget, sink=4, window=window, fcs=fcs, num_fcs=num_fcs)
+        # decline_ratio=0: the quality of FASA itself, never the dense fallback of the speed rule
+        return FASA(budget=budget, sink=4, window=window, fcs=fcs, num_fcs=num_fcs, decline_ratio=0)
     if name == "fasa-uncal":
-        return FASA(budget=budget, sink=4, window=window, fcs=None, num_fcs=num_fcs)
+        return FASA(budget=budget, sink=4, window=window, fcs=None, num_fcs=num_fcs, decline_ratio=0)
     if name == "quest":
         return Quest(budget=budget, sink=0, window=0, page_size=16)
     if name == "snapkv":
-        return SnapKV(budget=budget, window=window, prompt_scores=snap_scores)
+        return SnapKV(budget=budget, window=window).set_prompt_scores(snap_scores)
     if name == "streaming":
         return StreamingLLM(budget=budget, sink=4, window=0)
     raise ValueError(f"unknown method {name!r}")
@@ -48,7 +49,7 @@ def _prefill(model, ids):
     from tokprune.methods import SnapKV
 
     observer = SnapKV(budget=1)
-    with patch_attention(model, prefill=observer), torch.no_grad():
+    with patch_attention(model, decode=observer, cache=False), torch.no_grad():  # observes the prefill
         out = model(input_ids=ids, use_cache=True)
     return out.past_key_values, out.logits[:, -1].float(), observer.prompt_scores
 
@@ -61,7 +62,7 @@ def _decode(model, cache, first_input: torch.Tensor, steps: int, policy=None, te
     from tokprune.hf.attention import patch_attention
 
     cache = copy.deepcopy(cache)
-    handle = patch_attention(model, decode=policy) if policy is not None else None
+    handle = patch_attention(model, decode=policy, cache=False) if policy is not None else None
     logits = []
     token = first_input.view(1, 1)
     try:

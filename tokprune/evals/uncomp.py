@@ -42,11 +42,16 @@ def _full_cache_logits(model, ids: torch.Tensor, prompt_len: int, steps: int) ->
 
 @torch.no_grad()
 def _uncomp_logits(model, ids: torch.Tensor, prompt_len: int, steps: int, method: UNComp):
-    with method.patch(model) as run:
-        logits = [run.prefill(ids[:, :prompt_len])]
+    """Teacher-forced decode on the cache UNComp compressed after the prompt's forward (positions given
+    explicitly: the compacted cache is shorter than the sequence)."""
+    with method.patch(model):
+        out = model(ids[:, :prompt_len], use_cache=True)
+        cache, logits = out.cache, [out.logits[:, -1]]
         for i in range(steps - 1):
-            logits.append(run.decode(ids[:, prompt_len + i:prompt_len + i + 1]))
-        return torch.stack(logits, 1), run.kv_bytes()
+            pos = torch.full((ids.shape[0], 1), prompt_len + i, dtype=torch.long)
+            logits.append(model(ids[:, prompt_len + i:prompt_len + i + 1], cache=cache, use_cache=True,
+                                position_ids=pos).logits[:, -1])
+        return torch.stack(logits, 1), method.kv_bytes()
 
 
 def next_token_agreement(model, ids: torch.Tensor, *, prompt_len: int, steps: int, ratio: float,

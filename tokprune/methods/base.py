@@ -122,6 +122,10 @@ class Policy:
         Raise ``ValueError`` naming the setting when the method cannot serve ``model``.
         """
 
+    def attach(self, model: Any, handle: PatchHandle) -> None:
+        """Install extra hooks on ``model`` after the attention/visual patch (default: none); register their
+        undo with ``handle.on_remove``. UNComp uses it to compress the cache after each prefill forward."""
+
     def patch(self, model: Any, **kwargs: Any) -> PatchHandle:
         """Attach this policy to ``model`` alone; see :func:`patch`."""
         return patch(model, self, **kwargs)
@@ -154,10 +158,55 @@ class DecodeContext:
     def layer_idx(self) -> int:
         return self.module.layer_idx
 
+    @property
+    def batch(self) -> int:
+        return self.key.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.query.shape[1]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.key.shape[1]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.key.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.query.shape[3]
+
     def zeros(self, per_head: bool = False) -> torch.Tensor:
         """``(B, Hkv or H, T)`` float32 zeros: "no preference" scores."""
         heads = self.query.shape[1] if per_head else self.key.shape[1]
         return torch.zeros(self.key.shape[0], heads, self.key.shape[2], device=self.key.device)
+
+
+def decode_valid_mask(attention_mask: Optional[torch.Tensor], batch: int, n_tokens: int,
+                      cache_layer: Any = None) -> Optional[torch.Tensor]:
+    """``(batch, n_tokens)`` bool of the keys the decode query may attend, or ``None`` when all may.
+
+    Args:
+        attention_mask: what the HF attention function received: ``None``, a bool ``(batch, 1, q_len, kv_len)``
+            mask (True = attend) or an additive float mask of that shape (``0`` = attend, very negative =
+            masked); ``kv_len >= n_tokens`` (the first ``n_tokens`` columns are the cached keys).
+        batch, n_tokens: the decode call's batch and cached-token count.
+        cache_layer: the :class:`tokprune.hf.kv_cache.TokpruneLayer` of the call (ragged rows are masked).
+
+    Reads no tensor data (no host synchronisation): a mask that happens to be all-True is returned as is.
+    """
+    valid = None
+    if attention_mask is not None:
+        last = attention_mask[:, 0, -1, :] if attention_mask.dim() == 4 else attention_mask
+        last = last[..., :n_tokens]
+        valid = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
+        valid = valid.expand(batch, n_tokens)
+    rows = cache_layer.valid_mask() if cache_layer is not None and getattr(cache_layer, "ragged", False) else None
+    if rows is not None:
+        valid = rows if valid is None else valid & rows
+    return valid
 
 
 @dataclass
@@ -195,12 +244,35 @@ class KVPolicy(Policy):
         never keep. Padding is masked by the caller."""
         raise NotImplementedError
 
-    def prefill(self, module, query, key, value, attention_mask, scale) -> None:
-        """Observe a multi-token call (only when ``observes_prefill``); SDPA computes it."""
-
     def declines(self, n_tokens: int, ctx: Optional[DecodeContext] = None) -> bool:
-        """``True`` when dense attention is the better choice for ``n_tokens`` cached tokens."""
+        """``True`` when dense attention is the better choice for ``n_tokens`` cached tokens (default: the
+        budget covers the whole cache). Must decide from shapes only (no tensor data)."""
         return self.budget >= n_tokens
+
+    def select(self, scores: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        """Token indices ``(B, Hkv or H, K)`` (``-1`` = empty) from :meth:`score`'s output: ``sink`` first and
+        ``window`` newest valid tokens plus the best-scoring rest, ``budget`` in all."""
+        from tokprune.ops.fasa import select_sparse_indices
+
+        return select_sparse_indices(scores, self.budget, sink=self.sink, window=self.window, valid=ctx.valid)
+
+    def attend_decode(self, ctx: DecodeContext) -> Optional[torch.Tensor]:
+        """The shared decode path: ``None`` when :meth:`declines` (the router runs dense attention), else
+        ``score -> select -> sparse_decode_attention``: ``(B, H, 1, D)`` in the query dtype.
+
+        Reads no tensor data on the host (``torch.compile(fullgraph=True)`` traces it; data-reading checks of
+        the ops run only in debug mode)."""
+        if self.declines(ctx.n_tokens, ctx):
+            return None
+        from tokprune.ops.fasa import sparse_decode_attention
+
+        index = self.select(self.score(ctx), ctx)
+        return sparse_decode_attention(ctx.query, ctx.key, ctx.value, index, ctx.scale, backend=self.backend)
+
+    def prefill(self, module, query, key, value, attention_mask, scale) -> None:
+        """Observe a multi-token call (only when ``observes_prefill``); SDPA computes it.
+
+        ``query (B, H, q, D)``, ``key``/``value (B, Hkv, T, D)`` post-RoPE, ``attention_mask`` as HF gives it."""
 
 
 @dataclass
@@ -289,6 +361,8 @@ def patch(model: Any, *policies: Any, layers: Optional[Sequence[int]] = None, ca
             from tokprune.hf.vlm import prune_visual_tokens
 
             handle.adopt(prune_visual_tokens(model, by_role["visual"], calibration=calibration))
+        for policy in by_role.values():
+            policy.attach(model, handle)
     except BaseException:
         handle.remove()
         raise
@@ -296,4 +370,4 @@ def patch(model: Any, *policies: Any, layers: Optional[Sequence[int]] = None, ca
 
 
 __all__ = ["PatchHandle", "Policy", "DecodeContext", "KVPolicy", "PrefillPolicy", "VisualPolicy", "patch",
-           "check_int"]
+           "check_int", "decode_valid_mask"]

@@ -31,8 +31,9 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from tokprune.methods.kv_baselines import KVSelectionPolicy
-from tokprune.ops.fasa import fc_scores, pack_fc_keys, select_sparse_indices
+from tokprune.methods.base import DecodeContext, KVPolicy
+from tokprune.ops.fasa import fc_scores
+from tokprune.reference.fasa import fc_dims
 
 FORMAT = "tokprune-fasa-fcs/1"
 
@@ -84,13 +85,16 @@ class FCCalibration:
                    int(source.get("chunk", 1)), dict(source.get("meta", {})))
 
 
+#: FASA declines to dense attention while ``n_tokens < DECLINE_RATIO * budget`` (see :meth:`FASA.declines`).
+DECLINE_RATIO = 4.0
+
+
 @dataclass
-class FASA(KVSelectionPolicy):
+class FASA(KVPolicy):
     """Frequency-chunk sparse attention in decode.
 
     Args:
-        budget: tokens attended per KV head and step (sinks and window included); ``>= n_tokens`` gives
-            exact full attention.
+        budget: tokens attended per KV head and step (sinks and window included).
         sink, window: first / most recent valid tokens always kept.
         fcs: calibration (path to a ``tokprune calibrate fasa`` file, :class:`FCCalibration` or its dict),
             or ``None`` for an uncalibrated fallback: the ``num_fcs`` lowest-frequency pairs.
@@ -98,8 +102,12 @@ class FASA(KVSelectionPolicy):
         chunk: pairs per FC (must match the calibration).
         aggregate: how the query heads of a KV group vote: ``"softmax"`` (sum of each head's softmax over
             its partial logits), ``"max"`` or ``"mean"`` of the partial logits.
-        packed: keep a packed copy of the FC dimensions of the keys per layer (appended one token per
-            step) so that scoring reads ``2*chunk*num_fcs`` contiguous values per token.
+        packed: on tokprune's KV cache, score from a packed copy of the FC dimensions of the keys (a side
+            buffer of the cache, written once per appended token: ``2*chunk*num_fcs`` contiguous values per
+            token); ``False`` (or another cache) reads the FC dims of the keys in place (strided).
+        decline_ratio: dense attention while ``n_tokens < decline_ratio * budget`` (``None``:
+            :data:`DECLINE_RATIO`, fitted from measured step times; see :meth:`declines`). ``budget >=
+            n_tokens`` always declines.
         backend: op backend (``None`` = auto).
     """
 
@@ -108,25 +116,57 @@ class FASA(KVSelectionPolicy):
     chunk: int = 1
     aggregate: str = "softmax"
     packed: bool = True
-    _calibration: Optional[FCCalibration] = field(default=None, init=False, repr=False)
-    _packed_cache: Dict[int, list] = field(default_factory=dict, init=False, repr=False)
+    decline_ratio: Optional[float] = None
+    _calibration: Optional[FCCalibration] = field(default=None, init=False, repr=False, compare=False)
+    _fc_cache: Dict[tuple, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         super().__post_init__()
         if self.aggregate not in ("softmax", "max", "mean"):
             raise ValueError(f"FASA: aggregate must be 'softmax', 'max' or 'mean', got {self.aggregate!r}")
-        if self.num_fcs is not None and (not isinstance(self.num_fcs, int) or self.num_fcs < 1):
+        if self.num_fcs is not None and (isinstance(self.num_fcs, bool) or not isinstance(self.num_fcs, int)
+                                         or self.num_fcs < 1):
             raise ValueError(f"FASA: num_fcs must be a positive int, got {self.num_fcs!r}")
+        if self.decline_ratio is not None and (not isinstance(self.decline_ratio, (int, float))
+                                               or isinstance(self.decline_ratio, bool) or self.decline_ratio < 0):
+            raise ValueError(f"FASA: decline_ratio must be a float >= 0 or None, got {self.decline_ratio!r}")
         if self.fcs is not None:
             self._calibration = FCCalibration.load(self.fcs)
             if self._calibration.chunk != self.chunk:
                 raise ValueError(f"FASA: chunk={self.chunk} but the calibration used chunk={self._calibration.chunk}")
 
-    def reset(self) -> None:
-        """Forget the packed key copies (done automatically when a new sequence starts)."""
-        self._packed_cache.clear()
+    def bind(self, model) -> None:
+        """Check the calibration against ``model`` (layers, KV heads, head dim) before anything is patched."""
+        cal = self._calibration
+        if cal is None:
+            return
+        config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        layers = config.num_hidden_layers
+        if (cal.ranking.shape[0], cal.ranking.shape[1], cal.head_dim) != (layers, kv_heads, head_dim):
+            raise ValueError(f"FASA calibration is for layers={cal.ranking.shape[0]}, kv_heads={cal.ranking.shape[1]}, "
+                             f"head_dim={cal.head_dim}; the model has layers={layers}, kv_heads={kv_heads}, "
+                             f"head_dim={head_dim}")
+
+    def declines(self, n_tokens: int, ctx=None) -> bool:
+        """Dense attention wins below ``decline_ratio * budget`` cached tokens (and always at ``budget >= T``).
+
+        The cost rule: a FASA step costs scoring (reads ``T`` packed FC keys) + top-k + attention over
+        ``budget`` tokens; dense attention reads all ``T`` keys and values. The break-even ``T`` is about a
+        constant multiple ``c`` of the budget; ``c`` (:data:`DECLINE_RATIO`) was fitted from the per-step
+        times printed by ``python benchmarks/bench_fasa_decline.py`` (single-layer decode step, 1 thread).
+        """
+        ratio = DECLINE_RATIO if self.decline_ratio is None else self.decline_ratio
+        return self.budget >= n_tokens or n_tokens < ratio * self.budget
 
     def fc_index(self, layer: int, kv_heads: int, head_dim: int, device) -> torch.Tensor:
+        """``(kv_heads, num_fcs)`` int64 FC ids of ``layer`` on ``device`` (cached per layer and device)."""
+        key = (layer, kv_heads, head_dim, str(device))
+        index = self._fc_cache.get(key)
+        if index is not None:
+            return index
         n_fc = head_dim // (2 * self.chunk)
         num = min(self.num_fcs or max(1, n_fc // 4), n_fc)
         cal = self._calibration
@@ -137,54 +177,32 @@ class FASA(KVSelectionPolicy):
                 raise ValueError(f"FASA calibration is for head_dim={cal.head_dim}, kv_heads={cal.ranking.shape[1]}; "
                                  f"the model has head_dim={head_dim}, kv_heads={kv_heads}")
             index = cal.fc_index(layer, num)
-        return index.to(device)
+        index = index.contiguous().to(device)
+        self._fc_cache[key] = index
+        return index
 
-    def _packed_keys(self, layer: int, key: torch.Tensor, fc: torch.Tensor) -> torch.Tensor:
-        """Packed FC keys for all ``T`` cached tokens; appends the newest token when the cache grew by one."""
-        n_tokens = key.shape[2]
-        state = self._packed_cache.get(layer)
-        if state is not None:
-            buf, length = state
-            same = (buf.shape[0] == key.shape[0] and length == n_tokens - 1 and buf.dtype == key.dtype
-                    and length > 0
-                    and torch.equal(buf[:, :, 0], pack_fc_keys(key[:, :, :1], fc, chunk=self.chunk)[:, :, 0])
-                    and torch.equal(buf[:, :, length - 1],
-                                    pack_fc_keys(key[:, :, length - 1:length], fc, chunk=self.chunk)[:, :, 0]))
-            if same:
-                if length == buf.shape[2]:
-                    grown = buf.new_empty(buf.shape[0], buf.shape[1], max(2 * length, 16), buf.shape[3])
-                    grown[:, :, :length] = buf[:, :, :length]
-                    buf = grown
-                buf[:, :, length] = pack_fc_keys(key[:, :, -1:], fc, chunk=self.chunk)[:, :, 0]
-                self._packed_cache[layer] = [buf, n_tokens]
-                return buf[:, :, :n_tokens]
-        packed = pack_fc_keys(key, fc, chunk=self.chunk)
-        buf = packed.new_empty(packed.shape[0], packed.shape[1], n_tokens + max(64, n_tokens // 4), packed.shape[3])
-        buf[:, :, :n_tokens] = packed
-        self._packed_cache[layer] = [buf, n_tokens]
-        return buf[:, :, :n_tokens]
+    def score(self, ctx: DecodeContext) -> torch.Tensor:
+        """``(B, Hkv, T)`` importance of each cached token for this decode step (padding ``-inf`` / 0)."""
+        batch, heads, kv_heads, head_dim = ctx.batch, ctx.heads, ctx.kv_heads, ctx.head_dim
+        fc = self.fc_index(ctx.layer_idx, kv_heads, head_dim, ctx.key.device)
+        layer = ctx.cache_layer
+        if self.packed and layer is not None:
+            name = f"fasa_fc_{id(self)}"
+            side = layer.side.get(name)
+            if side is None:
+                from tokprune.hf.kv_cache import PackedKeyDims
 
-    def token_scores(self, module, query, key, valid) -> torch.Tensor:
-        """``(batch, kv_heads, n_tokens)`` importance of each cached token for this decode step."""
-        batch, heads, _, head_dim = query.shape
-        kv_heads = key.shape[1]
-        fc = self.fc_index(module.layer_idx, kv_heads, head_dim, key.device)
-        if self.packed:
-            keys = self._packed_keys(module.layer_idx, key, fc)
-            scores = fc_scores(query, keys, fc, chunk=self.chunk, packed=True, backend=self.backend)
+                side = layer.add_side(name, PackedKeyDims(fc_dims(fc, head_dim, self.chunk)))
+            scores = fc_scores(ctx.query, side.packed, fc, chunk=self.chunk, packed=True, backend=self.backend)
         else:
-            scores = fc_scores(query, key, fc, chunk=self.chunk, backend=self.backend)
-        if valid is not None:
-            scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+            scores = fc_scores(ctx.query, ctx.key, fc, chunk=self.chunk, backend=self.backend)
+        if ctx.valid is not None:
+            scores = scores.masked_fill(~ctx.valid[:, None, :], float("-inf"))
         scores = scores.view(batch, kv_heads, heads // kv_heads, -1)
         if self.aggregate == "softmax":
             return torch.softmax(scores * head_dim ** -0.5, dim=-1).sum(2)
         agg = scores.amax(2) if self.aggregate == "max" else scores.mean(2)
         return agg.nan_to_num(neginf=-1e30)
-
-    def select(self, module, query, key, valid):
-        scores = self.token_scores(module, query, key, valid)
-        return select_sparse_indices(scores, self.budget, sink=self.sink, window=self.window, valid=valid)
 
 
 # ----------------------------------------------------------------------------------------------------------

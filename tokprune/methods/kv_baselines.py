@@ -1,21 +1,20 @@
-"""Decode-time KV selection policies with a fixed token budget, and the baselines FASA is compared with.
+"""Decode-time KV selection baselines FASA is compared with, each one :class:`tokprune.methods.base.KVPolicy`.
 
-Every policy here is a small dataclass with ``attend(module, query, key, value, attention_mask, scale)``
-(the interface of :func:`tokprune.hf.patch_attention`). In decode (one query token) it picks at most
-``budget`` cached tokens per KV head (or per query head) and runs exact attention over them with
-:func:`tokprune.ops.sparse_decode_attention`; the KV cache itself stays complete. With
-``budget >= n_tokens`` the policy declines and SDPA computes exact full attention. Padding in a batch is
-honoured: positions masked out by the decode ``attention_mask`` are never selected.
+A KV policy implements ``score(ctx)``; the base class selects (sink + window + top ``budget``, padding
+never), runs exact attention over the selected tokens with :func:`tokprune.ops.sparse_decode_attention`,
+and declines to dense attention when the budget covers the cache. The KV cache itself stays complete.
 
-Baselines:
 - :class:`StreamingLLM`: ``sink`` first tokens plus the most recent ``budget - sink``.
 - :class:`Quest`: pages of ``page_size`` keys keep per-dimension min/max; a page's bound for query ``q`` is
   ``sum_d max(q_d min_d, q_d max_d)``; the top ``budget // page_size`` pages per query head are attended
-  (the newest page always).
+  (the newest page always). On tokprune's cache the page min/max are a side buffer updated at append time
+  (only the page a new token falls in); on another cache they are rebuilt per step.
 - :class:`SnapKV`: in prefill, the attention of the prompt's last ``obs_window`` queries (summed over the
-  group's heads, max-pooled over ``pool`` tokens) ranks the prompt tokens once; in decode the best
-  ``budget - window`` prompt tokens by that fixed ranking plus the ``window`` most recent tokens are kept
-  (eviction decided at prefill, as in SnapKV; tokens generated after prefill survive only in the window).
+  group's heads, max-pooled over ``pool`` tokens; :func:`tokprune.ops.window_attention_scores`) ranks the
+  prompt tokens once; in decode the best ``budget - window`` prompt tokens by that fixed ranking plus the
+  ``window`` most recent tokens are kept (eviction decided at prefill, as in SnapKV).
+
+Adding a method is one dataclass and one ``score()``; :class:`StreamingLLM` is the whole pattern.
 """
 
 from __future__ import annotations
@@ -25,166 +24,194 @@ from typing import Dict, Optional
 
 import torch
 
-from tokprune.ops.fasa import select_sparse_indices, sparse_decode_attention
+from tokprune.methods.base import DecodeContext, KVPolicy, check_int, decode_valid_mask
+from tokprune.ops.fasa import select_sparse_indices
+from tokprune.ops.window import window_attention_scores
 
 
-def decode_valid_mask(attention_mask, batch: int, n_tokens: int) -> Optional[torch.Tensor]:
-    """``(batch, n_tokens)`` bool of attendable keys for the last query, or ``None`` if all are.
+@dataclass
+class StreamingLLM(KVPolicy):
+    """Attention sinks plus a recent window: the ``sink`` first tokens and the ``budget - sink`` newest."""
 
-    Accepts ``None``, a bool mask ``(batch, 1, q_len, n_tokens)`` (True = attend) or an additive float mask
-    of that shape (``0`` = attend, very negative = masked).
+    def score(self, ctx: DecodeContext) -> torch.Tensor:
+        recency = torch.arange(ctx.n_tokens, device=ctx.key.device, dtype=torch.float32)
+        return recency.expand(ctx.batch, ctx.kv_heads, -1)  # newer = better; sinks are forced by the base
+
+
+# ----------------------------------------------------------------------------------------------------- Quest
+class QuestPages:
+    """Side buffer of a :class:`tokprune.hf.kv_cache.TokpruneLayer`: per-page key min / max.
+
+    ``kmin``, ``kmax``: ``(batch, kv_heads, pages, head_dim)`` in the cache dtype, page ``p`` covering slots
+    ``[p * page_size, (p + 1) * page_size)``. ``append(layer, start, end)`` recomputes only the pages that
+    ``[start, end)`` touches (one page per decode step). Slots past ``end`` in the last page are excluded.
     """
-    if attention_mask is None:
-        return None
-    last = attention_mask[:, 0, -1, :] if attention_mask.dim() == 4 else attention_mask
-    last = last[..., -n_tokens:] if last.shape[-1] >= n_tokens else last
-    if last.dtype == torch.bool:
-        valid = last
-    else:
-        valid = last > torch.finfo(last.dtype).min / 2
-    valid = valid.expand(batch, n_tokens)
-    return None if bool(valid.all()) else valid.contiguous()
+
+    def __init__(self, page_size: int):
+        self.page_size = page_size
+        self.kmin: Optional[torch.Tensor] = None
+        self.kmax: Optional[torch.Tensor] = None
+        self.length = 0
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def grow(self, capacity: int) -> None:
+        """Nothing eager: the next ``append`` reallocates, keeping the pages already computed."""
+
+    def append(self, layer, start: int, end: int) -> None:
+        kb = layer.key_buffer
+        batch, heads, capacity, dim = kb.shape
+        ps = self.page_size
+        n_pages = -(-capacity // ps)
+        first = min(start, self.length) // ps
+        if (self.kmin is None or self.kmin.shape[0] != batch or self.kmin.shape[2] < n_pages
+                or self.kmin.dtype != kb.dtype or self.kmin.device != kb.device):
+            kmin = kb.new_zeros(batch, heads, n_pages, dim)
+            kmax = kb.new_zeros(batch, heads, n_pages, dim)
+            same = self.kmin is not None and self.kmin.shape[0] == batch and self.kmin.dtype == kb.dtype \
+                and self.kmin.device == kb.device
+            if same and first:
+                kmin[:, :, :first] = self.kmin[:, :, :first]
+                kmax[:, :, :first] = self.kmax[:, :, :first]
+            else:
+                first = 0
+            self.kmin, self.kmax = kmin, kmax
+        last = -(-end // ps)
+        if last > first:
+            lo, hi = first * ps, min(last * ps, capacity)
+            block = kb[:, :, lo:hi]
+            if hi - lo < (last - first) * ps:
+                block = torch.nn.functional.pad(block, (0, 0, 0, (last - first) * ps - (hi - lo)))
+            block = block.reshape(batch, heads, last - first, ps, dim)
+            live = (torch.arange(lo, lo + (last - first) * ps, device=kb.device) < end).view(1, 1, last - first, ps, 1)
+            self.kmin[:, :, first:last] = block.masked_fill(~live, float("inf")).amin(3)
+            self.kmax[:, :, first:last] = block.masked_fill(~live, float("-inf")).amax(3)
+        self.length = end
+
+    def bounds(self, n_tokens: int):
+        """``(kmin, kmax)`` views ``(batch, kv_heads, ceil(n_tokens / page_size), head_dim)``."""
+        n_pages = -(-n_tokens // self.page_size)
+        return self.kmin[:, :, :n_pages], self.kmax[:, :, :n_pages]
+
+
+def page_bounds(key: torch.Tensor, page_size: int):
+    """Per-page key ``(min, max)``, each ``(B, Hkv, ceil(T / page_size), D)``, from ``key (B, Hkv, T, D)``
+    (the last page covers only the tokens that exist). What :class:`QuestPages` maintains incrementally."""
+    batch, heads, n_tokens, dim = key.shape
+    n_pages = -(-n_tokens // page_size)
+    pad = n_pages * page_size - n_tokens
+    k = torch.nn.functional.pad(key, (0, 0, 0, pad)).view(batch, heads, n_pages, page_size, dim)
+    live = (torch.arange(n_pages * page_size, device=key.device) < n_tokens).view(1, 1, n_pages, page_size, 1)
+    return k.masked_fill(~live, float("inf")).amin(3), k.masked_fill(~live, float("-inf")).amax(3)
 
 
 @dataclass
-class KVSelectionPolicy:
-    """Base: ``select()`` returns token indices; ``attend()`` runs exact attention over them in decode."""
+class Quest(KVPolicy):
+    """Query-aware page selection from per-page min/max key bounds (Quest), per query head.
 
-    budget: int = 256
-    sink: int = 4
-    window: int = 64
-    backend: Optional[str] = None
-
-    def __post_init__(self):
-        for name in ("budget", "sink", "window"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{type(self).__name__}: {name} must be a non-negative int, got {value!r}")
-        if self.budget == 0:
-            raise ValueError(f"{type(self).__name__}: budget must be >= 1")
-
-    uses_prefill = False
-
-    def select(self, module, query, key, valid) -> torch.Tensor:  # pragma: no cover - abstract
-        """``(batch, kv_heads or heads, K)`` int64 token indices (``-1`` = empty slot)."""
-        raise NotImplementedError
-
-    def prefill(self, module, query, key, value, attention_mask, scale):
-        """Hook for multi-token calls; returns ``None`` so that SDPA computes the prefill."""
-        return None
-
-    def attend(self, module, query, key, value, attention_mask, scale, **kwargs):
-        if query.shape[2] != 1:
-            return self.prefill(module, query, key, value, attention_mask, scale)
-        n_tokens = key.shape[2]
-        if self.budget >= n_tokens:
-            return None  # exact full attention (SDPA)
-        valid = decode_valid_mask(attention_mask, query.shape[0], n_tokens)
-        index = self.select(module, query, key, valid)
-        out = sparse_decode_attention(query, key, value, index, float(scale), backend=self.backend)
-        return out.transpose(1, 2)
-
-    def patch(self, model, layers=None):
-        """``patch_attention(model, decode=self)`` (and ``prefill=self`` for policies that observe prefill)."""
-        from tokprune.hf.attention import patch_attention
-
-        return patch_attention(model, prefill=self if self.uses_prefill else None, decode=self, layers=layers)
-
-
-@dataclass
-class StreamingLLM(KVSelectionPolicy):
-    """Attention sinks plus a recent window: ``sink`` first tokens and the ``budget - sink`` newest."""
-
-    def select(self, module, query, key, valid):
-        batch, kv_heads, n_tokens = key.shape[0], key.shape[1], key.shape[2]
-        zeros = torch.zeros(batch, 1, n_tokens, device=key.device)
-        index = select_sparse_indices(zeros, self.budget, sink=self.sink, window=self.budget, valid=valid)
-        return index.expand(batch, kv_heads, -1)
-
-
-@dataclass
-class Quest(KVSelectionPolicy):
-    """Query-aware page selection from per-page min/max key bounds (Quest), per query head."""
+    ``budget // page_size`` pages per query head (at least one; the newest page always); ``sink`` and
+    ``window`` are not used (pages are the unit)."""
 
     page_size: int = 16
 
-    def select(self, module, query, key, valid):
-        batch, heads, _, head_dim = query.shape
-        kv_heads, n_tokens = key.shape[1], key.shape[2]
+    per_head = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_int(self, "page_size", self.page_size, minimum=1)
+
+    def score(self, ctx: DecodeContext) -> torch.Tensor:
+        """``(B, H, pages)`` fp32 upper bounds of each page's logit; ``-inf`` for pages of padding only."""
         ps = self.page_size
-        n_pages = -(-n_tokens // ps)
-        pad = n_pages * ps - n_tokens
-        k = key.float()
-        tok_valid = torch.ones(batch, n_tokens, dtype=torch.bool, device=key.device) if valid is None else valid
-        tok_valid = torch.nn.functional.pad(tok_valid, (0, pad), value=False)
-        k = torch.nn.functional.pad(k, (0, 0, 0, pad))
-        k = k.view(batch, kv_heads, n_pages, ps, head_dim)
-        m = tok_valid.view(batch, 1, n_pages, ps, 1)
-        kmax = k.masked_fill(~m, float("-inf")).amax(3)  # (B, Hkv, P, D)
-        kmin = k.masked_fill(~m, float("inf")).amin(3)
-        page_valid = tok_valid.view(batch, n_pages, ps).any(-1)  # (B, P)
-        kmax = kmax.masked_fill(~page_valid[:, None, :, None], 0.0)
-        kmin = kmin.masked_fill(~page_valid[:, None, :, None], 0.0)
-        group = heads // kv_heads
-        q = query.reshape(batch, kv_heads, group, 1, head_dim).float()
-        bound = torch.maximum(q * kmin[:, :, None], q * kmax[:, :, None]).sum(-1)  # (B, Hkv, g, P)
-        bound = bound.reshape(batch, heads, n_pages)
+        layer = ctx.cache_layer
+        if layer is not None:
+            name = f"quest_pages_{ps}"
+            pages = layer.side.get(name)
+            if pages is None:
+                pages = layer.add_side(name, QuestPages(ps))
+            kmin, kmax = pages.bounds(ctx.n_tokens)
+        else:
+            kmin, kmax = page_bounds(ctx.key, ps)
+        batch, heads, kv_heads, dim = ctx.batch, ctx.heads, ctx.kv_heads, ctx.head_dim
+        q = ctx.query.reshape(batch, kv_heads, heads // kv_heads, 1, dim).float()
+        bound = torch.maximum(q * kmin[:, :, None].float(), q * kmax[:, :, None].float()).sum(-1)
+        bound = bound.reshape(batch, heads, -1)
+        page_valid = self._page_valid(ctx)
+        return bound if page_valid is None else bound.masked_fill(~page_valid[:, None, :], float("-inf"))
+
+    def _page_valid(self, ctx: DecodeContext) -> Optional[torch.Tensor]:
+        if ctx.valid is None:
+            return None
+        ps = self.page_size
+        n_pages = -(-ctx.n_tokens // ps)
+        padded = torch.nn.functional.pad(ctx.valid, (0, n_pages * ps - ctx.n_tokens), value=False)
+        return padded.view(ctx.batch, n_pages, ps).any(-1)
+
+    def select(self, scores: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        """Best pages -> their tokens ``(B, H, pages_kept * page_size)`` (``-1``: past the end or padding)."""
+        ps, n_tokens = self.page_size, ctx.n_tokens
         keep_pages = max(1, self.budget // ps)
-        pages = select_sparse_indices(bound, keep_pages, sink=0, window=1, valid=page_valid)  # (B, H, kp)
-        tokens = pages[..., None] * ps + torch.arange(ps, device=key.device)  # (B, H, kp, ps)
+        pages = select_sparse_indices(scores, keep_pages, sink=0, window=1, valid=self._page_valid(ctx))
+        tokens = pages[..., None] * ps + torch.arange(ps, device=scores.device)  # (B, H, kp, ps)
         ok = (pages[..., None] >= 0) & (tokens < n_tokens)
-        safe = tokens.clamp(0, n_tokens - 1)
-        if valid is not None:
-            ok &= torch.gather(valid[:, None, :].expand(-1, heads, -1), 2, safe.flatten(2)).view_as(ok)
+        if ctx.valid is not None:
+            safe = tokens.clamp(0, n_tokens - 1).flatten(2)
+            ok &= torch.gather(ctx.valid[:, None, :].expand(-1, scores.shape[1], -1), 2, safe).view_as(ok)
         return tokens.masked_fill(~ok, -1).flatten(2)
 
 
+# ---------------------------------------------------------------------------------------------------- SnapKV
 @dataclass
-class SnapKV(KVSelectionPolicy):
+class SnapKV(KVPolicy):
     """SnapKV-style: prompt tokens ranked once at prefill by the attention of the last ``obs_window``
-    queries (max-pooled), then kept by that fixed ranking plus a recent ``window``."""
+    queries (max-pooled over ``pool``), then kept by that fixed ranking plus a recent ``window``.
+
+    The prompt ranking (``prompt_scores``: layer -> ``(B, Hkv, n_prompt)`` fp32, ``-inf`` at padding) is
+    run-time state, set by each prefill (or by :meth:`set_prompt_scores`)."""
 
     window: int = 32
     sink: int = 0
     obs_window: int = 32
     pool: int = 7
-    prompt_scores: Dict[int, torch.Tensor] = field(default_factory=dict)
+    _prompt_scores: Dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    uses_prefill = True
+    observes_prefill = True
 
-    def prefill(self, module, query, key, value, attention_mask, scale):
-        batch, heads, n_q, head_dim = query.shape
-        kv_heads, n_tokens = key.shape[1], key.shape[2]
-        group = heads // kv_heads
-        obs = min(self.obs_window, n_q)
-        q = query[:, :, -obs:].reshape(batch, kv_heads, group * obs, head_dim).float()
-        logits = torch.matmul(q, key.float().transpose(-1, -2)) * scale  # (B, Hkv, g*obs, T)
-        logits = logits.view(batch, kv_heads, group, obs, n_tokens)
-        q_pos = torch.arange(n_tokens - obs, n_tokens, device=key.device)
-        allowed = torch.arange(n_tokens, device=key.device)[None, :] <= q_pos[:, None]  # (obs, T) causal
-        allowed = allowed[None, None, None]
-        if attention_mask is not None:
-            m = attention_mask[:, :, -obs:, -n_tokens:]
-            m = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
-            allowed = allowed & m[:, :, None]
-        logits = logits.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(logits, -1).nan_to_num(0.0)
-        votes = probs.sum((2, 3))  # (B, Hkv, T)
-        if self.pool > 1:
-            votes = torch.nn.functional.max_pool1d(votes, self.pool, stride=1, padding=self.pool // 2)
-        seen = allowed.any(3).any(2)  # (B or 1, 1, T): keys some observation query may attend
-        votes = votes.masked_fill(~seen, 0.0)  # pooling must not leak votes into padding
-        self.prompt_scores[module.layer_idx] = votes
-        return None
+    def __post_init__(self):
+        super().__post_init__()
+        check_int(self, "obs_window", self.obs_window, minimum=1)
+        if isinstance(self.pool, bool) or not isinstance(self.pool, int) or self.pool < 1 or self.pool % 2 == 0:
+            raise ValueError(f"SnapKV: pool must be a positive odd int, got {self.pool!r}")
 
-    def select(self, module, query, key, valid):
-        batch, kv_heads, n_tokens = key.shape[0], key.shape[1], key.shape[2]
-        prompt = self.prompt_scores.get(module.layer_idx)
+    @property
+    def prompt_scores(self) -> Dict[int, torch.Tensor]:
+        """Layer -> ``(B, Hkv, n_prompt)`` prompt ranking of the last prefill."""
+        return self._prompt_scores
+
+    def set_prompt_scores(self, scores: Dict[int, torch.Tensor]) -> "SnapKV":
+        """Use a ranking recorded elsewhere (e.g. by another SnapKV during a shared prefill); returns ``self``."""
+        self._prompt_scores = dict(scores)
+        return self
+
+    def prefill(self, module, query, key, value, attention_mask, scale) -> None:
+        batch, n_tokens = key.shape[0], key.shape[2]
+        valid = decode_valid_mask(attention_mask, batch, n_tokens)  # keys the last query may attend
+        self._prompt_scores[module.layer_idx] = window_attention_scores(
+            query, key, self.obs_window, self.pool, scale, valid, "sum")
+
+    def score(self, ctx: DecodeContext) -> torch.Tensor:
+        prompt = self._prompt_scores.get(ctx.layer_idx)
         if prompt is None:
             raise RuntimeError("SnapKV: no prefill was observed for this layer; patch with policy.patch(model) "
-                               "(prefill=policy, decode=policy) so that the prompt is ranked")
-        n_prompt = min(prompt.shape[-1], n_tokens)
-        scores = torch.full((batch, kv_heads, n_tokens), float("-inf"), device=key.device)
-        scores[..., :n_prompt] = prompt[..., :n_prompt]
-        scores = torch.nan_to_num(scores, neginf=-1e30)
-        return select_sparse_indices(scores, self.budget, sink=self.sink, window=self.window, valid=valid)
+                               "so that the prompt is ranked (or call set_prompt_scores)")
+        if prompt.shape[0] != ctx.batch:
+            raise ValueError(f"SnapKV: the prompt ranking has batch {prompt.shape[0]}, the decode call batch "
+                             f"{ctx.batch}; a new batch needs a new prefill")
+        n_prompt = min(prompt.shape[-1], ctx.n_tokens)
+        scores = torch.full((ctx.batch, ctx.kv_heads, ctx.n_tokens), -1e30, device=ctx.key.device)
+        scores[..., :n_prompt] = prompt[..., :n_prompt].nan_to_num(neginf=-1e30)
+        return scores
+
+
+__all__ = ["StreamingLLM", "Quest", "QuestPages", "page_bounds", "SnapKV"]

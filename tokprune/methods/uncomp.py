@@ -17,33 +17,35 @@ queries spread over more directions = it keeps more tokens:
 Budgets never exceed the prompt length of a head; the rounding is exact (largest remainder), so the
 budgets of a row sum to the promised total (see :meth:`UNComp.budgets`).
 
-**Storage.** A dense ``DynamicCache`` holds one length per layer. Each layer is compacted to its
-largest head budget (over heads and batch rows); the unused slots of smaller heads are masked out in
-decode by a ``tokprune.hf.attention`` decode policy that attends with a per-head validity mask. So
+**Usage.** UNComp is a decode policy: ``patch(model)`` then plain ``model.generate``. It observes every
+prefill (entropies and window scores of each layer), and a forward hook compresses the cache right after
+the prefill forward; decode steps then attend densely over each head's kept slots::
+
+    policy = UNComp(ratio=0.25)
+    with policy.patch(model):
+        out = model.generate(input_ids, attention_mask=mask, max_new_tokens=32)
+        print(policy.kv_bytes())
+
+**Storage.** The cache (``DynamicCache`` or tokprune's ``TokpruneCache``) holds one length per layer, not
+per head: each layer is compacted to its largest head budget (over heads and batch rows) and the unused
+slots of smaller heads are masked out in decode (a per-(row, KV head) slot-validity mask). So
 ``kv_bytes()["allocated"]`` (what the tensors occupy, padding slots included) can exceed
 ``kv_bytes()["kept"]`` (slots actually holding selected tokens); both are reported.
 
 Batches: left padding only (``attention_mask`` rows must be 0...0 1...1); every row gets its own
-budgets from its own valid tokens and positions, so a padded row behaves as if it ran alone.
-
-Example::
-
-    method = UNComp(ratio=0.25)
-    with method.patch(model) as run:
-        new_tokens = run.generate(input_ids, attention_mask, max_new_tokens=32)
-        print(run.kv_bytes())
+budgets from its own valid tokens, so a padded row behaves as if it ran alone.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
-from tokprune.hf.attention import patch_attention
+from tokprune.methods.base import DecodeContext, PatchHandle, Policy, decode_valid_mask
 from tokprune.ops import select_tokens, truncated_matrix_entropy
+from tokprune.ops.window import window_attention_scores
 
 
 def split_budget(entropy: torch.Tensor, total: int, cap: int, high_fraction: float, high_to_low: float) -> torch.Tensor:
@@ -84,7 +86,7 @@ def split_budget(entropy: torch.Tensor, total: int, cap: int, high_fraction: flo
 
 
 @dataclass
-class UNComp:
+class UNComp(Policy):
     """Entropy-driven per-layer / per-head KV budgets (UNComp), applied to the cache after prefill.
 
     Args:
@@ -98,6 +100,10 @@ class UNComp:
         layer_budgets: ``False`` gives every layer the same total and splits only across heads.
         source: ``"query"`` (post-RoPE queries, averaged over the query heads of a KV head; as the
             reference) or ``"key"`` (post-RoPE keys).
+
+    Run-time results of the last compression: :attr:`budget` ``(layers, batch, kv_heads)`` int64,
+    :attr:`selected` (per layer ``(batch, kv_heads, L)`` kept prompt positions, ``-1`` = empty slot) and
+    :meth:`kv_bytes`.
     """
 
     ratio: float = 0.5
@@ -108,6 +114,10 @@ class UNComp:
     high_to_low: float = 2.0
     layer_budgets: bool = True
     source: str = "query"
+    _state: Dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    role = "decode"
+    observes_prefill = True
 
     def __post_init__(self):
         if not 0 < self.ratio <= 1:
@@ -142,206 +152,120 @@ class UNComp:
                                              self.high_fraction, self.high_to_low)
         return out
 
-    def patch(self, model) -> "UNCompRun":
-        """Attach UNComp to ``model`` (reversible: ``remove()`` or leave the ``with`` block)."""
-        return UNCompRun(self, model)
+    # -- run-time results -------------------------------------------------------------------------------
+    @property
+    def budget(self) -> Optional[torch.Tensor]:
+        """``(layers, batch, kv_heads)`` budgets of the last compression (``None`` before one)."""
+        return self._state.get("budget")
 
-
-class _Recorder:
-    """Prefill policy: records per-head entropies and SnapKV scores of every layer, then lets SDPA run."""
-
-    def __init__(self, run: "UNCompRun"):
-        self.run = run
-
-    def attend(self, module, query, key, value, attention_mask, scale, **kwargs):
-        self.run._record(module.layer_idx, query, key, scale)
-        return None
-
-
-class _MaskedDecode:
-    """Decode policy: attention over the compacted cache with a per-(row, KV head) slot validity mask."""
-
-    def __init__(self, run: "UNCompRun"):
-        self.run = run
-
-    def attend(self, module, query, key, value, attention_mask, scale, **kwargs):
-        slots = self.run._slot_valid.get(module.layer_idx)
-        if slots is None:
-            return None
-        batch, heads, q_len, head_dim = query.shape
-        kv_heads, total = key.shape[1], key.shape[2]
-        extra = total - slots.shape[-1]
-        valid = torch.cat([slots, slots.new_ones(batch, kv_heads, extra)], dim=-1)  # decode tokens: valid
-        group = heads // kv_heads
-        q = query.float().view(batch, kv_heads, group, q_len, head_dim)
-        logits = torch.einsum("bhgqd,bhtd->bhgqt", q, key.float()) * scale
-        logits = logits.masked_fill(~valid[:, :, None, None, :], float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        out = torch.einsum("bhgqt,bhtd->bhgqd", probs, value.float())
-        return out.reshape(batch, heads, q_len, head_dim).transpose(1, 2).to(query.dtype)
-
-
-class UNCompRun:
-    """A model with UNComp attached: :meth:`prefill`, :meth:`decode`, :meth:`generate`, :meth:`kv_bytes`."""
-
-    def __init__(self, method: UNComp, model):
-        self.method = method
-        self.model = model
-        self._slot_valid: Dict[int, torch.Tensor] = {}
-        self._stats: Dict[int, tuple] = {}
-        self._valid: Optional[torch.Tensor] = None
-        self.cache = None
-        self.budget: Optional[torch.Tensor] = None  # (layers, batch, kv_heads)
-        self.selected: List[torch.Tensor] = []  # per layer (batch, kv_heads, L_layer) int64, -1 = empty slot
-        self._next_pos: Optional[torch.Tensor] = None
-        self._full_len = 0
-        self._patch = patch_attention(model, prefill=_Recorder(self), decode=_MaskedDecode(self))
-
-    # -- lifecycle ---------------------------------------------------------------------------------
-    def remove(self) -> None:
-        """Detach UNComp and restore the model's attention implementation."""
-        self._patch.remove()
-        self._slot_valid.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
-        return False
-
-    # -- prefill statistics -------------------------------------------------------------------------
-    def _record(self, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
-        m = self.method
-        valid = self._valid  # (batch, n) bool
-        batch, heads, n, _ = query.shape
-        if valid is None or tuple(valid.shape) != (batch, n):
-            return  # a forward that did not come from prefill(): leave it alone
-        kv_heads = key.shape[1]
-        group = heads // kv_heads
-        if m.source == "query":
-            ent = truncated_matrix_entropy(query, m.truncate, mask=valid)
-            ent = ent.view(batch, kv_heads, group).mean(-1)
-        else:
-            ent = truncated_matrix_entropy(key, m.truncate, mask=valid)
-        w = min(m.window, n)
-        q_win = query[:, :, n - w:].float().view(batch, kv_heads, group, w, -1)
-        logits = torch.einsum("bhgqd,bhtd->bhgqt", q_win, key.float()) * scale
-        q_pos = torch.arange(n - w, n, device=query.device)
-        allowed = (torch.arange(n, device=query.device)[None, :] <= q_pos[:, None])[None] & valid[:, None, :]
-        logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
-        attn = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # (fully masked rows: padding queries)
-        score = attn.sum(dim=(2, 3))  # (batch, kv_heads, n)
-        if m.pool > 1:
-            score = F.max_pool1d(score, kernel_size=m.pool, stride=1, padding=m.pool // 2)
-        score = score.masked_fill(~valid[:, None, :], float("-inf"))
-        self._stats[layer] = (ent.float().cpu(), score)
-
-    # -- compaction --------------------------------------------------------------------------------
-    def _compress(self, cache) -> None:
-        layers = sorted(self._stats)
-        entropy = torch.stack([self._stats[i][0] for i in layers])  # (L, B, Hkv)
-        n_valid = self._valid.sum(1).cpu()
-        self.budget = self.method.budgets(entropy, n_valid)
-        self.selected = []
-        for li, layer in enumerate(layers):
-            score = self._stats[layer][1]
-            batch, kv_heads, n = score.shape
-            budget = self.budget[li].to(score.device)  # (B, Hkv)
-            width = int(budget.max())
-            idx = torch.full((batch, kv_heads, width), -1, dtype=torch.long, device=score.device)
-            for value in torch.unique(budget).tolist():
-                rows = (budget == value).nonzero()
-                if value == 0:
-                    continue
-                s = score[rows[:, 0], rows[:, 1]]  # (R, n)
-                recent = torch.zeros_like(s, dtype=torch.bool)
-                recent[:, n - min(self.method.window, value):] = True
-                idx[rows[:, 0], rows[:, 1], :value] = select_tokens(s, value, keep_mask=recent)
-            keep = idx >= 0
-            gather = idx.clamp_min(0)[..., None]
-            lay = cache.layers[layer]
-            d_k, d_v = lay.keys.shape[-1], lay.values.shape[-1]
-            lay.keys = torch.gather(lay.keys, 2, gather.expand(-1, -1, -1, d_k))
-            lay.values = torch.gather(lay.values, 2, gather.expand(-1, -1, -1, d_v))
-            self._slot_valid[layer] = keep
-            self.selected.append(idx)
-        self._stats.clear()
-
-    # -- public run API ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Run the prompt, compress the cache, return the logits of the last prompt position ``(B, V)``.
-
-        Args:
-            input_ids: ``(batch, n)`` int64.
-            attention_mask: optional ``(batch, n)`` 0/1, left padding only.
-        """
-        batch, n = input_ids.shape
-        if n == 0:
-            raise ValueError("input_ids must hold at least one prompt token")
-        if attention_mask is None:
-            valid = torch.ones(batch, n, dtype=torch.bool, device=input_ids.device)
-        else:
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
-                                 f"got {tuple(attention_mask.shape)}")
-            valid = attention_mask.bool()
-            if bool((valid[:, :-1] & ~valid[:, 1:]).any()):
-                raise ValueError("UNComp needs left padding: each attention_mask row must be 0...0 1...1")
-            if not bool(valid[:, -1].all()):
-                raise ValueError("every row of attention_mask needs at least one valid token")
-        self._valid = valid
-        self._slot_valid.clear()
-        self._stats.clear()
-        position_ids = (valid.long().cumsum(1) - 1).clamp_min(0)
-        out = self.model(input_ids=input_ids, attention_mask=valid.long(), position_ids=position_ids, use_cache=True)
-        self.cache = out.cache
-        self._full_len = n
-        self._compress(self.cache)
-        self._valid = None
-        self._next_pos = valid.long().sum(1)
-        return out.logits[:, -1]
-
-    @torch.no_grad()
-    def decode(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """One decode step with the compressed cache: ``input_ids (batch, 1)`` -> logits ``(batch, V)``."""
-        if self.cache is None:
-            raise RuntimeError("call prefill() before decode()")
-        out = self.model(input_ids=input_ids, position_ids=self._next_pos[:, None], cache=self.cache, use_cache=True)
-        self._next_pos = self._next_pos + 1
-        return out.logits[:, -1]
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                 max_new_tokens: int = 16) -> torch.Tensor:
-        """Greedy generation: ``(batch, max_new_tokens)`` int64 new tokens."""
-        logits = self.prefill(input_ids, attention_mask)
-        tokens = []
-        for step in range(max_new_tokens):
-            nxt = logits.argmax(-1)
-            tokens.append(nxt)
-            if step + 1 < max_new_tokens:
-                logits = self.decode(nxt[:, None])
-        return torch.stack(tokens, 1) if tokens else input_ids.new_zeros(input_ids.shape[0], 0)
+    @property
+    def selected(self) -> List[torch.Tensor]:
+        """Per patched layer ``(batch, kv_heads, L)`` kept prompt positions of the last compression."""
+        return self._state.get("selected", [])
 
     def kv_bytes(self) -> Dict[str, int]:
-        """Prompt KV-cache bytes after compression (decode tokens excluded).
+        """Prompt KV-cache bytes after the last compression (decode tokens excluded).
 
         ``full``: what the uncompressed cache held; ``allocated``: the compacted tensors, padding
         slots included; ``kept``: the slots that hold selected tokens (sum of budgets).
         """
         if self.budget is None:
-            raise RuntimeError("call prefill() first")
+            raise RuntimeError("UNComp: no prompt was compressed yet (run a prefill / generate first)")
+        return dict(self._state["bytes"])
+
+    # -- policy hooks -----------------------------------------------------------------------------------
+    def attach(self, model, handle: PatchHandle) -> None:
+        """Compress the cache right after every forward whose prefill this policy observed."""
+        def _after_forward(module, args, kwargs, output):
+            if self._state.get("stats"):
+                cache = getattr(output, "cache", None)
+                cache = cache if cache is not None else getattr(output, "past_key_values", None)
+                if cache is not None:
+                    self._compress(cache)
+                self._state["stats"] = {}
+            return None
+
+        hook = model.register_forward_hook(_after_forward, with_kwargs=True)
+        handle.on_remove(hook.remove)
+        handle.on_remove(lambda: [self._state.pop(k, None) for k in ("stats", "slots", "valid")])
+
+    def prefill(self, module, query, key, value, attention_mask, scale) -> None:
+        """Record the head entropies and window scores of one layer's prompt (a fresh prefill only)."""
+        batch, heads, n, _ = query.shape
+        if key.shape[2] != n:
+            return  # a continuation of a cached sequence: not a prompt
+        layer = module.layer_idx
+        state = self._state
+        stats = state.setdefault("stats", {})
+        if layer in stats or not stats:  # first layer of a new prompt: forget the previous sequence
+            stats.clear()
+            state["slots"] = {}
+            valid = decode_valid_mask(attention_mask, batch, n)
+            if valid is None:
+                valid = torch.ones(batch, n, dtype=torch.bool, device=query.device)
+            elif bool((valid[:, :-1] & ~valid[:, 1:]).any()):
+                raise ValueError("UNComp needs left padding: each attention_mask row must be 0...0 1...1")
+            state["valid"] = valid
+        valid = state["valid"]
+        kv_heads = key.shape[1]
+        if self.source == "query":
+            ent = truncated_matrix_entropy(query, self.truncate, mask=valid).view(batch, kv_heads, -1).mean(-1)
+        else:
+            ent = truncated_matrix_entropy(key, self.truncate, mask=valid)
+        score = window_attention_scores(query, key, self.window, self.pool, scale, valid, "sum")
+        stats[layer] = (ent.float().cpu(), score)
+
+    def _compress(self, cache) -> None:
+        stats, valid = self._state["stats"], self._state["valid"]
+        layers = sorted(stats)
+        entropy = torch.stack([stats[i][0] for i in layers])  # (L, B, Hkv)
+        n_valid = valid.sum(1).cpu()
+        budget = self.budgets(entropy, n_valid)
+        selected, slots = [], {}
         full = allocated = kept = 0
-        for layer, idx in zip(sorted(self._slot_valid), self.selected):
-            lay = self.cache.layers[layer]
-            per_slot = (lay.keys.shape[-1] * lay.keys.element_size() + lay.values.shape[-1] * lay.values.element_size())
-            batch, kv_heads, width = idx.shape
-            full += batch * kv_heads * self._full_len * per_slot
+        for li, layer in enumerate(layers):
+            score = stats[layer][1]
+            batch, kv_heads, n = score.shape
+            lb = budget[li].to(score.device)  # (B, Hkv)
+            width = int(lb.max())
+            idx = torch.full((batch, kv_heads, width), -1, dtype=torch.long, device=score.device)
+            for value in torch.unique(budget[li]).tolist():  # heads sharing a budget are selected together
+                if value == 0:
+                    continue
+                rows = (lb == value).nonzero()
+                s = score[rows[:, 0], rows[:, 1]]  # (R, n)
+                recent = torch.zeros_like(s, dtype=torch.bool)
+                recent[:, n - min(self.window, value):] = True
+                idx[rows[:, 0], rows[:, 1], :value] = select_tokens(s, value, keep_mask=recent)
+            keep = idx >= 0
+            lay = cache.layers[layer]
+            keys, values = lay.keys, lay.values
+            gather = idx.clamp_min(0)[..., None]
+            lay.keys = torch.gather(keys, 2, gather.expand(-1, -1, -1, keys.shape[-1]))
+            lay.values = torch.gather(values, 2, gather.expand(-1, -1, -1, values.shape[-1]))
+            slots[layer] = keep
+            selected.append(idx)
+            per_slot = keys.shape[-1] * keys.element_size() + values.shape[-1] * values.element_size()
+            full += batch * kv_heads * n * per_slot
             allocated += batch * kv_heads * width * per_slot
-            kept += int((idx >= 0).sum()) * per_slot
-        return {"full": full, "allocated": allocated, "kept": kept}
+            kept += int(keep.sum()) * per_slot
+        self._state.update(budget=budget, selected=selected, slots=slots,
+                           bytes=dict(full=full, allocated=allocated, kept=kept))
+
+    def attend_decode(self, ctx: DecodeContext) -> Optional[torch.Tensor]:
+        """Dense attention over the layer's kept slots (per-head validity mask) and every token decoded
+        since; ``None`` (plain dense attention) when no compression applies to this layer."""
+        slots = self._state.get("slots", {}).get(ctx.layer_idx)
+        if slots is None or slots.shape[0] != ctx.batch or slots.shape[-1] > ctx.n_tokens:
+            return None
+        batch, heads, kv_heads, dim = ctx.batch, ctx.heads, ctx.kv_heads, ctx.head_dim
+        extra = ctx.n_tokens - slots.shape[-1]
+        valid = torch.cat([slots, slots.new_ones(batch, kv_heads, extra)], dim=-1)  # decoded tokens: valid
+        q = ctx.query.float().view(batch, kv_heads, heads // kv_heads, dim)
+        logits = torch.matmul(q, ctx.key.float().transpose(-1, -2)) * ctx.scale  # (B, Hkv, g, T)
+        logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
+        out = torch.matmul(torch.softmax(logits, dim=-1), ctx.value.float())
+        return out.reshape(batch, heads, 1, dim).to(ctx.query.dtype)
 
 
-__all__ = ["UNComp", "UNCompRun", "split_budget"]
+__all__ = ["UNComp", "split_budget"]

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from tokprune._backend import resolve_backend
+from tokprune._debug import debug_checks
 from tokprune.ops._checks import FLOAT_DTYPES, check_finite, check_tensor
 
 
@@ -46,7 +47,7 @@ def _check_fc_index(fc_index, heads, kv_heads, head_dim, chunk, device):
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1 or head_dim % (2 * chunk):
         raise ValueError(f"chunk must be a positive int dividing head_dim/2 ({head_dim // 2}), got {chunk!r}")
     n_fc = head_dim // (2 * chunk)
-    if fc_index.numel():
+    if fc_index.numel() and debug_checks():  # reads data: debug mode only (sync-free hot path)
         lo, hi = int(fc_index.min()), int(fc_index.max())
         if lo < 0 or hi >= n_fc:
             raise IndexError(f"fc_index values must lie in [0, {n_fc}) (head_dim={head_dim}, chunk={chunk}), "
@@ -159,54 +160,60 @@ def select_sparse_indices(scores: torch.Tensor, budget: int, *, sink: int = 0, w
     """Tokens to attend: ``sink`` first and ``window`` most recent valid tokens plus the best-scoring rest.
 
     ``budget`` is the total number of tokens kept per row (sinks and window count toward it; the window
-    is shortened to ``budget - sink`` when it does not fit). Uses :func:`tokprune.ops.select_tokens`.
+    is shortened to ``budget - sink`` when it does not fit). One ``torch.topk`` plus a sort of the ``budget``
+    winners: no host synchronisation and static output shapes (``torch.compile(fullgraph=True)`` traces it).
+    Among tokens with *exactly* equal scores the choice is ``torch.topk``'s (deterministic for a given
+    input and device, not necessarily the lower index; :func:`tokprune.ops.select_tokens` is the stable op).
 
     Args:
-        scores: ``(batch, heads, n_tokens)`` float scores (larger = more important); NaN is rejected.
+        scores: ``(batch, heads, n_tokens)`` float scores (larger = more important); NaN is rejected in
+            debug mode (``TOKPRUNE_DEBUG=1``), unspecified otherwise.
         budget: tokens kept per row, ``>= 0``.
         sink, window: counted among valid tokens (with left padding the sinks are the first real tokens).
         valid: optional ``(batch, n_tokens)`` bool, ``False`` for padding (never selected).
 
     Returns:
-        ``(batch, heads, min(budget, n_tokens))`` int64 token indices, ascending; ``-1`` marks slots
-        left empty because a row has fewer valid tokens than the budget.
+        ``(batch, heads, min(budget, n_tokens))`` int64 token indices, ascending among the selected valid
+        tokens; ``-1`` marks slots left empty because a row has fewer valid tokens than the budget (they
+        may sit anywhere in the row).
     """
-    from tokprune.ops.selection import select_tokens
-
     check_tensor("scores", scores, ndim=3, dtypes=FLOAT_DTYPES)
     for name, value in (("budget", budget), ("sink", sink), ("window", window)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    check_finite("scores", scores)
+    if debug_checks():
+        check_finite("scores", scores)
     batch, _, n_tokens = scores.shape
     if valid is not None:
         check_tensor("valid", valid, ndim=2, dtypes=(torch.bool,), device=scores.device)
         if tuple(valid.shape) != (batch, n_tokens):
             raise ValueError(f"valid must be (batch={batch}, n_tokens={n_tokens}), got {tuple(valid.shape)}")
+    keep = min(budget, n_tokens)
     sink = min(sink, budget)
     window = min(window, budget - sink)
     if valid is None:
         pos = torch.arange(n_tokens, device=scores.device)
-        forced = ((pos < sink) | (pos >= n_tokens - window)).expand(batch, -1)
-        work = scores.float()
+        forced = ((pos < sink) | (pos >= n_tokens - window))[None, None, :]
+        work = scores.float().masked_fill(forced, float("inf"))
     else:
         rank = valid.long().cumsum(-1)  # 1-based rank among valid tokens
-        n_valid = rank[:, -1:] if n_tokens else rank
+        n_valid = rank[:, -1:]
         forced = valid & ((rank <= sink) | (rank > n_valid - window))
         work = scores.float().masked_fill(~valid[:, None, :], float("-inf"))
-    if work.device.type == "cpu":
-        index = _select_top_cpu(work.masked_fill(forced[:, None, :], float("inf")), min(budget, n_tokens))
-    else:
-        index = select_tokens(work, budget, keep_mask=forced[:, None, :].expand_as(work))
+        work = work.masked_fill(forced[:, None, :], float("inf"))
+    index = work.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values
     if valid is None:
         return index
-    chosen_valid = torch.gather(valid[:, None, :].expand_as(work), 2, index)
+    chosen_valid = torch.gather(valid[:, None, :].expand(-1, index.shape[1], -1), 2, index)
     return index.masked_fill(~chosen_valid, -1)
 
 
 def _select_top_cpu(work: torch.Tensor, keep: int) -> torch.Tensor:
     """``select_tokens(work, keep)`` semantics (ties to the lower index, ascending output) in O(n) with
-    ``torch.topk`` + a threshold, instead of a full stable sort (6x faster at 8K tokens on the CPU)."""
+    ``torch.topk`` + a threshold, instead of a full stable sort (6x faster at 8K tokens on the CPU).
+
+    Synchronises with the host (tie check, ``nonzero``): used by :mod:`tokprune.ops.paged`, not by the
+    decode hot path of :func:`select_sparse_indices`."""
     rows = work.reshape(-1, work.shape[-1])
     if keep == 0 or rows.shape[0] == 0:
         return torch.zeros(*work.shape[:-1], keep, dtype=torch.long, device=work.device)
@@ -235,7 +242,8 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         k_cache, v_cache: ``(batch, kv_heads, n_tokens, head_dim)``, same dtype as ``q``; ``heads`` is a
             multiple of ``kv_heads`` (query head ``h`` reads KV head ``h // (heads // kv_heads)``).
         indices: ``(batch, kv_heads or heads, K)`` int32/int64 token ids ``< n_tokens``; entries ``< 0`` are
-            padding and ignored. A row with no valid index gives zeros.
+            padding and ignored. A row with no valid index gives zeros. The range is checked only in debug
+            mode (``TOKPRUNE_DEBUG=1``): the decode hot path never reads index values on the host.
         scale: softmax scale (usually ``head_dim ** -0.5``).
         backend: ``"auto" | "torch" | "triton" | "cuda"``.
 
@@ -256,7 +264,7 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         raise ValueError(f"indices must be (batch={batch}, kv_heads={kv_heads} or heads={heads}, K), "
                          f"got {tuple(indices.shape)}")
     n_tokens = k_cache.shape[2]
-    if indices.numel() and int(indices.max()) >= n_tokens:
+    if debug_checks() and indices.numel() and int(indices.max()) >= n_tokens:  # reads data: debug only
         raise IndexError(f"indices values must be < n_tokens={n_tokens}, got max {int(indices.max())}")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"scale must be a float, got {type(scale).__name__}")
@@ -272,8 +280,8 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return _sparse_decode_torch(q, k_cache, v_cache, indices, float(scale))
 
 
-def _gather_rows(cache, rows, batch, kv_heads, n_tokens):
-    """``cache[b, kvh, rows]`` for rows ``(B, Hr, K)`` where row head r reads KV head ``kv_of[r]``."""
+def _gather_rows(cache, rows):
+    """Rows ``rows (B, Hr, K)`` (flat token ids into ``cache`` seen as ``(B*Hkv*T, D)``) -> ``(B, Hr, K, D)``."""
     flat = cache.reshape(-1, cache.shape[-1])
     return flat.index_select(0, rows.reshape(-1)).view(*rows.shape, cache.shape[-1])
 
@@ -290,8 +298,8 @@ def _sparse_decode_torch(q, k_cache, v_cache, indices, scale):
     kv_of = torch.arange(n_idx_heads, device=q.device) // (group if n_idx_heads == heads else 1)
     base = (torch.arange(batch, device=q.device)[:, None] * kv_heads + kv_of[None, :]) * n_tokens  # (B, Hi)
     rows = base[:, :, None] + idx.clamp(min=0)
-    k = _gather_rows(k_cache, rows, batch, kv_heads, n_tokens).float()  # (B, Hi, K, D)
-    v = _gather_rows(v_cache, rows, batch, kv_heads, n_tokens).float()
+    k = _gather_rows(k_cache, rows).float()  # (B, Hi, K, D)
+    v = _gather_rows(v_cache, rows).float()
     q_rows = q.float().view(batch, n_idx_heads, heads // n_idx_heads, head_dim)  # (B, Hi, g', D)
     s = torch.matmul(q_rows, k.transpose(-1, -2)) * scale  # (B, Hi, g', K)
     s = s.masked_fill(~valid[:, :, None, :], float("-inf"))

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from tokprune._backend import resolve_backend
+from tokprune._debug import debug_checks
 from tokprune.ops._checks import FLOAT_DTYPES, check_finite, check_index, check_tensor
 
 
@@ -36,15 +37,16 @@ def select_tokens(
         ``(..., min(keep, n_tokens))`` int64 indices, sorted ascending within each row.
 
     Raises:
-        ValueError: ``keep`` is negative, ``scores`` has NaN, or a row of ``keep_mask`` has more
-            ``True`` entries than ``keep``.
+        ValueError: ``keep`` is negative; in debug mode (``TOKPRUNE_DEBUG=1``, checks that read tensor
+            data) also ``scores`` has NaN or a row of ``keep_mask`` has more ``True`` entries than ``keep``.
     """
     check_tensor("scores", scores, dtypes=FLOAT_DTYPES)
     if scores.dim() < 1:
         raise ValueError(f"scores must have a token dimension, got shape {tuple(scores.shape)}")
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
         raise ValueError(f"keep must be a non-negative int, got {keep!r}")
-    check_finite("scores", scores)
+    if debug_checks():  # reads data (host sync): debug mode only
+        check_finite("scores", scores)
     n_tokens = scores.shape[-1]
     keep = min(keep, n_tokens)
     work = scores.float()
@@ -53,8 +55,8 @@ def select_tokens(
         if keep_mask.shape != scores.shape:
             raise ValueError(f"keep_mask must have the shape of scores {tuple(scores.shape)}, "
                              f"got {tuple(keep_mask.shape)}")
-        forced = keep_mask.sum(-1)
-        if forced.numel() and int(forced.max()) > keep:
+        forced = keep_mask.sum(-1) if debug_checks() else None  # reads data: debug mode only
+        if forced is not None and forced.numel() and int(forced.max()) > keep:
             raise ValueError(f"keep_mask forces {int(forced.max())} tokens in a row but keep={keep}")
         work = work.masked_fill(keep_mask, float("inf"))
     # TOKPRUNE_BACKEND=triton (a global preference) must not break this torch/cuda-only op.
@@ -75,7 +77,8 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, *, backend: Optional[str
 
     Args:
         x: ``(batch, kv_heads, n_tokens, head_dim)`` fp32/fp16/bf16.
-        index: ``(batch, heads, n_keep)`` int32/int64 token indices in ``[0, n_tokens)``;
+        index: ``(batch, heads, n_keep)`` int32/int64 token indices in ``[0, n_tokens)`` (range checked in
+            debug mode only);
             ``heads`` must be a multiple of ``kv_heads`` (grouped-query attention: query head ``h``
             reads KV head ``h // (heads // kv_heads)``).
         backend: ``"auto" | "torch" | "triton"``.
@@ -89,7 +92,10 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, *, backend: Optional[str
     if index.shape[0] != batch or index.shape[1] % kv_heads:
         raise ValueError(f"index must be (batch={batch}, heads multiple of kv_heads={kv_heads}, n_keep), "
                          f"got {tuple(index.shape)}")
-    check_index("index", index, n_tokens)
+    if index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"index must be int32 or int64, got {index.dtype}")
+    if debug_checks():  # reads data (host sync): debug mode only
+        check_index("index", index, n_tokens)
     chosen = resolve_backend(backend, x.device, ("torch", "triton"), "gather_tokens")
     if chosen == "triton":
         from tokprune.kernels.triton.gather import gather_tokens_triton

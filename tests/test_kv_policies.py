@@ -1,0 +1,161 @@
+"""The KVPolicy protocol: one score() per method, the shared select/attend path, side buffers, state fields."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from tests.helpers import assert_close
+from tokprune.methods import FASA, Quest, SnapKV, StreamingLLM
+from tokprune.methods.base import DecodeContext, KVPolicy, decode_valid_mask
+from tokprune.methods.kv_baselines import QuestPages, page_bounds
+from tokprune.reference.fasa import sparse_decode_attention_reference
+
+
+class _Module:
+    layer_idx = 0
+
+
+def _ctx(batch=2, heads=4, kv_heads=2, n_tokens=40, dim=16, valid=None, layer=None):
+    q = torch.randn(batch, heads, 1, dim)
+    k = torch.randn(batch, kv_heads, n_tokens, dim)
+    v = torch.randn(batch, kv_heads, n_tokens, dim)
+    return DecodeContext(_Module(), q, k, v, valid, dim ** -0.5, layer)
+
+
+def test_streaming_llm_selects_sink_and_recent():
+    ctx = _ctx()
+    policy = StreamingLLM(budget=10, sink=3)
+    idx = policy.select(policy.score(ctx), ctx)
+    assert idx.shape == (2, 2, 10)
+    assert idx[0, 0].tolist() == [0, 1, 2] + list(range(33, 40))
+    # with left padding the sinks are the first real tokens and padding is never attended
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    valid[1, :6] = False
+    ctx = _ctx(valid=valid)
+    idx = policy.select(policy.score(ctx), ctx)
+    assert idx[1, 0].tolist() == [6, 7, 8] + list(range(33, 40))
+
+
+def test_new_method_is_one_dataclass_and_one_score(tiny_llama):
+    """A method written against the protocol (5 lines) runs through generate; keeping only the newest tokens
+    by a zero score and a full window gives the same tokens as StreamingLLM without sinks."""
+
+    @dataclass
+    class RecentOnly(KVPolicy):
+        def score(self, ctx):
+            return ctx.zeros()
+
+    ids = torch.randint(3, 150, (1, 40))
+    runs = []
+    for policy in (RecentOnly(budget=12, sink=0, window=12), StreamingLLM(budget=12, sink=0)):
+        with policy.patch(tiny_llama):
+            runs.append(tiny_llama.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True,
+                                            return_dict_in_generate=True))
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    assert_close(torch.stack(runs[0].logits), torch.stack(runs[1].logits))
+
+
+def test_attend_decode_equals_reference_over_selected_tokens():
+    ctx = _ctx(n_tokens=64)
+    policy = FASA(budget=16, sink=2, window=4, decline_ratio=0)
+    index = policy.select(policy.score(ctx), ctx)
+    out = policy.attend_decode(ctx)
+    assert_close(out, sparse_decode_attention_reference(ctx.query, ctx.key, ctx.value, index, ctx.scale))
+    assert FASA(budget=64).attend_decode(ctx) is None  # budget covers the cache: dense
+    assert FASA(budget=16, decline_ratio=4.5).attend_decode(ctx) is None  # 64 < 4.5 * 16: dense wins
+    assert FASA(budget=16, decline_ratio=3.5).attend_decode(ctx) is not None
+
+
+def test_quest_bounds_and_selection():
+    valid = torch.ones(1, 70, dtype=torch.bool)
+    valid[0, :3] = False
+    ctx = _ctx(batch=1, n_tokens=70, valid=valid)
+    ctx.key[0, 0, 21] = ctx.query[0, 0, 0] * 10  # a key that head 0 (KV head 0) strongly attends, in page 1
+    policy = Quest(budget=32, page_size=16)
+    scores = policy.score(ctx)
+    assert scores.shape == (1, 4, 5)  # per query head, 5 pages
+    idx = policy.select(scores, ctx)
+    assert idx.shape == (1, 4, 32)
+    head0 = set(idx[0, 0].tolist())
+    assert 21 in head0 and 69 in head0  # best page and newest page
+    assert not (head0 & {0, 1, 2})  # padding never attended
+    assert all(i < 70 for i in idx.flatten().tolist())
+    # bound >= true logit of every token of the page (the Quest guarantee)
+    logits = torch.einsum("hd,htd->ht", ctx.query[0, :, 0], ctx.key[0].repeat_interleave(2, 0))
+    for page in range(5):
+        toks = range(max(3, page * 16), min(70, page * 16 + 16))
+        assert bool((scores[0, :, page, None] >= logits[:, list(toks)] - 1e-4).all())
+
+
+def test_quest_page_side_buffer_follows_appends_like_a_rebuild():
+    """QuestPages updated incrementally (prefill, single tokens, a regrowth, a rewrite) == page_bounds()."""
+    from tokprune.hf.kv_cache import TokpruneLayer
+
+    layer = TokpruneLayer(capacity=64)
+    pages = layer.add_side("q", QuestPages(8))
+    k = torch.randn(2, 3, 150, 16)
+    layer.update(k[:, :, :37], k[:, :, :37])
+    for t in range(37, 150):  # crosses the capacity: buffers regrow
+        layer.update(k[:, :, t:t + 1], k[:, :, t:t + 1])
+        if t in (37, 63, 64, 100, 149):
+            kmin, kmax = pages.bounds(t + 1)
+            rmin, rmax = page_bounds(k[:, :, :t + 1], 8)
+            assert torch.equal(kmin, rmin) and torch.equal(kmax, rmax), t
+    layer.keys = k[:, :, :20].flip(2)  # a rewrite (compaction) rebuilds the side buffer
+    layer.values = k[:, :, :20]
+    layer.update(k[:, :, 20:21], k[:, :, 20:21])
+    kmin, kmax = pages.bounds(21)
+    rmin, rmax = page_bounds(torch.cat([k[:, :, :20].flip(2), k[:, :, 20:21]], 2), 8)
+    assert torch.equal(kmin, rmin) and torch.equal(kmax, rmax)
+
+
+def test_snapkv_requires_prefill_and_keeps_window():
+    ctx = _ctx(batch=1, n_tokens=40)
+    with pytest.raises(RuntimeError, match="no prefill"):
+        SnapKV(budget=8).score(ctx)
+    policy = SnapKV(budget=8, window=3, obs_window=4, pool=1)
+    qp = torch.randn(1, 4, 30, 16)
+    qp[0, :, -4:] = ctx.key[0, 0, 5] * 5  # the observation queries all look at token 5
+    policy.prefill(_Module(), qp, ctx.key[:, :, :30], None, None, 0.25)
+    idx = policy.select(policy.score(ctx), ctx)[0, 0].tolist()
+    assert 5 in idx and idx[-3:] == [37, 38, 39] and len(idx) == 8
+
+
+def test_run_time_state_is_not_an_init_repr_or_compare_field():
+    a, b = SnapKV(budget=8), SnapKV(budget=8)
+    a.prefill(_Module(), torch.randn(1, 4, 12, 16), torch.randn(1, 2, 12, 16), None, None, 0.25)
+    assert a.prompt_scores and not b.prompt_scores
+    assert a == b and "prompt_scores" not in repr(a)
+    with pytest.raises(TypeError):
+        SnapKV(budget=8, prompt_scores={})
+    assert b.set_prompt_scores(a.prompt_scores).prompt_scores.keys() == a.prompt_scores.keys()
+    f = FASA(budget=8)
+    f.fc_index(0, 2, 16, "cpu")
+    assert f == FASA(budget=8) and "_fc_cache" not in repr(f)
+
+
+def test_decode_valid_mask_bool_float_ragged():
+    mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    mask[1, ..., :2] = False
+    assert decode_valid_mask(None, 2, 6) is None
+    assert decode_valid_mask(mask, 2, 6).tolist() == [[True] * 6, [False, False] + [True] * 4]
+    additive = torch.zeros(2, 1, 1, 6).masked_fill(~mask, torch.finfo(torch.float32).min)
+    assert torch.equal(decode_valid_mask(additive, 2, 6), decode_valid_mask(mask, 2, 6))
+
+    class _Ragged:
+        ragged = True
+
+        def valid_mask(self):
+            return torch.tensor([[True] * 5 + [False], [True] * 6])
+
+    assert decode_valid_mask(mask, 2, 6, _Ragged()).tolist() == [[True] * 5 + [False], [False, False] + [True] * 4]
+
+
+def test_fasa_checks_calibration_against_the_model_at_bind(tiny_llama):
+    from tokprune.methods import FCCalibration
+
+    cal = FCCalibration(torch.zeros(5, 2, 8, dtype=torch.long), torch.zeros(5, 2, 8), head_dim=16)
+    with pytest.raises(ValueError, match="calibration is for layers=5"):
+        FASA(fcs=cal).patch(tiny_llama)
+    assert tiny_llama.config._attn_implementation == "sdpa"  # nothing was patched
