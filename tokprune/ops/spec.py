@@ -1,14 +1,41 @@
 """Speculative decoding on token trees: tree utilities, tree attention masks, lossless verification,
 and KV-cache compaction.
 
-Canonical tree (shared by every op and backend, see ``CONTRACTS.md``):
+This docstring is the **tree-verification contract**: every backend (torch here, Triton in
+:mod:`tokprune.kernels.triton.spec`, CUDA in ``csrc/verify_tree.cu`` with its host build) and the
+oracles in :mod:`tokprune.reference.spec` implement exactly this, and the tests compare them on it.
+
+Canonical tree (shared by every op and backend):
 
 * ``parents [B, N]`` int32/int64. Node 0 is the root (the last verified token), ``parents[b, 0] = -1``.
   Every other node ``i`` has ``0 <= parents[b, i] < i`` (topological order) or ``parents[b, i] = -1``,
   which marks an inactive *padding* node (lets one batch hold trees of different sizes). Padding nodes
-  cannot have children.
-* ``tokens [B, N]`` int32/int64: the token of each node (the root's token is the last verified one).
+  cannot have children. (Checked in debug mode, ``TOKPRUNE_DEBUG=1``; the CUDA kernel treats a node whose parent
+  is not an earlier active node as padding.)
+* ``tokens [B, N]`` int32/int64: the token of each node (the root's token is the last verified one);
+  tokens of active non-root nodes lie in ``[0, V)`` (checked in debug mode).
 * Children of a node are visited in increasing node index ("sibling order").
+* ``target[b, i]`` (logits or probabilities, ``[B, N, V]``) is the target model's output AT node ``i``,
+  i.e. its distribution of the token that follows node ``i``; ``draft[b, i]`` likewise for the drafter.
+
+Greedy verification (:func:`verify_tree_greedy`): from the root, ``t = argmax(target_logits[b, cur])``
+with the lowest index on ties and NaN counting as the maximum (``torch.argmax``'s rule, on every
+backend; in debug mode the torch backend rejects a NaN argmax); move to the first child of ``cur`` in
+sibling order whose token is ``t``; when none exists, ``t`` is the bonus token ``next_token[b]``.
+
+Stochastic verification (:func:`verify_tree_stochastic`), float32 throughout: at the current node with
+target row ``p`` and draft row ``q`` (fresh copies of the rows of that node), the children are tested in
+sibling order, child ``c`` (token ``x``) with its own uniform ``u = uniforms[b, c]``:
+
+* ``specinfer``: accept iff ``u * q[x] < p[x]``; on rejection ``p <- max(p - q, 0) / sum(max(p - q, 0))``
+  (unchanged when that sum is 0);
+* ``rsd``: the same test and update of ``p``, and also ``q[x] <- 0; q <- q / sum(q)`` (when positive);
+* ``target_only``: accept iff ``u < p[x]``; on rejection ``p[x] <- 0; p <- p / sum(p)`` (when positive).
+
+The first accepted child becomes the current node (its own rows are loaded); when no child is accepted
+the walk stops and the bonus token is drawn from the current ``p``: the smallest ``v`` with
+``cumsum(p)[v] > uniforms[b, 0] * sum(p)`` (both sides rounded to float32), or, if rounding leaves none,
+the last ``v`` with ``p[v] > 0`` (0 for an all-zero row).
 
 Verification outputs (all int64): ``accept_index [B, max_depth + 1]`` (node indices of the accepted
 path, root first, -1 padded; ``max_depth`` = largest depth of an active node over the batch),
@@ -514,7 +541,8 @@ def verify_tree_stochastic(
       ``p[x] <- 0; p <- norm(p)`` (so a duplicate sibling can never be accepted twice).
 
     When no child is accepted the bonus token is the smallest ``v`` with
-    ``cumsum(p)[v] > uniforms[b, 0] * sum(p)``. See CONTRACTS.md for the exact definition.
+    ``cumsum(p)[v] > uniforms[b, 0] * sum(p)``. The exact definition is the contract in this module's
+    docstring.
 
     Args:
         tokens: ``[B, N]`` int32/int64 node tokens.

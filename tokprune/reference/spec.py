@@ -1,6 +1,6 @@
 """Plain-torch oracles of the token-tree ops, written for clarity (Python loops over rows and nodes).
 
-They follow ``/work/notes/CONTRACTS.md`` ("Speculative tree verification") line by line; the fast
+They follow the tree-verification contract in the docstring of :mod:`tokprune.ops.spec` line by line; the fast
 vectorised torch backend in :mod:`tokprune.ops.spec` and the Triton kernels are tested against them.
 """
 
@@ -48,7 +48,7 @@ def ancestor_matrix_reference(parents: torch.Tensor) -> torch.Tensor:
 
 
 def verify_tree_greedy_reference(tokens: torch.Tensor, parents: torch.Tensor, target_logits: torch.Tensor):
-    """Greedy verification per CONTRACTS.md; returns ``(accept_index, accept_len, next_token)`` int64."""
+    """Greedy verification per the contract of :mod:`tokprune.ops.spec`; returns ``(accept_index, accept_len, next_token)`` int64."""
     depths = tree_depths_reference(parents)
     width = int(depths.max()) + 1
     bsz = parents.shape[0]
@@ -84,7 +84,7 @@ def sample_from_probs_reference(p: torch.Tensor, u: float) -> int:
 
 
 def verify_tree_stochastic_reference(tokens, parents, target_probs, draft_probs, rule: str, uniforms):
-    """Stochastic verification per CONTRACTS.md (rules ``specinfer | rsd | target_only``)."""
+    """Stochastic verification per the contract of :mod:`tokprune.ops.spec` (rules ``specinfer | rsd | target_only``)."""
     depths = tree_depths_reference(parents)
     width = int(depths.max()) + 1
     bsz = parents.shape[0]
