@@ -4,12 +4,13 @@ KV-selection baselines, FC agreement and calibration files."""
 import pytest
 import torch
 
-from tests.helpers import assert_close
+from tests.helpers import assert_close, backend_params, dev, host
 from tokprune._backend import BackendUnavailable
 from tokprune.ops import fc_scores, fasa_bytes_per_step, pack_fc_keys, select_sparse_indices, sparse_decode_attention
 from tokprune.reference.fasa import fc_dims, fc_scores_reference, sparse_decode_attention_reference
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = backend_params("torch", "triton")
+DECODE_BACKENDS = backend_params("torch", "triton", "cuda")  # sparse_decode_attention also has tokprune._C
 
 
 def _qkv(batch=2, heads=4, kv_heads=2, n_tokens=37, head_dim=16, dtype=torch.float32):
@@ -35,7 +36,7 @@ def test_fc_scores_matches_reference(backend, per, dtype):
     q, k, _ = _qkv(n_tokens=45, dtype=dtype)
     rows = 2 if per == "kv" else 4
     fc = torch.stack([torch.randperm(8)[:3] for _ in range(rows)])
-    got = fc_scores(q, k, fc, backend=backend)
+    got = host(fc_scores(*dev(q, k, fc), backend=backend))
     assert got.shape == (2, 4, 45) and got.dtype == torch.float32
     assert_close(got, fc_scores_reference(q, k, fc), atol=1e-4, rtol=1e-4, name="fc_scores")
 
@@ -48,8 +49,8 @@ def test_fc_scores_packed_and_chunk(backend):
     assert packed.shape == (2, 2, 33, 8) and packed.is_contiguous()
     assert_close(packed[:, 1], k[:, 1][..., fc_dims(fc, 32, 2)[1]])
     expected = fc_scores_reference(q, k, fc, chunk=2)
-    assert_close(fc_scores(q, packed, fc, chunk=2, packed=True, backend=backend), expected, name="packed")
-    assert_close(fc_scores(q, k, fc, chunk=2, backend=backend), expected, name="strided")
+    assert_close(fc_scores(*dev(q, packed, fc), chunk=2, packed=True, backend=backend), expected, name="packed")
+    assert_close(fc_scores(*dev(q, k, fc), chunk=2, backend=backend), expected, name="strided")
 
 
 def test_fc_scores_all_fcs_equals_full_logits_and_reduce():
@@ -87,14 +88,14 @@ def test_fc_scores_errors():
 
 # ------------------------------------------------------------------------------------ sparse decode attention
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", DECODE_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("idx_heads", [2, 4])
 def test_sparse_decode_matches_reference(backend, dtype, idx_heads):
     q, k, v = _qkv(n_tokens=111, head_dim=24, dtype=dtype)  # odd head_dim -> masked lanes
     index = torch.randint(-1, 111, (2, idx_heads, 77))
     index[1, 0, :] = -1  # a row with no valid index -> zeros
-    got = sparse_decode_attention(q, k, v, index, 0.3, backend=backend)
+    got = host(sparse_decode_attention(*dev(q, k, v, index), 0.3, backend=backend))
     expected = sparse_decode_attention_reference(q.double(), k.double(), v.double(), index, 0.3)
     assert got.dtype == dtype and got.shape == q.shape
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
@@ -103,11 +104,11 @@ def test_sparse_decode_matches_reference(backend, dtype, idx_heads):
     assert bool((got[1, heads_of_row0] == 0).all())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", DECODE_BACKENDS)
 def test_sparse_decode_all_tokens_equals_full_sdpa_many_splits(backend):
     q, k, v = _qkv(batch=1, n_tokens=300, head_dim=16)
     index = torch.randperm(300).view(1, 1, 300).expand(1, 2, -1).contiguous()  # unsorted, 10 splits of 32
-    got = sparse_decode_attention(q, k, v, index.int(), 16 ** -0.5, backend=backend)
+    got = sparse_decode_attention(*dev(q, k, v, index.int()), 16 ** -0.5, backend=backend)
     full = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
     assert_close(got, full, name="all tokens vs SDPA")
 
