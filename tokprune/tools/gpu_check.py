@@ -368,7 +368,7 @@ def triton_cache_sizes() -> Dict[str, int]:
     return sizes
 
 
-def run_audit(device, steps: int = 100, warmup: int = 10, backend: str = "triton") -> StepResult:
+def run_audit(device, steps: int = 100, warmup: int = 10, backend: str = "triton", small: bool = False) -> StepResult:
     """FASA decode (fc_scores -> select_sparse_indices -> sparse_decode_attention) over ``steps`` steps of a
     growing cache: host synchronisations per step in the steady state, and Triton kernels compiled after
     warm-up (must not grow: a new compile per length would recompile every step)."""
@@ -379,14 +379,15 @@ def run_audit(device, steps: int = 100, warmup: int = 10, backend: str = "triton
     from tokprune import _debug, ops
     from tokprune._backend import unavailable_reason
 
-    if device.type != "cuda":
+    if device.type != "cuda" and not small:
         return StepResult("audit", "skipped", "needs a CUDA device (torch.cuda.set_sync_debug_mode)")
+    on_cuda = device.type == "cuda"
     reason = unavailable_reason(backend, device, "fc_scores")
     if reason is not None:
         return StepResult("audit", "skipped", f"{backend}: {reason}")
     previous = _debug.set_debug(False)  # the production path: no data-reading checks
     gen = torch.Generator().manual_seed(5)
-    batch, heads, kv_heads, dim, start, budget = 4, 32, 8, 128, 4000, 512
+    batch, heads, kv_heads, dim, start, budget = (1, 4, 2, 32, 40, 16) if small else (4, 32, 8, 128, 4000, 512)
     total = start + steps
     k = torch.randn(batch, kv_heads, total, dim, generator=gen).to(device, torch.bfloat16)
     v = torch.randn(batch, kv_heads, total, dim, generator=gen).to(device, torch.bfloat16)
@@ -398,19 +399,23 @@ def run_audit(device, steps: int = 100, warmup: int = 10, backend: str = "triton
             n = start + step
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
+                if on_cuda:
+                    torch.cuda.set_sync_debug_mode("warn")
                 try:
                     scores = ops.fc_scores(q_all[step], k[:, :, :n], fc, backend=backend)
-                    idx = ops.select_sparse_indices(scores.float(), budget, sink=4, window=64)
+                    idx = ops.select_sparse_indices(scores.float(), budget, sink=4, window=min(64, budget // 2))
                     ops.sparse_decode_attention(q_all[step], k[:, :, :n], v[:, :, :n], idx, dim ** -0.5,
                                                 backend=backend)
                 finally:
-                    torch.cuda.set_sync_debug_mode("default")
+                    if on_cuda:
+                        torch.cuda.set_sync_debug_mode("default")
             syncs.append(sum(1 for w in caught if "synchroniz" in str(w.message).lower()))
             if step + 1 == warmup:
-                torch.cuda.synchronize(device)
+                if on_cuda:
+                    torch.cuda.synchronize(device)
                 cache_after_warmup = triton_cache_sizes()
-        torch.cuda.synchronize(device)
+        if on_cuda:
+            torch.cuda.synchronize(device)
     finally:
         _debug.set_debug(previous)
     cache_end = triton_cache_sizes()
@@ -447,8 +452,19 @@ def _time_cuda(fns: Dict[str, callable], rounds: int = 15, warmup: int = 3) -> D
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def run_bench(device) -> StepResult:
-    """Every op with each kernel backend against its baseline (same run, interleaved, medians)."""
+def _time_cpu(fns: Dict[str, callable], rounds: int = 1, warmup: int = 0) -> Dict[str, float]:
+    """Stand-in for :func:`_time_cuda` when the bench code itself is tested on a CPU (not a measurement)."""
+    out = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        fn()
+        out[name] = (time.perf_counter() - start) * 1e3
+    return out
+
+
+def run_bench(device, small: bool = False, timer=None) -> StepResult:
+    """Every op with each kernel backend against its baseline (same run, interleaved, medians). ``small`` and
+    ``timer`` exist for testing this code on a CPU with tiny shapes; they measure nothing."""
     import torch
     import torch.nn.functional as F
 
@@ -456,8 +472,9 @@ def run_bench(device) -> StepResult:
     from tokprune._backend import unavailable_reason
     from tokprune.ops import spec
 
-    if device.type != "cuda":
+    if device.type != "cuda" and not small:
         return StepResult("bench", "skipped", "needs a CUDA device (CUDA events)")
+    timer = timer or _time_cuda
     previous = _debug.set_debug(False)
     rows, details = [], []
     gen = torch.Generator().manual_seed(1)
@@ -471,7 +488,7 @@ def run_bench(device) -> StepResult:
             from flash_attn import flash_attn_func as flash  # type: ignore
         except ImportError:
             pass
-        B, H, Hkv, T, D, K = 4, 32, 8, 16384, 128, 1024
+        B, H, Hkv, T, D, K = (1, 4, 2, 64, 32, 16) if small else (4, 32, 8, 16384, 128, 1024)
         q, k, v = r(B, H, 1, D), r(B, Hkv, T, D), r(B, Hkv, T, D)
         idx = torch.sort(torch.randint(0, T, (B, Hkv, K), generator=gen)).values.to(device)
         fc = torch.randint(0, D // 2, (Hkv, 8), generator=gen).to(device)
@@ -498,7 +515,7 @@ def run_bench(device) -> StepResult:
         for be in ("triton", "torch"):
             cases.append(("gather_tokens", be, f"B{B} H{H}/{Hkv} T{T} K{K}",
                           lambda be=be: ops.gather_tokens(k, gidx, backend=be), gather_base))
-        V, N = 128256, 16
+        V, N = (100, 4) if small else (128256, 16)
         tokens = torch.randint(0, V, (8, N), generator=gen).to(device)
         parents = torch.clamp(torch.arange(N) - 1, min=-1).repeat(8, 1).to(device)
         logits = r(8, N, V, dtype=torch.float32)
@@ -512,10 +529,10 @@ def run_bench(device) -> StepResult:
                           lambda be=be: spec.verify_tree_stochastic(tokens, parents, probs, probs, rule="rsd",
                                                                     uniforms=u, backend=be),
                           {"argmax(all rows)": lambda: logits.argmax(-1)}))
-        x = r(2, 576, 4096)
+        x, xh = (r(1, 8, 64), 4) if small else (r(2, 576, 4096), 32)
         for be in ("triton", "torch"):
-            cases.append(("token_information_scores", be, "B2 N576 dim4096 heads32",
-                          lambda be=be: ops.token_information_scores(x, num_heads=32, exact_reference=False, backend=be),
+            cases.append(("token_information_scores", be, f"{tuple(x.shape)} heads{xh}",
+                          lambda be=be: ops.token_information_scores(x, num_heads=xh, exact_reference=False, backend=be),
                           {}))
         for op, be, shape, fn, bases in cases:
             reason = unavailable_reason(be, device, op)
@@ -524,7 +541,7 @@ def run_bench(device) -> StepResult:
                              "detail": reason})
                 continue
             try:
-                timed = _time_cuda({"op": fn, **bases})
+                timed = timer({"op": fn, **bases})
             except Exception as exc:  # record, keep benchmarking the rest
                 rows.append({"kind": "bench", "op": op, "backend": be, "shape": shape, "status": "failed",
                              "detail": f"{type(exc).__name__}: {exc}"[:300]})

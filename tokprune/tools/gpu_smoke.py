@@ -165,16 +165,18 @@ def run_ops(device: torch.device, ops_filter: Optional[Sequence[str]] = None, se
 
 
 def large_offsets(device: torch.device) -> List[dict]:
-    """Kernels on views whose elements lie past 2**31 of one buffer (needs ~4.3 GB on ``device``):
-    batch 1 starts beyond 2**31 elements, so int32 address arithmetic would wrap."""
+    """Kernels on views whose elements lie past 2**31 of one buffer (~13 GB of ``device`` memory, only the
+    viewed rows written): batch 2 starts beyond 2**32 elements, so int32 address arithmetic would wrap
+    (into the untouched start of the buffer: wrong values, reported as a mismatch, not a crash)."""
     from tokprune import ops
     from tokprune._backend import unavailable_reason
 
-    n_batch, heads, dim = 2, 2, 64
+    n_batch, heads, dim = 3, 2, 64  # batch 2 starts at 2 * stride_b > 2**31 elements
     stride_b = 2**31 - 2**20  # < 2**31 elements: passed to Triton as i32, products overflow without int64
-    buf = torch.zeros(stride_b * n_batch + 2**20, dtype=torch.bfloat16, device=device)
+    base = 2**22  # the views start here, so a wrapped (negative) offset still lands inside the buffer
+    buf = torch.empty(base + stride_b * n_batch + 2**20, dtype=torch.bfloat16, device=device)  # lazily committed
     n_tok = 4096
-    x = buf.as_strided((n_batch, heads, n_tok, dim), (stride_b, n_tok * dim, dim, 1))
+    x = buf.as_strided((n_batch, heads, n_tok, dim), (stride_b, n_tok * dim, dim, 1), base)
     gen = torch.Generator().manual_seed(3)
     x.copy_(torch.randn(n_batch, heads, n_tok, dim, generator=gen).to(torch.bfloat16).to(device))
     q = torch.randn(n_batch, 4, 1, dim, generator=gen).to(torch.bfloat16).to(device)
