@@ -9,9 +9,12 @@ from tokprune.ops import fc_scores, pack_fc_keys, select_sparse_indices, sparse_
 from tokprune.ops.paged import (
     paged_decode_attention,
     paged_fc_scores,
+    paged_quest_scores,
     paged_select,
+    paged_select_pages,
     paged_sparse_decode_attention,
     split_decode_rows,
+    update_paged_page_bounds,
     vllm_cpu_kv_views,
     write_paged_fc_keys,
 )
@@ -20,6 +23,8 @@ from tokprune.reference.paged import (
     gather_request,
     paged_decode_attention_reference,
     paged_fc_scores_reference,
+    paged_quest_scores_reference,
+    paged_select_pages_reference,
     paged_select_reference,
     paged_sparse_decode_attention_reference,
     write_paged_fc_keys_reference,
@@ -422,3 +427,59 @@ def test_data_checks_are_skipped_outside_debug_mode():
         set_debug(previous)
     with pytest.raises(IndexError, match="slots values must be -1 or lie in"):
         paged_sparse_decode_attention(q, k, k, bad_slots, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Quest page bounds
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quest_bounds_updated_incrementally_equal_bounds_from_scratch(backend):
+    """Keys appended in chunks that straddle page and block boundaries (prefill, chunked prefill, then
+    decode steps); bounds start as garbage (reused blocks). Scores and page selection vs the oracle."""
+    gen = torch.Generator().manual_seed(7)
+    hkv, heads, d, bs, ps = 2, 4, 8, 16, 4
+    lens = [23, 5, 16, 1]
+    table, nb = random_table(lens, bs, gen=gen)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    k = torch.randn(nb, hkv, bs, d, generator=gen)
+    kmin = torch.randn(nb, hkv, bs // ps, d, generator=gen)  # stale values of a reused block
+    kmax = kmin + 5
+    done = [0] * len(lens)
+    while any(done[r] < lens[r] for r in range(len(lens))):
+        keys, slots = [], []
+        for r, n in enumerate(lens):  # one "step": each request appends a chunk of 1..7 tokens
+            step = min(n - done[r], int(torch.randint(1, 8, (1,), generator=gen)))
+            for t in range(done[r], done[r] + step):
+                s = int(table[r, t // bs]) * bs + t % bs
+                keys.append(k[s // bs, :, s % bs])
+                slots.append(s)
+            done[r] += step
+        keys.append(torch.randn(hkv, d))  # a padding token (slot -1) must be ignored
+        slots.append(-1)
+        update_paged_page_bounds(kmin, kmax, torch.stack(keys), torch.tensor(slots), ps, backend=backend)
+    q = torch.randn(len(lens), heads, d, generator=gen)
+    scores = paged_quest_scores(q, kmin, kmax, table, seq_lens, ps, backend=backend)
+    assert_close(scores, paged_quest_scores_reference(q, k, table, seq_lens, ps), name="quest scores")
+    for n_pages in (0, 2, 9):
+        slots = paged_select_pages(scores, n_pages, seq_lens, table, bs, ps, backend=backend)
+        expected = paged_select_pages_reference(scores, n_pages, seq_lens, table, bs, ps)
+        assert torch.equal(slots, expected), n_pages
+
+
+def test_quest_rejects_bad_input():
+    kmin = torch.zeros(2, 1, 4, 8)
+    key = torch.randn(2, 1, 8)
+    with pytest.raises(ValueError, match="kmin and kmax must share shape"):
+        update_paged_page_bounds(kmin, torch.zeros(2, 1, 4, 4), key, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="kmin and kmax must be contiguous"):
+        update_paged_page_bounds(kmin.transpose(2, 3).contiguous().transpose(2, 3), kmin, key, torch.tensor([0, 1]))
+    with pytest.raises(IndexError, match="slot_mapping values must be -1 or lie in \\[0, .* = 128\\)"):
+        update_paged_page_bounds(kmin, kmin.clone(), key, torch.tensor([0, 128]), 16)
+    with pytest.raises(ValueError, match="key must be \\(T, kv_heads=1, head_dim=8\\)"):
+        update_paged_page_bounds(kmin, kmin.clone(), torch.randn(2, 2, 8), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="page_size=3 must divide block_size=8"):
+        paged_select_pages(torch.zeros(1, 1, 2), 1, torch.tensor([5]), torch.zeros(1, 1, dtype=torch.int32), 8, 3)
+    with pytest.raises(ValueError, match="q heads \\(3\\) must be a multiple of kmin kv_heads \\(2\\)"):
+        paged_quest_scores(torch.randn(1, 3, 8), torch.zeros(2, 2, 4, 8), torch.zeros(2, 2, 4, 8),
+                           torch.zeros(1, 1, dtype=torch.int32), torch.tensor([3]))

@@ -31,6 +31,9 @@ _EXPORTS = {
     "paged_select": "paged",
     "paged_sparse_decode_attention": "paged",
     "paged_decode_attention": "paged",
+    "update_paged_page_bounds": "paged",
+    "paged_quest_scores": "paged",
+    "paged_select_pages": "paged",
     # window-attention token scores (SnapKV, UNComp, token sparse)
     "window_attention_scores": "window",
     # token sparse attention

@@ -653,3 +653,165 @@ def _paged_decode_torch(q, k_cache, v_cache, block_table, seq_lens, scale, max_l
     v = _gather_blocks(v_cache, ids, rows, n_blocks).float()  # (R, nb, Hkv, bs, D)
     out = torch.matmul(p, v).sum(1) / torch.where(denom > 0, denom, torch.ones_like(denom))[:, 0]
     return out.reshape(rows, heads, head_dim).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Quest page bounds on a paged cache
+# ----------------------------------------------------------------------------------------------------
+
+def _check_bounds(kmin, kmax, page_size, device=None):
+    _check_int("page_size", page_size, 1)
+    _check_cache("kmin", kmin, device=device)
+    _check_cache("kmax", kmax, device=kmin.device)
+    if kmin.shape != kmax.shape or kmin.dtype != kmax.dtype:
+        raise ValueError(f"kmin and kmax must share shape and dtype, got {tuple(kmin.shape)} {kmin.dtype} and "
+                         f"{tuple(kmax.shape)} {kmax.dtype}")
+    if not (kmin.is_contiguous() and kmax.is_contiguous()):
+        raise ValueError("kmin and kmax must be contiguous (num_blocks, kv_heads, block_size // page_size, head_dim)")
+    return kmin.shape
+
+
+def update_paged_page_bounds(kmin: torch.Tensor, kmax: torch.Tensor, key: torch.Tensor, slot_mapping: torch.Tensor,
+                             page_size: int = 16, *, backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Quest's per-page key bounds on a paged cache, updated in place for the written slots only.
+
+    Pages of ``page_size`` tokens tile each block (``block_size % page_size == 0``); page ``p`` of block
+    ``b`` holds slots ``b*block_size + p*page_size ...``. For every token ``t`` with slot
+    ``s = slot_mapping[t] >= 0``: a token at the start of its page (``s % page_size == 0``) resets the
+    page's bounds, every token then folds its key in: ``kmin[page] = min(kmin[page], key[t])``,
+    ``kmax[page] = max(...)`` per head and dimension. Pages must be written in token order (the first
+    token of a page in this call or an earlier one), as appends in vLLM and tokprune's cache are; the
+    bounds then cover exactly the written tokens of each page (a partial last page included), whatever
+    a reused block held before.
+
+    Args:
+        kmin, kmax: ``(num_blocks, kv_heads, block_size // page_size, head_dim)`` contiguous, float;
+            written.
+        key: ``(T, kv_heads, head_dim)`` keys of this step (cast to the bounds' dtype).
+        slot_mapping: ``(T,)`` int32/int64 slots or ``-1`` (skipped).
+        page_size: tokens per page.
+        backend: ``"auto" | "torch" | "triton"``.
+
+    Returns:
+        ``(kmin, kmax)``, the same tensors.
+    """
+    num_blocks, kv_heads, n_pages, head_dim = _check_bounds(kmin, kmax, page_size)
+    check_tensor("key", key, ndim=3, dtypes=FLOAT_DTYPES, device=kmin.device)
+    if key.shape[1] != kv_heads or key.shape[2] != head_dim:
+        raise ValueError(f"key must be (T, kv_heads={kv_heads}, head_dim={head_dim}), got {tuple(key.shape)}")
+    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=INT_DTYPES, device=kmin.device)
+    if slot_mapping.shape[0] != key.shape[0]:
+        raise ValueError(f"slot_mapping must be (T={key.shape[0]},), got {tuple(slot_mapping.shape)}")
+    block_size = n_pages * page_size
+    _check_slots("slot_mapping", slot_mapping, num_blocks * block_size)
+    chosen = resolve_backend(backend, kmin.device, ("torch", "triton"), "update_paged_page_bounds")
+    if key.shape[0] == 0:
+        return kmin, kmax
+    if chosen == "triton":
+        from tokprune.kernels.triton.paged import update_page_bounds_triton
+
+        update_page_bounds_triton(kmin, kmax, key, slot_mapping, page_size)
+        return kmin, kmax
+    keep = (slot_mapping >= 0).nonzero().squeeze(1)
+    slots = slot_mapping.long().index_select(0, keep)
+    vals = key.index_select(0, keep).to(kmin.dtype)  # (T', Hkv, D)
+    page = (slots // block_size * kv_heads)[:, None] * n_pages + \
+        torch.arange(kv_heads, device=kmin.device)[None, :] * n_pages + (slots % block_size // page_size)[:, None]
+    page = page.reshape(-1)  # (T' * Hkv,) rows of the (num_blocks * Hkv * P, D) view
+    vals = vals.reshape(-1, head_dim)
+    flat_min, flat_max = kmin.view(-1, head_dim), kmax.view(-1, head_dim)
+    fresh = (slots % page_size == 0)[:, None].expand(-1, kv_heads).reshape(-1)
+    reset = page[fresh]
+    flat_min.index_fill_(0, reset, float("inf"))
+    flat_max.index_fill_(0, reset, float("-inf"))
+    index = page[:, None].expand(-1, head_dim)
+    flat_min.scatter_reduce_(0, index, vals, "amin")
+    flat_max.scatter_reduce_(0, index, vals, "amax")
+    return kmin, kmax
+
+
+def paged_quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_table: torch.Tensor,
+                       seq_lens: torch.Tensor, page_size: int = 16, *, max_len: Optional[int] = None,
+                       backend: Optional[str] = None) -> torch.Tensor:
+    """Quest's upper bound of each page's attention logit, per request and query head.
+
+    ``scores[r, h, p] = sum_d max(q[r, h, d] * kmin[P, kvh, d], q[r, h, d] * kmax[P, kvh, d])`` for the
+    logical page ``p < ceil(seq_lens[r] / page_size)`` of request ``r`` (physical page ``P``: block
+    ``block_table[r, p*page_size // block_size]``, page ``p % (block_size // page_size)`` inside it),
+    ``-inf`` for pages past the request's length.
+
+    Args:
+        q: ``(R, Hq, head_dim)`` fp32/fp16/bf16.
+        kmin, kmax: ``(num_blocks, Hkv, block_size // page_size, head_dim)`` from
+            :func:`update_paged_page_bounds`.
+        block_table: ``(R, max_blocks)`` int32/int64; seq_lens: ``(R,)`` int32/int64.
+        page_size: tokens per page.
+        max_len: ``>= seq_lens.max()`` (sets the width ``ceil(max_len / page_size)``); ``None`` reads
+            ``seq_lens.max()`` (a sync).
+        backend: ``"auto" | "torch" | "triton"``.
+
+    Returns:
+        fp32 ``(R, Hq, ceil(max_len / page_size))``.
+    """
+    rows, heads, head_dim = _check_q(q)
+    num_blocks, kv_heads, n_pages, bound_dim = _check_bounds(kmin, kmax, page_size, q.device)
+    if bound_dim != head_dim:
+        raise ValueError(f"kmin head_dim {bound_dim} must equal q's {head_dim}")
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"q heads ({heads}) must be a multiple of kmin kv_heads ({kv_heads})")
+    block_size = n_pages * page_size
+    max_len = _resolve_max_len(max_len, seq_lens)
+    _check_table(block_table, seq_lens, rows, q.device, block_size, num_blocks, max_len)
+    chosen = resolve_backend(backend, q.device, ("torch", "triton"), "paged_quest_scores")
+    width = -(-max_len // page_size)
+    if rows == 0 or width == 0:
+        return torch.empty(rows, heads, width, dtype=torch.float32, device=q.device)
+    if chosen == "triton":
+        from tokprune.kernels.triton.paged import paged_quest_scores_triton
+
+        return paged_quest_scores_triton(q, kmin, kmax, block_table, seq_lens, page_size, width)
+    group = heads // kv_heads
+    ids, n_blocks = _block_ids(block_table, seq_lens, max_len, block_size)
+    lo = _gather_blocks(kmin, ids, rows, n_blocks).float()  # (R, nb, Hkv, P, D)
+    hi = _gather_blocks(kmax, ids, rows, n_blocks).float()
+    qg = q.float().view(rows, 1, kv_heads, group, 1, head_dim)
+    bound = torch.maximum(qg * lo[:, :, :, None], qg * hi[:, :, :, None]).sum(-1)  # (R, nb, Hkv, g, P)
+    out = bound.permute(0, 2, 3, 1, 4).reshape(rows, heads, n_blocks * n_pages)[:, :, :width]
+    pages = -(-seq_lens.long() // page_size)
+    past = torch.arange(width, device=q.device)[None, :] >= pages[:, None]
+    return out.masked_fill(past[:, None, :], float("-inf"))
+
+
+def paged_select_pages(page_scores: torch.Tensor, n_pages: int, seq_lens: torch.Tensor, block_table: torch.Tensor,
+                       block_size: int, page_size: int = 16, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Physical slots of Quest's choice: the ``n_pages`` best pages per row (the newest page always).
+
+    Args:
+        page_scores: ``(R, H, W)`` float (:func:`paged_quest_scores`), ``W >= ceil(seq_lens.max() / page_size)``.
+        n_pages: pages kept per row, ``>= 0``.
+        seq_lens, block_table, block_size: the paged layout.
+        page_size: tokens per page (divides ``block_size``).
+        backend: ``"auto" | "torch" | "triton"`` (for the slot translation, see :func:`paged_select`).
+
+    Returns:
+        ``(R, H, n_pages * page_size)`` int64 slots in increasing token order, ``-1`` for tokens past a
+        request's length and for unused pages; feed it to :func:`paged_sparse_decode_attention`.
+    """
+    check_tensor("page_scores", page_scores, ndim=3, dtypes=FLOAT_DTYPES)
+    _check_int("n_pages", n_pages)
+    _check_int("block_size", block_size, 1)
+    _check_int("page_size", page_size, 1)
+    if block_size % page_size:
+        raise ValueError(f"page_size={page_size} must divide block_size={block_size}")
+    rows, heads, width = page_scores.shape
+    _check_table(block_table, seq_lens, rows, page_scores.device, block_size, None)
+    chosen = resolve_backend(backend, page_scores.device, ("torch", "triton"), "paged_select_pages")
+    lens = seq_lens.long()
+    pages = _select_logical(page_scores, n_pages, 0, 1, -(-lens // page_size))  # (R, H, n_pages), -1 padded
+    token = pages[..., None] * page_size + torch.arange(page_size, device=page_scores.device)
+    token = token.masked_fill((pages[..., None] < 0) | (token >= lens[:, None, None, None]), -1).flatten(2)
+    if chosen == "triton":
+        from tokprune.kernels.triton.paged import tokens_to_slots_triton
+
+        return tokens_to_slots_triton(token, block_table, block_size)
+    return _tokens_to_slots_torch(token, block_table, block_size)

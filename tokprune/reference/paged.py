@@ -121,3 +121,48 @@ def paged_decode_attention_reference(q, k_cache, v_cache, block_table, seq_lens,
             w = torch.softmax((k[h // group] @ q[r, h].float()) * scale, dim=0)
             out[r, h] = w @ v[h // group]
     return out.to(q.dtype)
+
+
+def paged_quest_scores_reference(q, k_cache, block_table, seq_lens, page_size: int = 16) -> torch.Tensor:
+    """Quest bounds from scratch: per request, gather its keys, min/max over each logical page's tokens
+    (the last page may be partial), ``sum_d max(q_d min_d, q_d max_d)``; ``-inf`` past the request's
+    pages. Reads the keys, not the incremental bounds. Returns ``(R, Hq, ceil(max(seq_lens) / page_size))``."""
+    rows, heads, _ = q.shape
+    group = heads // k_cache.shape[1]
+    width = -(-int(seq_lens.max()) // page_size) if rows else 0
+    out = torch.full((rows, heads, width), float("-inf"), dtype=torch.float32)
+    for r in range(rows):
+        length = int(seq_lens[r])
+        keys = gather_request(k_cache, block_table, length, r)[0].float()  # (Hkv, L, D)
+        for p in range(-(-length // page_size)):
+            page = keys[:, p * page_size:min((p + 1) * page_size, length)]
+            lo, hi = page.amin(1), page.amax(1)  # (Hkv, D)
+            for h in range(heads):
+                qh = q[r, h].float()
+                out[r, h, p] = torch.maximum(qh * lo[h // group], qh * hi[h // group]).sum()
+    return out
+
+
+def paged_select_pages_reference(page_scores, n_pages, seq_lens, block_table, block_size, page_size=16):
+    """Per request: the ``n_pages`` best of its pages with the newest always kept
+    (:func:`tokprune.ops.select_sparse_indices` with ``window=1``), expanded to the pages' tokens below the
+    request's length, as slots; ``-1`` padded to ``n_pages * page_size``."""
+    from tokprune.ops.fasa import select_sparse_indices
+
+    rows, heads, _ = page_scores.shape
+    out = torch.full((rows, heads, n_pages * page_size), -1, dtype=torch.long)
+    for r in range(rows):
+        length = int(seq_lens[r])
+        pages = -(-length // page_size)
+        if pages == 0:
+            continue
+        chosen = select_sparse_indices(page_scores[r:r + 1, :, :pages].float(), n_pages, sink=0, window=1)[0]
+        for h in range(heads):
+            j = 0
+            for p in chosen[h].tolist():
+                for i in range(page_size):
+                    t = p * page_size + i
+                    if p >= 0 and t < length:
+                        out[r, h, j] = logical_to_slot(block_table, r, t, block_size)
+                    j += 1
+    return out

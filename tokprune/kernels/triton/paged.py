@@ -6,6 +6,9 @@ stride_token + dim * stride_dim`` in int64, so strided views (vLLM's transposed 
 * ``_paged_fc_scores_kernel``: one program per (request * head, block of logical tokens); translates the
   tokens through the block table and reads only the FC dimensions; ``-inf`` past the request's length.
 * ``_tokens_to_slots_kernel``: logical token ids -> physical slots through the block table.
+* ``_reset_pages_kernel`` + ``_fold_pages_kernel``: Quest page bounds of the written slots (reset of
+  pages whose first token is written, then atomic min/max; fp32 bounds).
+* ``_paged_quest_scores_kernel``: Quest's bound per logical page, read through the block table.
 * ``_paged_decode_split_kernel``: flash-decoding split over the slot list (``DENSE=False``) or over the
   request's logical tokens (``DENSE=True``, the exact dense path); the splits are merged by the combine
   kernel of :mod:`tokprune.kernels.triton.fasa`. Elementwise multiply + sum, fp32 math (no ``tl.dot``).
@@ -165,6 +168,84 @@ def _paged_decode_split_kernel(
     tl.store(acc_ptr + out_row.to(tl.int64) * head_dim + offs_d, acc, mask=mask_d)
 
 
+@triton.jit
+def _reset_pages_kernel(
+    slot_ptr, kmin_ptr, kmax_ptr,
+    n_heads, head_dim, page_size, pages_per_block,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    slot = tl.load(slot_ptr + t + offs_h * 0).to(tl.int64)  # broadcast over heads
+    fresh = (slot >= 0) & (slot % page_size == 0) & (offs_h < n_heads)
+    page = tl.where(fresh, slot, 0) // page_size  # = block * pages_per_block + page in block
+    blk = page // pages_per_block
+    row = (blk * n_heads + offs_h) * pages_per_block + page % pages_per_block
+    mask = fresh[:, None] & (offs_d[None, :] < head_dim)
+    ptrs = row[:, None] * head_dim + offs_d[None, :]
+    tl.store(kmin_ptr + ptrs, tl.full([BLOCK_H, BLOCK_D], float("inf"), tl.float32), mask=mask)
+    tl.store(kmax_ptr + ptrs, tl.full([BLOCK_H, BLOCK_D], float("-inf"), tl.float32), mask=mask)
+
+
+@triton.jit
+def _fold_pages_kernel(
+    key_ptr, slot_ptr, kmin_ptr, kmax_ptr,
+    n_heads, head_dim, page_size, pages_per_block,
+    stride_kt, stride_kh, stride_kd,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    slot = tl.load(slot_ptr + t + offs_h * 0).to(tl.int64)
+    ok = (slot >= 0) & (offs_h < n_heads)
+    page = tl.where(ok, slot, 0) // page_size
+    blk = page // pages_per_block
+    row = (blk * n_heads + offs_h) * pages_per_block + page % pages_per_block
+    mask = ok[:, None] & (offs_d[None, :] < head_dim)
+    k = tl.load(key_ptr + t.to(tl.int64) * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd,
+                mask=mask, other=0.0).to(tl.float32)
+    ptrs = row[:, None] * head_dim + offs_d[None, :]
+    tl.atomic_min(kmin_ptr + ptrs, k, mask=mask)
+    tl.atomic_max(kmax_ptr + ptrs, k, mask=mask)
+
+
+@triton.jit
+def _paged_quest_scores_kernel(
+    q_ptr, kmin_ptr, kmax_ptr, table_ptr, lens_ptr, out_ptr,
+    n_heads, kv_heads, width, head_dim, group, page_size, pages_per_block,
+    stride_qr, stride_qh, stride_qd,
+    stride_tr, stride_tc,
+    stride_or, stride_oh, stride_op,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_rh = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    r = pid_rh // n_heads
+    h = pid_rh % n_heads
+    length = tl.load(lens_ptr + r)
+    n_pages = (length + page_size - 1) // page_size
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < head_dim
+    q = tl.load(q_ptr + r.to(tl.int64) * stride_qr + h * stride_qh + offs_d * stride_qd, mask=mask_d,
+                other=0.0).to(tl.float32)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    live = offs_p < n_pages
+    block_size = page_size * pages_per_block
+    token0 = offs_p * page_size
+    blk = tl.load(table_ptr + r.to(tl.int64) * stride_tr + (token0 // block_size) * stride_tc, mask=live,
+                  other=0).to(tl.int64)
+    row = (blk * kv_heads + h // group) * pages_per_block + offs_p % pages_per_block
+    ptrs = row[:, None] * head_dim + offs_d[None, :]
+    mask = live[:, None] & mask_d[None, :]
+    lo = tl.load(kmin_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
+    hi = tl.load(kmax_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
+    bound = tl.sum(tl.maximum(lo * q[None, :], hi * q[None, :]), axis=1)
+    bound = tl.where(live, bound, float("-inf"))
+    tl.store(out_ptr + r.to(tl.int64) * stride_or + h * stride_oh + offs_p * stride_op, bound, mask=offs_p < width)
+
+
 # ----------------------------------------------------------------------------------------------------
 # launch configurations and launchers (inputs validated in tokprune.ops.paged)
 # ----------------------------------------------------------------------------------------------------
@@ -283,6 +364,54 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale: float
     return _decode(q, k_cache, v_cache, None, block_table, seq_lens, scale, max_len, dense=True)
 
 
+def _bounds_config(kv_heads: int, head_dim: int) -> LaunchConfig:
+    block_h, block_d = max(1, triton.next_power_of_2(kv_heads)), max(16, triton.next_power_of_2(head_dim))
+    # one warp holds up to 256 elements of the tile without spilling (AOT check: 16 x 256 on 1 warp spills)
+    warps = max(1, min(8, block_h * block_d // 256))
+    return LaunchConfig({"BLOCK_H": block_h, "BLOCK_D": block_d}, num_warps=warps, num_stages=1)
+
+
+def _quest_config(head_dim: int) -> LaunchConfig:
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    return LaunchConfig({"BLOCK_P": max(4, min(64, 4096 // block_d)), "BLOCK_D": block_d}, num_warps=4,
+                        num_stages=1)
+
+
+def update_page_bounds_triton(kmin, kmax, key, slot_mapping, page_size: int) -> None:
+    """Launcher for :func:`tokprune.ops.update_paged_page_bounds`: a reset pass for the pages whose first
+    token is written, then atomic min/max of every written key (stream-ordered). fp32 bounds only (Triton
+    has no 16-bit float atomics); other dtypes take the torch path, which runs on any device."""
+    if kmin.dtype != torch.float32:
+        from tokprune.ops.paged import update_paged_page_bounds
+
+        update_paged_page_bounds(kmin, kmax, key, slot_mapping, page_size, backend="torch")
+        return
+    n_tokens, kv_heads, head_dim = key.shape
+    pages_per_block = kmin.shape[2]
+    cfg = _bounds_config(kv_heads, head_dim)
+    common = dict(**cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _reset_pages_kernel[(n_tokens,)](slot_mapping, kmin, kmax, kv_heads, head_dim, page_size, pages_per_block,
+                                     **common)
+    _fold_pages_kernel[(n_tokens,)](key, slot_mapping, kmin, kmax, kv_heads, head_dim, page_size, pages_per_block,
+                                    *key.stride(), **common)
+
+
+def paged_quest_scores_triton(q, kmin, kmax, block_table, seq_lens, page_size: int, width: int) -> torch.Tensor:
+    """Launcher for :func:`tokprune.ops.paged_quest_scores`; ``(R, Hq, width)`` fp32."""
+    rows, heads, head_dim = q.shape
+    kv_heads, pages_per_block = kmin.shape[1], kmin.shape[2]
+    out = torch.empty(rows, heads, width, device=q.device, dtype=torch.float32)
+    cfg = _quest_config(head_dim)
+    grid = (rows * heads, triton.cdiv(width, cfg.constexprs["BLOCK_P"]))
+    _paged_quest_scores_kernel[grid](
+        q, kmin, kmax, block_table, seq_lens, out,
+        heads, kv_heads, width, head_dim, heads // kv_heads, page_size, pages_per_block,
+        *q.stride(), *block_table.stride(), *out.stride(),
+        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
 _HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
@@ -309,6 +438,21 @@ def _register() -> None:
                            "tr", "tc"))
         register_aot("paged", _paged_decode_split_kernel, sig,
                      [_split_config(d, dense) for d in _HEAD_DIMS for dense in (False, True)])
+    sig = {"slot_ptr": "*i64", "kmin_ptr": "*fp32", "kmax_ptr": "*fp32", "n_heads": "i32", "head_dim": "i32",
+           "page_size": "i32", "pages_per_block": "i32"}
+    bounds_configs = list({c.label(): c for c in (_bounds_config(h, d) for h in (1, 2, 4, 8, 16)
+                                                   for d in _HEAD_DIMS)}.values())
+    register_aot("paged", _reset_pages_kernel, sig, bounds_configs)
+    sig = {"key_ptr": "*fp32", **sig}
+    sig.update(strides("kt", "kh", "kd"))
+    register_aot("paged", _fold_pages_kernel, sig, bounds_configs)
+    for elem in ("fp32", "bf16"):
+        sig = {"q_ptr": f"*{elem}", "kmin_ptr": "*fp32", "kmax_ptr": "*fp32", "table_ptr": "*i32",
+               "lens_ptr": "*i32", "out_ptr": "*fp32"}
+        sig.update({n: "i32" for n in ("n_heads", "kv_heads", "width", "head_dim", "group", "page_size",
+                                       "pages_per_block")})
+        sig.update(strides("qr", "qh", "qd", "tr", "tc", "or", "oh", "op"))
+        register_aot("paged", _paged_quest_scores_kernel, sig, [_quest_config(d) for d in _HEAD_DIMS])
     sig = {"tok_ptr": "*i64", "table_ptr": "*i32", "out_ptr": "*i64", "n_heads": "i32", "n_keep": "i32",
            "block_size": "i32"}
     sig.update(strides("tr", "tc"))
