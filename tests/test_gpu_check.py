@@ -108,11 +108,13 @@ def test_smoke_covers_every_kernel_backend_of_the_ops_and_passes_on_cpu():
     import glob
     import re
 
-    from tokprune.tools.gpu_smoke import PENDING
+    from tokprune.tools.gpu_smoke import PENDING, PENDING_MODULES
 
     declared = {}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for path in glob.glob(os.path.join(root, "tokprune", "ops", "*.py")):
+        if os.path.basename(path)[:-3] in PENDING_MODULES:
+            continue
         for backends, op in re.findall(r'resolve_backend\([^()]*?\(([^()]*)\),\s*"(\w+)"', open(path).read()):
             kernels = tuple(b for b in ("triton", "cuda") if f'"{b}"' in backends)
             if kernels:
