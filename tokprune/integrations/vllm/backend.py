@@ -201,12 +201,14 @@ class TokpruneCPUAttentionImpl(CPUAttentionBackendImpl):
             self._geometry = model_geometry(vllm_config.model_config.hf_config)
         self._fc_index: Optional[torch.Tensor] = None
         self._side: Optional[torch.Tensor] = None  # FASA: packed FC keys; Quest: per-page (min, max)
+        self._side_blocks = 0
 
     # -- side caches -----------------------------------------------------------------------------------
     def _side_cache(self, layer, kv_cache: torch.Tensor) -> torch.Tensor:
         num_blocks, kv_heads, block_size, _ = kv_cache.shape
-        if self._side is not None and self._side.shape[0] == num_blocks:
+        if self._side is not None and self._side_blocks == num_blocks:
             return self._side
+        self._side_blocks = num_blocks
         s = self.settings
         if s.method == "fasa":
             geo = self._geometry
