@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from tokprune.kernels.triton._launch import launch
-from tokprune.kernels.triton.aot import LaunchConfig, register_aot
+from tokprune.kernels.triton.aot import LaunchConfig, register_aot, type_variants
 
 
 @triton.jit
@@ -33,9 +33,10 @@ def _masked_gram_kernel(
     # Rows of the Gram product are indexed by m (tokens when TOKENS_SIDE, features otherwise) and the
     # product contracts over k (features when TOKENS_SIDE, tokens otherwise).
     # Grid (batch, row blocks, column blocks): the batch, which has no bound, sits on axis 0.
+    # Offsets are int64 before they meet a stride (strides below 2**31 arrive as i32).
     b = tl.program_id(0).to(tl.int64)
-    pid_i = tl.program_id(1)
-    pid_j = tl.program_id(2)
+    pid_i = tl.program_id(1).to(tl.int64)
+    pid_j = tl.program_id(2).to(tl.int64)
     offs_i = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_j = pid_j * BLOCK_M + tl.arange(0, BLOCK_M)
     in_i = offs_i < m_size
@@ -49,7 +50,7 @@ def _masked_gram_kernel(
         mu_j = tl.load(mean_ptr + b * stride_mb + offs_j, mask=in_j, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, k_size, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         in_k = offs_k < k_size
         mask_i = in_i[:, None] & in_k[None, :]
         mask_j = in_j[:, None] & in_k[None, :]
@@ -81,11 +82,11 @@ def _token_gram_kernel(
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    offs_h = tl.arange(0, BLOCK_H)
+    offs_h = tl.arange(0, BLOCK_H).to(tl.int64)  # int64 before meeting a stride
     in_h = offs_h < n_heads
     acc = tl.zeros((BLOCK_H, BLOCK_H), dtype=tl.float32)
     for d0 in range(0, head_dim, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
+        offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         mask = in_h[:, None] & (offs_d[None, :] < head_dim)
         v = tl.load(x_ptr + t * stride_xt + offs_h[:, None] * stride_xh + offs_d[None, :] * stride_xd,
                     mask=mask, other=0.0).to(tl.float32)
@@ -167,21 +168,24 @@ def token_gram_triton(x: torch.Tensor) -> torch.Tensor:
 
 
 def _register() -> None:
-    for dtype in ("fp32", "bf16"):
+    for dtype, _, modes in type_variants(with_index=False, wide=("bf16",)):  # x is converted to fp32
         sig = {"x_ptr": f"*{dtype}", "mean_ptr": "*fp32", "scale_ptr": "*fp32", "count_ptr": "*fp32",
                "out_ptr": "*fp32", "m_size": "i32", "k_size": "i32"}
         sig.update({f"stride_{s}": "i64" for s in ("xb", "xm", "xk", "mb", "sb", "ob", "oi", "oj")})
-        configs = []
-        for m_size in (16, 576):
-            for tokens_side in (True, False):
+        for tokens_side in (True, False):
+            configs = []
+            for m_size in (16, 576):
                 base = _gram_config(m_size)
                 configs.append(LaunchConfig({"TOKENS_SIDE": tokens_side, **base.constexprs},
                                             num_warps=base.num_warps, num_stages=base.num_stages))
-        register_aot("entropy", _masked_gram_kernel, sig, configs)
+            # x's last dimension (features) is contiguous: it is the contracted side k on the tokens side.
+            unit = ("stride_xk" if tokens_side else "stride_xm", "stride_oj")
+            register_aot("entropy", _masked_gram_kernel, sig, configs, strides=modes, unit=unit, variant=dtype)
 
         sig = {"x_ptr": f"*{dtype}", "out_ptr": "*fp32", "n_heads": "i32", "head_dim": "i32"}
         sig.update({f"stride_{s}": "i64" for s in ("xt", "xh", "xd", "ot", "oi", "oj")})
-        register_aot("entropy", _token_gram_kernel, sig, [_token_config(h) for h in (2, 32, 64)])
+        register_aot("entropy", _token_gram_kernel, sig, [_token_config(h) for h in (2, 32, 64)], strides=modes,
+                     unit=("stride_xd", "stride_oj"), variant=dtype)
 
 
 _register()

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from tokprune.kernels.triton._launch import launch
-from tokprune.kernels.triton.aot import LaunchConfig, register_aot
+from tokprune.kernels.triton.aot import LaunchConfig, register_aot, type_variants
 
 
 @triton.jit
@@ -187,12 +187,11 @@ _DEFAULT_SMS = 132  # plan for an H100 when the device cannot be asked (CPU tens
 
 
 def _split_config(head_dim: int, block_g: int = 1) -> LaunchConfig:
-    """Block sizes of the split kernel; the ``[G, K, D]`` products stay near 32 fp32 values a thread."""
+    """Block sizes of the split kernel: the ``[G, K, D]`` products hold at most 4096 fp32 values
+    (32 a thread with 4 warps; larger tiles spilled in the AOT check)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    num_warps = 4 if block_g == 1 else 8
-    block_k = max(8, min(32, 32 * 32 * num_warps // (block_g * block_d)))
-    return LaunchConfig({"BLOCK_G": block_g, "BLOCK_K": block_k, "BLOCK_D": block_d}, num_warps=num_warps,
-                        num_stages=1)
+    block_k = max(4, min(32, 4096 // (block_g * block_d)))
+    return LaunchConfig({"BLOCK_G": block_g, "BLOCK_K": block_k, "BLOCK_D": block_d}, num_warps=4, num_stages=1)
 
 
 def _combine_config(head_dim: int) -> LaunchConfig:
@@ -264,24 +263,24 @@ _HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 def _register() -> None:
+    fc_configs = list({c.label(): c for c in (_fc_config(n) for n in (2, 32, 64, 128, 256))}.values())
+    split_configs = [_split_config(d, g) for g in (1, _GROUP_BLOCK) for d in _HEAD_DIMS]
     strides = lambda *names: {f"stride_{n}": "i64" for n in names}  # noqa: E731
-    for elem in ("fp32", "bf16"):
+    for elem, _, modes in type_variants(with_index=False, wide=("bf16",)):
         sig = {"q_ptr": f"*{elem}", "k_ptr": f"*{elem}", "qdims_ptr": "*i32", "kdims_ptr": "*i32",
                "out_ptr": "*fp32", "n_tokens": "i32", "n_dims": "i32", "group": "i32"}
         sig.update(strides("qb", "qh", "qd", "kb", "kh", "kt", "kd", "ob", "oh", "ot"))
-        fc_configs = {}
-        for n_dims in (2, 32, 64, 128, 256):
-            cfg = _fc_config(n_dims)
-            fc_configs[cfg.label()] = cfg
-        register_aot("fasa", _fc_scores_kernel, sig, list(fc_configs.values()))
-        sig = {"q_ptr": f"*{elem}", "k_ptr": f"*{elem}", "v_ptr": f"*{elem}", "idx_ptr": "*i64",
+        register_aot("fasa", _fc_scores_kernel, sig, fc_configs, strides=modes,
+                     unit=("stride_qd", "stride_kd", "stride_ot"), variant=elem)
+    for elem, index, modes in type_variants(with_index=True, wide=("bf16",)):
+        sig = {"q_ptr": f"*{elem}", "k_ptr": f"*{elem}", "v_ptr": f"*{elem}", "idx_ptr": f"*{index}",
                "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32"}
         sig.update({n: "i32" for n in ("n_idx_heads", "n_keep", "head_dim", "heads_per_row", "group",
                                        "split_size", "n_splits")})
         sig["scale"] = "fp32"
         sig.update(strides("qb", "qh", "qd", "kb", "kh", "kt", "kd", "vb", "vh", "vt", "vd", "ib", "ih", "ik"))
-        register_aot("fasa", _sparse_decode_split_kernel, sig,
-                     [_split_config(d, g) for g in (1, _GROUP_BLOCK) for d in _HEAD_DIMS])
+        register_aot("fasa", _sparse_decode_split_kernel, sig, split_configs, strides=modes,
+                     unit=("stride_qd", "stride_kd", "stride_vd", "stride_ik"), variant=f"{elem},idx {index}")
     sig = {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "out_ptr": "*fp32",
            "n_splits": "i32", "head_dim": "i32"}
     register_aot("fasa", _sparse_decode_combine_kernel, sig, [_combine_config(d) for d in _HEAD_DIMS])

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from tokprune.kernels.triton._launch import launch, token_grid
-from tokprune.kernels.triton.aot import LaunchConfig, register_aot
+from tokprune.kernels.triton.aot import LaunchConfig, register_aot, type_variants
 
 
 @triton.jit
@@ -66,13 +66,13 @@ def gather_tokens_triton(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _register() -> None:
-    sig = {"x_ptr": "*fp32", "index_ptr": "*i64", "out_ptr": "*fp32"}
-    sig.update({name: "i32" for name in ("n_keep", "head_dim", "group")})
-    sig.update({f"stride_{s}": "i64" for s in ("xb", "xh", "xn", "xd", "ib", "ih", "ik", "ob", "oh", "ok", "od")})
-    configs = []
-    for n_keep in (1, 1024):
-        configs.append(_launch_config(n_keep))
-    register_aot("common", _gather_tokens_kernel, sig, configs)
+    configs = [_launch_config(n_keep) for n_keep in (1, 1024)]
+    for elem, index, modes in type_variants(with_index=True):
+        sig = {"x_ptr": f"*{elem}", "index_ptr": f"*{index}", "out_ptr": f"*{elem}"}
+        sig.update({name: "i32" for name in ("n_keep", "head_dim", "group")})
+        sig.update({f"stride_{s}": "i64" for s in ("xb", "xh", "xn", "xd", "ib", "ih", "ik", "ob", "oh", "ok", "od")})
+        register_aot("common", _gather_tokens_kernel, sig, configs, strides=modes,
+                     unit=("stride_xd", "stride_ik", "stride_od"), variant=f"{elem},idx {index}")
 
 
 _register()

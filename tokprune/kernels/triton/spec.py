@@ -20,7 +20,7 @@ import triton.language as tl
 
 from tokprune._codes import RULE_IDS
 from tokprune.kernels.triton._launch import launch
-from tokprune.kernels.triton.aot import LaunchConfig, register_aot
+from tokprune.kernels.triton.aot import LaunchConfig, register_aot, type_variants
 
 _BLOCK_V = 1024
 _NUM_WARPS = 4
@@ -68,7 +68,7 @@ def _verify_greedy_kernel(
     length = 0
     searching = 1
     while searching == 1:
-        t = _row_argmax(logits_ptr + b * stride_lb + cur * stride_ln, vocab, BLOCK_V)
+        t = _row_argmax(logits_ptr + b * stride_lb + cur.to(tl.int64) * stride_ln, vocab, BLOCK_V)
         c = tl.load(fc_row + cur)
         found = -1
         while (c >= 0) & (found < 0):
@@ -160,9 +160,10 @@ def _verify_stochastic_kernel(
     length = 0
     searching = 1
     while searching == 1:
-        _load_rows(target_ptr + b * stride_pb + cur * stride_pn, p_row, vocab, BLOCK_V)
+        row_off = b * stride_pb + cur.to(tl.int64) * stride_pn
+        _load_rows(target_ptr + row_off, p_row, vocab, BLOCK_V)
         if RULE != 2:
-            _load_rows(draft_ptr + b * stride_pb + cur * stride_pn, q_row, vocab, BLOCK_V)
+            _load_rows(draft_ptr + row_off, q_row, vocab, BLOCK_V)
         tl.debug_barrier()
         c = tl.load(fc_row + cur)
         accepted = -1
@@ -313,24 +314,26 @@ def _register() -> None:
                   "logits_ptr": "*fp32", "accept_index_ptr": "*i64", "accept_len_ptr": "*i64",
                   "next_token_ptr": "*i64", "n_nodes": "i32", "vocab": "i32", "width": "i32",
                   "stride_tb": "i64", "stride_lb": "i64", "stride_ln": "i64", "stride_ab": "i64"}
-    for dtype in ("fp32", "bf16", "fp16"):  # logits are read in the model's dtype
+    for dtype, _, modes in type_variants(with_index=False, wide=("bf16",)):  # logits in the model's dtype
         register_aot("spec", _verify_greedy_kernel, {**greedy_sig, "logits_ptr": f"*{dtype}"},
-                     [LaunchConfig({"BLOCK_V": _BLOCK_V}, num_warps=_NUM_WARPS, num_stages=1)])
+                     [LaunchConfig({"BLOCK_V": _BLOCK_V}, num_warps=_NUM_WARPS, num_stages=1)],
+                     strides=modes, variant=dtype)
     stoch_sig = {"tokens_ptr": "*i64", "first_child_ptr": "*i32", "next_sibling_ptr": "*i32",
                  "target_ptr": "*fp32", "draft_ptr": "*fp32", "uniforms_ptr": "*fp32",
                  "p_ptr": "*fp32", "q_ptr": "*fp32",
                  "accept_index_ptr": "*i64", "accept_len_ptr": "*i64", "next_token_ptr": "*i64",
                  "n_nodes": "i32", "vocab": "i32", "width": "i32",
                  "stride_tb": "i64", "stride_pb": "i64", "stride_pn": "i64", "stride_ub": "i64", "stride_ab": "i64"}
-    register_aot("spec", _verify_stochastic_kernel, stoch_sig,
+    register_aot("spec", _verify_stochastic_kernel, stoch_sig,  # probabilities are cast to fp32 first
                  [LaunchConfig({"RULE": r, "BLOCK_V": _BLOCK_V}, num_warps=_NUM_WARPS, num_stages=1)
-                  for r in sorted(RULE_IDS.values())])
+                  for r in sorted(RULE_IDS.values())], strides=("i32", "i64"), variant="fp32")
     compact_sig = {"cache_ptr": "*fp32", "prefix_ptr": "*i64", "accept_ptr": "*i64",
                    "n_heads": "i32", "width": "i32", "head_dim": "i32",
                    "stride_cb": "i64", "stride_ch": "i64", "stride_ct": "i64", "stride_cd": "i64", "stride_ab": "i64"}
-    for dtype in ("fp32", "bf16", "fp16"):
+    for dtype, _, modes in type_variants(with_index=False, wide=("bf16",)):
         register_aot("spec", _compact_kv_kernel, {**compact_sig, "cache_ptr": f"*{dtype}"},
-                     [LaunchConfig({"BLOCK_D": bd}, num_warps=2, num_stages=1) for bd in (64, 128)])
+                     [LaunchConfig({"BLOCK_D": bd}, num_warps=2, num_stages=1) for bd in (64, 128)],
+                     strides=modes, unit=("stride_cd",), variant=dtype)
 
 
 _register()

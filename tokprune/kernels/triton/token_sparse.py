@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from tokprune.kernels.triton._launch import launch, token_grid
-from tokprune.kernels.triton.aot import LaunchConfig, register_aot
+from tokprune.kernels.triton.aot import LaunchConfig, register_aot, type_variants
 
 
 @triton.jit
@@ -130,22 +130,26 @@ def decompress_triton(src: torch.Tensor, indices: torch.Tensor, out: torch.Tenso
 
 def _register() -> None:
     configs = [_launch_config(n) for n in (1, 1024)]  # every block size the launcher can pick
-    sig = {name: "*fp32" for name in ("q_ptr", "k_ptr", "v_ptr")}
-    sig["idx_ptr"] = "*i64"
-    sig.update({name: "*fp32" for name in ("qc_ptr", "kc_ptr", "vc_ptr")})
-    sig.update({name: "i32" for name in ("n_keep", "head_dim", "group")})
-    for t in ("q", "k", "v"):
-        sig.update({f"stride_{t}{s}": "i64" for s in "bhnd"})
-    sig.update({f"stride_i{s}": "i64" for s in "bhk"})
-    sig.update({f"stride_c{s}": "i64" for s in "bhkd"})
-    register_aot("token_sparse", _compress_qkv_kernel, sig, configs)
+    for elem, index, modes in type_variants(with_index=True):
+        sig = {name: f"*{elem}" for name in ("q_ptr", "k_ptr", "v_ptr")}
+        sig["idx_ptr"] = f"*{index}"
+        sig.update({name: f"*{elem}" for name in ("qc_ptr", "kc_ptr", "vc_ptr")})
+        sig.update({name: "i32" for name in ("n_keep", "head_dim", "group")})
+        for t in ("q", "k", "v"):
+            sig.update({f"stride_{t}{s}": "i64" for s in "bhnd"})
+        sig.update({f"stride_i{s}": "i64" for s in "bhk"})
+        sig.update({f"stride_c{s}": "i64" for s in "bhkd"})
+        register_aot("token_sparse", _compress_qkv_kernel, sig, configs, strides=modes,
+                     unit=("stride_qd", "stride_kd", "stride_vd", "stride_ik", "stride_cd"),
+                     variant=f"{elem},idx {index}")
 
-    sig = {"src_ptr": "*fp32", "idx_ptr": "*i64", "out_ptr": "*fp32"}
-    sig.update({name: "i32" for name in ("n_keep", "head_dim")})
-    sig.update({f"stride_s{s}": "i64" for s in "bhkd"})
-    sig.update({f"stride_i{s}": "i64" for s in "bhk"})
-    sig.update({f"stride_o{s}": "i64" for s in "bhnd"})
-    register_aot("token_sparse", _decompress_kernel, sig, configs)
+        sig = {"src_ptr": f"*{elem}", "idx_ptr": f"*{index}", "out_ptr": f"*{elem}"}
+        sig.update({name: "i32" for name in ("n_keep", "head_dim")})
+        sig.update({f"stride_s{s}": "i64" for s in "bhkd"})
+        sig.update({f"stride_i{s}": "i64" for s in "bhk"})
+        sig.update({f"stride_o{s}": "i64" for s in "bhnd"})
+        register_aot("token_sparse", _decompress_kernel, sig, configs, strides=modes,
+                     unit=("stride_sd", "stride_ik", "stride_od"), variant=f"{elem},idx {index}")
 
 
 _register()
