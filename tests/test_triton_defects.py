@@ -281,3 +281,38 @@ def test_sparse_decode_gqa_groups(heads, kv_heads, per, dtype):
     got = sparse_decode_attention(q, k, v, idx, 48 ** -0.5, backend="triton")
     want = sparse_decode_attention(q, k, v, idx, 48 ** -0.5, backend="torch")
     assert_close(got, want, name=f"sparse decode H={heads} Hkv={kv_heads} per {per}")
+
+
+def test_debug_mode_synchronises_cuda_launches(monkeypatch):
+    """In debug mode a CUDA fault surfaces at the Triton launch that caused it, naming the kernel."""
+    import contextlib
+
+    from tokprune import _debug
+    from tokprune.kernels.triton import _launch
+
+    class FakeKernel:
+        __name__ = "_fake_kernel"
+        launched = []
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self.launched.append(grid)
+
+    synced = []
+
+    def fault(device):
+        synced.append(device)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(_launch, "device_guard", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", fault)
+    monkeypatch.delenv("TOKPRUNE_CUDA_SYNC", raising=False)
+    previous = _debug.set_debug(True)
+    try:
+        with pytest.raises(RuntimeError, match="_fake_kernel failed on cuda:1"):
+            _launch.launch(FakeKernel(), (3,), torch.device("cuda", 1))
+        _debug.set_debug(False)
+        _launch.launch(FakeKernel(), (3,), torch.device("cuda", 1))  # off: no synchronisation
+        _launch.launch(FakeKernel(), (3,), torch.device("cpu"))
+    finally:
+        _debug.set_debug(previous)
+    assert synced == [torch.device("cuda", 1)] and FakeKernel.launched == [(3,), (3,), (3,)]

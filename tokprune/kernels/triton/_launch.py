@@ -7,11 +7,15 @@
   the dimension that grows with the sequence (token blocks) on axis 0 and the bounded ones (heads,
   batch, splits) on axes 1 / 2; :func:`check_grid` turns anything larger into a clear error instead
   of a failed launch.
+* Kernel faults are asynchronous: in debug mode (``TOKPRUNE_DEBUG=1``) or with
+  ``TOKPRUNE_CUDA_SYNC=1`` every launch synchronises its device, so a fault is raised by the op that
+  caused it (the same switch as the CUDA extension's launches, :func:`tokprune.kernels.cuda.sync_launches`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Sequence, Tuple
 
 import torch
@@ -49,9 +53,23 @@ def device_guard(device: torch.device):
     return contextlib.nullcontext()
 
 
+def sync_launches() -> bool:
+    """Whether launches synchronise (debug mode or ``TOKPRUNE_CUDA_SYNC=1``)."""
+    from tokprune._debug import debug_checks
+
+    return debug_checks() or os.environ.get("TOKPRUNE_CUDA_SYNC", "0") not in ("", "0")
+
+
 def launch(kernel, grid: Sequence[int], device: torch.device, *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)`` on ``device`` after :func:`check_grid`."""
+    """``kernel[grid](*args, **kwargs)`` on ``device`` after :func:`check_grid`; synchronised when
+    :func:`sync_launches` (a kernel fault then surfaces here, naming the kernel)."""
     fn = getattr(kernel, "fn", kernel)
-    grid = check_grid(grid, getattr(fn, "__name__", "triton kernel"))
+    name = getattr(fn, "__name__", "triton kernel")
+    grid = check_grid(grid, name)
     with device_guard(device):
         kernel[grid](*args, **kwargs)
+        if device.type == "cuda" and sync_launches():
+            try:
+                torch.cuda.synchronize(device)
+            except RuntimeError as exc:
+                raise RuntimeError(f"Triton kernel {name} failed on {device} (grid {grid}): {exc}") from exc
