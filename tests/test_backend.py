@@ -80,11 +80,15 @@ def test_environment_preference_used_when_it_can_run(monkeypatch):
 def test_gather_tokens_runs_under_a_cuda_preference(monkeypatch):
     from tokprune.ops import gather_tokens
 
+    import tokprune._backend as backend
+
     monkeypatch.setenv("TOKPRUNE_BACKEND", "cuda")
+    monkeypatch.setattr(backend, "_FALLBACKS_SEEN", set())
     x = torch.randn(2, 1, 5, 3)
     idx = torch.tensor([[[4, 0]], [[1, 1]]])
     expected = torch.stack([x[b, 0, idx[b, 0]] for b in range(2)]).unsqueeze(1)
-    assert torch.equal(gather_tokens(x, idx), expected)
+    with pytest.warns(backend.BackendFallbackWarning, match="gather_tokens: TOKPRUNE_BACKEND='cuda' not used"):
+        assert torch.equal(gather_tokens(x, idx), expected)
 
 
 # ------------------------------------------------- auto on CUDA, validated archs, image and driver facts

@@ -195,8 +195,8 @@ def unavailable_reason(backend: str, device: torch.device, op: Optional[str] = N
         if device.type == "cpu":
             if TRITON_INTERPRET_AT_IMPORT:
                 return None
-            return ("Triton needs a GPU driver for CPU tensors unless TRITON_INTERPRET=1 is set before "
-                    "tokprune is imported (0 active drivers otherwise)")
+            return ("Triton runs CPU tensors only under its interpreter: TRITON_INTERPRET=1 set before tokprune is "
+                    "imported (otherwise a launch fails: '0 active drivers' without a GPU, a pointer error with one)")
         return f"triton cannot run on device type {device.type!r}"
     # cuda = compiled extension tokprune._C
     ext = _extension()
