@@ -154,6 +154,8 @@ def test_module_reports_its_build_and_needs_no_cuda_driver():
     report = _ext.build_report()
     if report:
         assert info["cuda"] == report["cuda"] and info["archs"] == report["archs"]
+        if report["cuda"]:  # the runtime linked statically, what the driver must support (issue 12 defect 4)
+            assert report["cuda_runtime"] == tb.nvcc_version(report["nvcc"]) and _ext.cuda_runtime_version()
     assert bool(info["parts"]["cuda"]) == info["cuda"]
     if shutil.which("ldd"):
         # cudart is linked statically: importing needs neither libcudart.so nor libcuda (no GPU here)

@@ -200,3 +200,17 @@ def test_large_offset_program_on_cpu():
         pytest.skip(f"cannot reserve the large buffer here: {exc}")
     assert rows and [r for r in rows if r["status"] == "failed"] == []
     assert {r["op"] for r in rows} == {"gather_tokens@2^31", "sparse_decode_attention@2^31", "fc_scores@2^31"}
+
+
+def test_recompile_audit_finds_every_compiled_triton_kernel():
+    """Outside the interpreter every @triton.jit kernel of tokprune holds a compile cache the audit can count
+    (all empty here: nothing was launched)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import json; from tokprune.tools.gpu_check import triton_cache_sizes; "
+            "print(json.dumps(triton_cache_sizes()))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TRITON_INTERPRET="0"))
+    sizes = json.loads(proc.stdout.strip().splitlines()[-1])
+    for kernel in ("fasa._fc_scores_kernel", "fasa._sparse_decode_split_kernel", "gather._gather_tokens_kernel",
+                   "spec._verify_stochastic_kernel", "entropy._masked_gram_kernel"):
+        assert sizes.get(kernel) == 0, (kernel, sizes)

@@ -204,13 +204,19 @@ def _run(cmd: List[str], limit: float, env: Optional[dict] = None, log: Optional
     return code, out[-4000:], time.time() - start
 
 
+#: correctness steps run with tokprune's debug mode: data checks on, and every tokprune._C launch synchronised
+#: so that a kernel fault is reported by the op that caused it.
+DEBUG_ENV = {"TOKPRUNE_DEBUG": "1", "TOKPRUNE_CUDA_SYNC": "1"}
+
+
 def _python_step(name: str, out_dir: str, limit: float, extra: Sequence[str] = ()) -> StepResult:
     """Run ``--run-step name`` of this module in a fresh process (isolation and a time limit)."""
     result_file = os.path.join(out_dir, f"step_{name}.json")
     if os.path.exists(result_file):
         os.remove(result_file)
+    env = DEBUG_ENV if name in ("smoke", "large") else {}
     code, tail, seconds = _run([sys.executable, "-m", "tokprune.tools.gpu_check", "--run-step", name,
-                                "--out", out_dir, *extra], limit, log=os.path.join(out_dir, f"step_{name}.log"))
+                                "--out", out_dir, *extra], limit, env, log=os.path.join(out_dir, f"step_{name}.log"))
     if os.path.exists(result_file):
         with open(result_file) as f:
             res = StepResult(**json.load(f))
@@ -259,7 +265,7 @@ def step_sanitizer(g: Gate, facts: dict, out_dir: str, limit: float) -> StepResu
     for check in SANITIZER_TOOLS:
         cmd = [tool, "--tool", check, "--error-exitcode", "3", "--print-limit", "20",
                sys.executable, "-m", "tokprune.tools.gpu_smoke", "--device", "cuda"]
-        env = {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"} if check == "memcheck" else {}
+        env = dict(DEBUG_ENV, **({"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"} if check == "memcheck" else {}))
         code, tail, seconds = _run(cmd, limit / len(SANITIZER_TOOLS), env,
                                    log=os.path.join(out_dir, f"sanitizer_{check}.log"))
         errors = re.search(r"ERROR SUMMARY: (\d+) error", tail)
@@ -361,10 +367,17 @@ def triton_cache_sizes() -> Dict[str, int]:
         except ImportError:
             continue
         for name, obj in vars(mod).items():
+            for _ in range(4):  # autotuner / heuristics wrappers hold the JITFunction in .fn
+                if hasattr(obj, "device_caches") or not hasattr(obj, "fn"):
+                    break
+                obj = obj.fn
             caches = getattr(obj, "device_caches", None)
             if caches is None:
                 continue
-            sizes[f"{mod_name}.{name}"] = sum(len(entry[0]) for entry in caches.values())
+            try:  # (kernel_cache, ...) per device in the Triton versions this was written against
+                sizes[f"{mod_name}.{name}"] = sum(len(entry[0]) for entry in caches.values())
+            except (TypeError, IndexError, KeyError):
+                sizes[f"{mod_name}.{name}"] = -1  # layout unknown to this check: reported, not compared
     return sizes
 
 
