@@ -34,7 +34,8 @@ def _child(spec: dict) -> None:
 
     llm = LLM(spec["model"], dtype="bfloat16", enforce_eager=True, max_model_len=spec.get("max_model_len", 2560),
               max_num_seqs=spec.get("max_num_seqs", 8), seed=0, enable_prefix_caching=False,
-              kv_cache_memory_bytes=spec.get("kv_bytes", 512 << 20), additional_config=spec.get("additional_config"))
+              kv_cache_memory_bytes=spec.get("kv_bytes", 512 << 20),
+              additional_config=spec.get("additional_config") or {})
     classes = llm.collective_rpc(backend_classes)[0]
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=spec.get("ignore_eos", False))
     inputs = [{"prompt_token_ids": ids} for ids in spec["prompts"]]

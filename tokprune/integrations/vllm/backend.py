@@ -55,7 +55,6 @@ from tokprune.ops.paged import (
 )
 
 logger = init_logger(__name__)
-BACKEND = "torch"  # tokprune backend of the paged ops on CPU tensors
 
 
 @dataclass
@@ -77,6 +76,41 @@ class SparsePlan:
     block_table: torch.Tensor
     max_len: int
     stream_slots: Optional[torch.Tensor] = None
+
+
+def plan_sparse_rows(common, settings: VllmSettings, block_size: int) -> Optional[SparsePlan]:
+    """The step's :class:`SparsePlan` from vLLM's ``CommonAttentionMetadata``; ``None`` when no request decodes
+    past the budget. Reads ``query_start_loc_cpu`` and ``seq_lens`` on the host (once per step, not per
+    layer); the plan's tensors live on the block table's device."""
+    n = common.num_reqs
+    device = common.block_table_tensor.device
+    loc = common.query_start_loc_cpu[: n + 1].long()
+    seq_lens = common.seq_lens[:n].to("cpu", torch.long)
+    sparse = ((loc[1:] - loc[:-1]) == 1) & (seq_lens > settings.budget)
+    if not bool(sparse.any()):
+        return None
+    rows = sparse.nonzero().squeeze(1)
+    lens = seq_lens.index_select(0, rows)
+    max_len = int(lens.max())
+    n_blocks = -(-max_len // block_size)
+    table = common.block_table_tensor.index_select(0, rows.to(device))[:, :n_blocks].long()
+    lens = lens.to(device)
+    plan = SparsePlan(rows.to(device), loc.index_select(0, rows).to(device), lens, table, max_len)
+    if settings.method == "streaming":
+        budget, sink = settings.budget, settings.sink
+        j = torch.arange(budget, device=device)
+        token = torch.where(j < sink, j, lens[:, None] - budget + j)  # (Rs, budget): sinks, then the newest
+        blk = torch.gather(table, 1, token // block_size)
+        plan.stream_slots = (blk * block_size + token % block_size)[:, None, :]
+    return plan
+
+
+def dense_rows_only(common, plan: SparsePlan):
+    """A copy of vLLM's ``CommonAttentionMetadata`` in which each sparse request has a context of one token:
+    the dense kernel then does O(1) work for it (its output row is overwritten by the sparse path)."""
+    dense_lens = common.seq_lens.clone()
+    dense_lens[plan.rows.to(dense_lens.device)] = 1
+    return dataclasses.replace(common, seq_lens=dense_lens, max_seq_len=int(dense_lens.max()))
 
 
 @dataclass
@@ -135,37 +169,13 @@ class TokpruneCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             check_model(self.settings, vllm_config.model_config.hf_config, dtype=self.dtype,
                         block_size=self.block_size)
             check_cpu_layout(self.isa, self.dtype, self.head_dim, self.block_size)
-
-    def _plan(self, common) -> Optional[SparsePlan]:
-        settings = self.settings
-        n = common.num_reqs
-        loc = common.query_start_loc_cpu[: n + 1].long()
-        seq_lens = common.seq_lens[:n].to("cpu", torch.long)
-        sparse = ((loc[1:] - loc[:-1]) == 1) & (seq_lens > settings.budget)
-        if not bool(sparse.any()):
-            return None
-        rows = sparse.nonzero().squeeze(1)
-        lens = seq_lens.index_select(0, rows)
-        max_len = int(lens.max())
-        n_blocks = -(-max_len // self.block_size)
-        table = common.block_table_tensor.index_select(0, rows.to(common.block_table_tensor.device))
-        table = table[:, :n_blocks].to("cpu", torch.long)
-        plan = SparsePlan(rows, loc.index_select(0, rows), lens, table, max_len)
-        if settings.method == "streaming":
-            budget, sink = settings.budget, settings.sink
-            j = torch.arange(budget)
-            token = torch.where(j < sink, j, lens[:, None] - budget + j)  # (Rs, budget): sinks, then the newest
-            blk = torch.gather(table, 1, token // self.block_size)
-            plan.stream_slots = (blk * self.block_size + token % self.block_size)[:, None, :]
-        return plan
+            logger.info("tokprune: %s budget=%d serves %d attention layers (ISA %s, block size %d)",
+                        self.settings.method, self.settings.budget, len(layer_names), self.isa, self.block_size)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
-        plan = self._plan(common_attn_metadata) if self.active else None
+        plan = plan_sparse_rows(common_attn_metadata, self.settings, self.block_size) if self.active else None
         if plan is not None:
-            dense_lens = common_attn_metadata.seq_lens.clone()
-            dense_lens[plan.rows.to(dense_lens.device)] = 1  # the dense kernel reads one token for sparse rows
-            common_attn_metadata = dataclasses.replace(common_attn_metadata, seq_lens=dense_lens,
-                                                       max_seq_len=int(dense_lens.max()))
+            common_attn_metadata = dense_rows_only(common_attn_metadata, plan)
         meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
         fields = {f.name: getattr(meta, f.name) for f in dataclasses.fields(CPUAttentionMetadata)}
         return TokpruneCPUMetadata(**fields, sparse=plan)
@@ -183,19 +193,20 @@ def _layer_index(layer_name: str) -> int:
     return digits[-1] if len(digits) == 1 else digits[0]
 
 
-class TokpruneCPUAttentionImpl(CPUAttentionBackendImpl):
-    """vLLM's CPU attention impl plus the side-cache writes and the sparse decode rows of tokprune."""
+class SparseDecodeMixin:
+    """The method's side caches and sparse decode rows, shared by tokprune's CPU and CUDA impls.
 
-    def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
-                 logits_soft_cap=None, attn_type=AttentionType.DECODER, kv_sharing_target_layer_name=None,
-                 sinks=None):
-        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
-                         logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
+    A subclass mixes this before vLLM's impl class, calls :meth:`_init_sparse` after vLLM's ``__init__`` and
+    defines ``_kv_views(kv_cache) -> (k, v)`` (``(num_blocks, Hkv, block_size, D)`` views) and
+    ``_ops_backend`` (the tokprune backend of the paged ops).
+    """
+
+    _ops_backend: Optional[str] = None
+
+    def _init_sparse(self, supported: bool) -> None:
         vllm_config = get_current_vllm_config_or_none()
         self.settings = _settings_from_config(vllm_config)
-        self.active = (self.settings is not None and attn_type == AttentionType.DECODER
-                       and self.sliding_window == -1 and self.alibi_slopes is None and not self.logits_soft_cap
-                       and self.sinks is None and not self.is_fp8_kv_cache)
+        self.active = self.settings is not None and supported
         self._geometry = None
         if self.active and self.settings.method == "fasa":
             self._geometry = model_geometry(vllm_config.model_config.hf_config)
@@ -203,9 +214,11 @@ class TokpruneCPUAttentionImpl(CPUAttentionBackendImpl):
         self._side: Optional[torch.Tensor] = None  # FASA: packed FC keys; Quest: per-page (min, max)
         self._side_blocks = 0
 
+    def _kv_views(self, kv_cache: torch.Tensor):
+        raise NotImplementedError
+
     # -- side caches -----------------------------------------------------------------------------------
-    def _side_cache(self, layer, kv_cache: torch.Tensor) -> torch.Tensor:
-        num_blocks, kv_heads, block_size, _ = kv_cache.shape
+    def _side_cache(self, layer, num_blocks: int, kv_heads: int, block_size: int, like: torch.Tensor) -> torch.Tensor:
         if self._side is not None and self._side_blocks == num_blocks:
             return self._side
         self._side_blocks = num_blocks
@@ -213,12 +226,12 @@ class TokpruneCPUAttentionImpl(CPUAttentionBackendImpl):
         if s.method == "fasa":
             geo = self._geometry
             table = _fc_table(s, geo["layers"], geo["kv_heads"], geo["head_dim"])
-            self._fc_index = table[_layer_index(layer.layer_name)].clone()
+            self._fc_index = table[_layer_index(layer.layer_name)].to(like.device)
             self._side = torch.zeros(num_blocks, kv_heads, block_size, 2 * s.chunk * self._fc_index.shape[1],
-                                     dtype=kv_cache.dtype, device=kv_cache.device)
+                                     dtype=like.dtype, device=like.device)
         else:  # quest: (pages, kv_heads, 2, head_dim) min and max of the keys of each page of page_size tokens
             pages = num_blocks * block_size // s.page_size
-            self._side = torch.zeros(pages, kv_heads, 2, self.head_size, dtype=kv_cache.dtype, device=kv_cache.device)
+            self._side = torch.zeros(pages, kv_heads, 2, self.head_size, dtype=like.dtype, device=like.device)
         return self._side
 
     def _write_quest_bounds(self, side, key, slot_mapping):
@@ -228,22 +241,23 @@ class TokpruneCPUAttentionImpl(CPUAttentionBackendImpl):
         k = key.index_select(0, keep).to(side.dtype)  # (T', Hkv, D)
         page = slots // ps
         first = (slots % ps) == 0  # a page's first token resets its bounds (blocks are reused)
-        if bool(first.any()):
-            side[page[first], :, 0] = k[first]
-            side[page[first], :, 1] = k[first]
+        side[page[first], :, 0] = k[first]
+        side[page[first], :, 1] = k[first]
         index = page[:, None, None].expand_as(k)
         side[:, :, 0].scatter_reduce_(0, index, k, "amin")
         side[:, :, 1].scatter_reduce_(0, index, k, "amax")
 
-    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        """vLLM's own K/V write, then the method's side cache for the same tokens (FASA, Quest)."""
-        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+    def _write_side(self, layer, key, kv_cache, slot_mapping) -> None:
+        """The method's side cache for the tokens vLLM just wrote (FASA: packed FC keys, Quest: page bounds)."""
         if not self.active or self.settings.method == "streaming" or slot_mapping is None:
             return
-        side = self._side_cache(layer, kv_cache)
+        k_view, _ = self._kv_views(kv_cache)
+        num_blocks, kv_heads, block_size, _ = k_view.shape
+        side = self._side_cache(layer, num_blocks, kv_heads, block_size, k_view)
         n = slot_mapping.shape[0]
         if self.settings.method == "fasa":
-            write_paged_fc_keys(side, key[:n], slot_mapping, self._fc_index, self.settings.chunk, backend=BACKEND)
+            write_paged_fc_keys(side, key[:n], slot_mapping, self._fc_index, self.settings.chunk,
+                                backend=self._ops_backend)
         else:
             self._write_quest_bounds(side, key[:n], slot_mapping)
 
@@ -256,7 +270,7 @@ class TokpruneCPUAttentionImpl(CPUAttentionBackendImpl):
         per_block = block_size // ps
         rows, heads, head_dim = q.shape
         n_pages = -(-plan.max_len // ps)
-        j = torch.arange(n_pages)
+        j = torch.arange(n_pages, device=q.device)
         phys = plan.block_table[:, j // per_block] * per_block + j % per_block  # (Rs, P) physical page ids
         bounds = self._side[phys]  # (Rs, P, Hkv, 2, D)
         group = heads // self.num_kv_heads
@@ -268,7 +282,7 @@ class TokpruneCPUAttentionImpl(CPUAttentionBackendImpl):
         valid = j[None, :] < page_lens[:, None]
         pages = select_sparse_indices(bound.masked_fill(~valid[:, None, :], 0.0), max(1, s.budget // ps),
                                       sink=0, window=1, valid=valid)  # (Rs, Hq, kp), -1 padded
-        token = pages[..., None] * ps + torch.arange(ps)  # (Rs, Hq, kp, ps)
+        token = pages[..., None] * ps + torch.arange(ps, device=q.device)  # (Rs, Hq, kp, ps)
         ok = (pages[..., None] >= 0) & (token < plan.seq_lens[:, None, None, None])
         token = token.clamp_min(0)
         blk = torch.gather(plan.block_table, 1, (token // block_size).reshape(rows, -1)).view_as(token)
@@ -282,13 +296,49 @@ class TokpruneCPUAttentionImpl(CPUAttentionBackendImpl):
         if s.method == "quest":
             return self._quest_slots(q, plan, block_size)
         scores = paged_fc_scores(q, self._side, plan.block_table, plan.seq_lens, self._fc_index, s.chunk,
-                                 max_len=plan.max_len, backend=BACKEND)  # (Rs, Hq, L) partial logits
+                                 max_len=plan.max_len, backend=self._ops_backend)  # (Rs, Hq, L) partial logits
         rows, heads, length = scores.shape
         # FASA's group vote: the sum over the group's query heads of each head's softmax.
         weights = torch.softmax(scores * self.head_size ** -0.5, dim=-1)
         weights = weights.view(rows, self.num_kv_heads, heads // self.num_kv_heads, length).sum(2)
         return paged_select(weights, s.budget, s.sink, s.window, plan.seq_lens, plan.block_table, block_size,
-                            backend=BACKEND)
+                            backend=self._ops_backend)
+
+    def _sparse_rows(self, query, kv_cache, attn_metadata, output) -> None:
+        """Overwrite the output of the step's sparse rows (``output (T, Hq, D)``) with the method's attention."""
+        plan = getattr(attn_metadata, "sparse", None)
+        if plan is None or not self.active:
+            return
+        if self._side is None and self.settings.method != "streaming":
+            raise RuntimeError("tokprune: the side cache was never written (do_kv_cache_update not called)")
+        q = query.index_select(0, plan.tokens)  # (Rs, Hq, D)
+        k_view, v_view = self._kv_views(kv_cache)
+        slots = self._sparse_slots(q, plan, k_view.shape[2])
+        out = paged_sparse_decode_attention(q, k_view, v_view, slots, self.scale, backend=self._ops_backend)
+        output.view(-1, self.num_heads, self.head_size)[plan.tokens] = out.to(output.dtype)
+
+
+class TokpruneCPUAttentionImpl(SparseDecodeMixin, CPUAttentionBackendImpl):
+    """vLLM's CPU attention impl plus the side-cache writes and the sparse decode rows of tokprune."""
+
+    _ops_backend = "torch"
+
+    def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+                 logits_soft_cap=None, attn_type=AttentionType.DECODER, kv_sharing_target_layer_name=None,
+                 sinks=None):
+        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+                         logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
+        self._init_sparse(attn_type == AttentionType.DECODER and self.sliding_window == -1
+                          and self.alibi_slopes is None and not self.logits_soft_cap and self.sinks is None
+                          and not self.is_fp8_kv_cache)
+
+    def _kv_views(self, kv_cache):
+        return vllm_cpu_kv_views(kv_cache, self.head_size)
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        """vLLM's own K/V write, then the method's side cache for the same tokens (FASA, Quest)."""
+        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        self._write_side(layer, key, kv_cache, slot_mapping)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
@@ -296,16 +346,7 @@ class TokpruneCPUAttentionImpl(CPUAttentionBackendImpl):
         output from the method. Shapes as in vLLM: ``query (T, Hq, D)``, ``output (T, Hq, D)``."""
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                  output_block_scale)
-        plan = getattr(attn_metadata, "sparse", None)
-        if plan is None or not self.active:
-            return output
-        if self._side is None and self.settings.method != "streaming":
-            raise RuntimeError("tokprune: the side cache was never written (do_kv_cache_update not called)")
-        q = query.index_select(0, plan.tokens)  # (Rs, Hq, D)
-        k_view, v_view = vllm_cpu_kv_views(kv_cache, self.head_size)
-        slots = self._sparse_slots(q, plan, kv_cache.shape[2])
-        out = paged_sparse_decode_attention(q, k_view, v_view, slots, self.scale, backend=BACKEND)
-        output.view(-1, self.num_heads, self.head_size)[plan.tokens] = out.to(output.dtype)
+        self._sparse_rows(query, kv_cache, attn_metadata, output)
         return output
 
 
