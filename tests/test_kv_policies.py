@@ -159,3 +159,40 @@ def test_fasa_checks_calibration_against_the_model_at_bind(tiny_llama):
     with pytest.raises(ValueError, match="calibration is for layers=5"):
         FASA(fcs=cal).patch(tiny_llama)
     assert tiny_llama.config._attn_implementation == "sdpa"  # nothing was patched
+
+
+def test_fasa_head_selection_takes_each_heads_top_partial_logits():
+    """selection="head" (the FASA reference): query head h keeps its own top tokens by its raw FC logits."""
+    from tokprune.reference.fasa import fc_scores_reference
+
+    ctx = _ctx(batch=1, n_tokens=80)
+    policy = FASA(budget=10, sink=0, window=0, num_fcs=2, selection="head", decline_ratio=0)
+    index = policy.select(policy.score(ctx), ctx)
+    assert index.shape == (1, 4, 10)
+    partial = fc_scores_reference(ctx.query, ctx.key, policy.fc_index(0, 2, 16, "cpu"))
+    for h in range(4):
+        assert sorted(index[0, h].tolist()) == sorted(partial[0, h].topk(10).indices.tolist())
+    assert len({tuple(index[0, h].tolist()) for h in range(4)}) > 1  # heads of a group differ
+    out = policy.attend_decode(ctx)
+    assert_close(out, sparse_decode_attention_reference(ctx.query, ctx.key, ctx.value, index, ctx.scale))
+    with pytest.raises(ValueError, match="selection"):
+        FASA(selection="token")
+
+
+def test_fasa_dense_layers_decline(tiny_llama):
+    class _Layer1:
+        layer_idx = 1
+
+    ctx = _ctx(n_tokens=80)
+    policy = FASA(budget=10, dense_layers=[1], decline_ratio=0)
+    assert policy.dense_layers == (1,)
+    assert policy.attend_decode(ctx) is not None  # layer 0: sparse
+    ctx.module = _Layer1()
+    assert policy.attend_decode(ctx) is None  # layer 1: dense
+    with pytest.raises(ValueError, match="dense_layers"):
+        FASA(dense_layers=0)
+    # through generate: every layer dense == the unpatched model
+    ids = torch.randint(3, 150, (1, 40))
+    ref = tiny_llama.generate(ids, max_new_tokens=4, do_sample=False)
+    with FASA(budget=4, decline_ratio=0, dense_layers=(0, 1, 2)).patch(tiny_llama):
+        assert torch.equal(tiny_llama.generate(ids, max_new_tokens=4, do_sample=False), ref)

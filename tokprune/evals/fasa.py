@@ -32,6 +32,9 @@ def _policies(name: str, budget: int, fcs, num_fcs: int, snap_scores):
     if name == "fasa":
         # decline_ratio=0: the quality of FASA itself, never the dense fallback of the speed rule
         return FASA(budget=budget, sink=4, window=window, fcs=fcs, num_fcs=num_fcs, decline_ratio=0)
+    if name == "fasa-ref":  # the reference's selection: per query head, layer 0 dense, no sink / window
+        return FASA(budget=budget, sink=0, window=0, fcs=fcs, num_fcs=num_fcs, decline_ratio=0, selection="head",
+                    dense_layers=(0,))
     if name == "fasa-uncal":
         return FASA(budget=budget, sink=4, window=window, fcs=None, num_fcs=num_fcs, decline_ratio=0)
     if name == "quest":
@@ -103,7 +106,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=32, help="teacher-forced decode steps per method")
     parser.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument("--methods", nargs="+", default=["fasa", "quest", "snapkv", "streaming"],
-                        choices=["fasa", "fasa-uncal", "quest", "snapkv", "streaming"])
+                        choices=["fasa", "fasa-ref", "fasa-uncal", "quest", "snapkv", "streaming"])
     parser.add_argument("--fcs", default=None, help="calibration file; default: calibrate on --calib-text")
     parser.add_argument("--calib-text", default="stdlib")
     parser.add_argument("--num-fcs", type=int, default=8, help="dominant FCs per KV head (of 32 for SmolLM2)")

@@ -10,7 +10,7 @@ from tokprune._lazy import lazy_exports
 
 # public name -> module under tokprune.methods that defines it
 _EXPORTS = {
-    # FASA and decode-time KV selection baselines
+    # FASA and decode-time KV selection baselines (KVPolicy: one score(); with policy.patch(model): generate)
     "FASA": "fasa",
     "FCCalibration": "fasa",
     "StreamingLLM": "kv_baselines",
@@ -23,7 +23,7 @@ _EXPORTS = {
     "FastV": "visual_baselines",
     "DivPrune": "visual_baselines",
     "RandomPrune": "visual_baselines",
-    # entropy-driven KV budgets (UNComp; run API: UNComp(...).patch(model))
+    # entropy-driven KV budgets (UNComp: a decode policy; with UNComp(...).patch(model): model.generate(...))
     "UNComp": "uncomp",
     # token sparse attention (prefill; patch: tokprune.hf.patch_attention(model, prefill=...))
     "TokenSparseAttention": "token_sparse",

@@ -27,7 +27,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -108,6 +108,10 @@ class FASA(KVPolicy):
         decline_ratio: dense attention while ``n_tokens < decline_ratio * budget`` (``None``:
             :data:`DECLINE_RATIO`, fitted from measured step times; see :meth:`declines`). ``budget >=
             n_tokens`` always declines.
+        selection: ``"group"`` (one token set per KV head from the group's aggregated scores, ``aggregate``)
+            or ``"head"`` (as the FASA reference: every query head selects its own ``budget`` tokens from its
+            raw partial logits; ``aggregate`` is not used).
+        dense_layers: layers that always attend densely (the reference keeps layer 0 dense: ``(0,)``).
         backend: op backend (``None`` = auto).
     """
 
@@ -117,6 +121,8 @@ class FASA(KVPolicy):
     aggregate: str = "softmax"
     packed: bool = True
     decline_ratio: Optional[float] = None
+    selection: str = "group"
+    dense_layers: Tuple[int, ...] = ()
     _calibration: Optional[FCCalibration] = field(default=None, init=False, repr=False, compare=False)
     _fc_cache: Dict[tuple, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -124,6 +130,12 @@ class FASA(KVPolicy):
         super().__post_init__()
         if self.aggregate not in ("softmax", "max", "mean"):
             raise ValueError(f"FASA: aggregate must be 'softmax', 'max' or 'mean', got {self.aggregate!r}")
+        if self.selection not in ("group", "head"):
+            raise ValueError(f"FASA: selection must be 'group' or 'head', got {self.selection!r}")
+        if isinstance(self.dense_layers, int) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.dense_layers):
+            raise ValueError(f"FASA: dense_layers must be a sequence of layer indices >= 0, got {self.dense_layers!r}")
+        self.dense_layers = tuple(self.dense_layers)
         if self.num_fcs is not None and (isinstance(self.num_fcs, bool) or not isinstance(self.num_fcs, int)
                                          or self.num_fcs < 1):
             raise ValueError(f"FASA: num_fcs must be a positive int, got {self.num_fcs!r}")
@@ -158,6 +170,8 @@ class FASA(KVPolicy):
         constant multiple ``c`` of the budget; ``c`` (:data:`DECLINE_RATIO`) was fitted from the per-step
         times printed by ``python benchmarks/bench_fasa_decline.py`` (single-layer decode step, 1 thread).
         """
+        if ctx is not None and ctx.layer_idx in self.dense_layers:
+            return True
         ratio = DECLINE_RATIO if self.decline_ratio is None else self.decline_ratio
         return self.budget >= n_tokens or n_tokens < ratio * self.budget
 
@@ -181,8 +195,13 @@ class FASA(KVPolicy):
         self._fc_cache[key] = index
         return index
 
+    @property
+    def per_head(self) -> bool:  # score() returns (B, H, T) with selection="head"
+        return self.selection == "head"
+
     def score(self, ctx: DecodeContext) -> torch.Tensor:
-        """``(B, Hkv, T)`` importance of each cached token for this decode step (padding ``-inf`` / 0)."""
+        """``(B, Hkv, T)`` importance of each cached token for this decode step (``selection="head"``:
+        ``(B, H, T)`` raw partial logits); padding never wins."""
         batch, heads, kv_heads, head_dim = ctx.batch, ctx.heads, ctx.kv_heads, ctx.head_dim
         fc = self.fc_index(ctx.layer_idx, kv_heads, head_dim, ctx.key.device)
         layer = ctx.cache_layer
@@ -198,6 +217,8 @@ class FASA(KVPolicy):
             scores = fc_scores(ctx.query, ctx.key, fc, chunk=self.chunk, backend=self.backend)
         if ctx.valid is not None:
             scores = scores.masked_fill(~ctx.valid[:, None, :], float("-inf"))
+        if self.selection == "head":
+            return scores.nan_to_num(neginf=-1e30)
         scores = scores.view(batch, kv_heads, heads // kv_heads, -1)
         if self.aggregate == "softmax":
             return torch.softmax(scores * head_dim ** -0.5, dim=-1).sum(2)

@@ -1,0 +1,106 @@
+"""Where FASA wins: one layer's decode step, FASA (score + select + sparse attention) vs dense attention.
+
+    python -m benchmarks.bench_fasa_decline [--budgets 128 256 512] [--batches 1 4] [--threads 1]
+
+Both run on tokprune's KV cache with SmolLM2-135M shapes (9 query heads, 3 KV heads, head dim 64, fp32):
+dense is :func:`tokprune.ops.decode.dense_decode_attention` (what a declining policy runs), FASA is
+``FASA(budget, num_fcs=8).attend_decode`` with its packed FC keys as a side buffer of the cache. Interleaved
+rounds, median per (batch, budget, context). Everything else of a decode step (weights, MLP, the cache
+append) is the same for both, so the per-layer difference decides.
+
+The cost model fitted per budget: ``t_fasa(T) - t_dense(T) = a + b * T`` (FASA saves ``-b`` per cached token,
+pays ``a`` for top-k and the attention over ``budget`` tokens); dense wins while the difference is positive,
+i.e. below ``T* = -a / b``. Printed: ``T* / budget``, the ratio :data:`tokprune.methods.fasa.DECLINE_RATIO`
+is set from (the largest over batches and budgets, so that FASA is never chosen where it loses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def _layer_inputs(batch: int, n_tokens: int, heads=9, kv_heads=3, dim=64):
+    from tokprune.hf.kv_cache import TokpruneLayer
+
+    layer = TokpruneLayer(capacity=n_tokens + 64, layer_idx=0)
+    k = torch.randn(batch, kv_heads, n_tokens, dim)
+    layer.update(k[:, :, :-1], torch.randn(batch, kv_heads, n_tokens - 1, dim))
+    layer.update(k[:, :, -1:], torch.randn(batch, kv_heads, 1, dim))
+    return layer, torch.randn(batch, heads, 1, dim)
+
+
+def measure(batch: int, n_tokens: int, budget: int, rounds: int = 7, reps: int = 20):
+    """``(dense_ms, fasa_ms)`` medians of one layer's decode attention."""
+    from tokprune.methods import FASA
+    from tokprune.methods.base import DecodeContext
+    from tokprune.ops.decode import dense_decode_attention
+
+    class _Module:
+        layer_idx = 0
+
+    layer, q = _layer_inputs(batch, n_tokens)
+    policy = FASA(budget=budget, sink=4, window=budget // 4, num_fcs=8, decline_ratio=0)
+    ctx = DecodeContext(_Module(), q, layer.keys, layer.values, None, 0.125, layer)
+    runs = {"dense": lambda: dense_decode_attention(q, layer.keys, layer.values, 0.125),
+            "fasa": lambda: policy.attend_decode(ctx)}
+    times = {name: [] for name in runs}
+    for fn in runs.values():
+        fn()
+    for r in range(rounds):
+        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                runs[name]()
+            times[name].append((time.perf_counter() - t0) / reps * 1e3)
+    return statistics.median(times["dense"]), statistics.median(times["fasa"])
+
+
+def fit_crossover(contexts, dense, fasa) -> float:
+    """``T*`` where the least-squares line of ``fasa - dense`` over ``contexts`` crosses zero (``inf`` if FASA
+    never wins, ``0`` if it always does)."""
+    diff = [f - d for f, d in zip(fasa, dense)]
+    n = len(contexts)
+    mx, my = sum(contexts) / n, sum(diff) / n
+    sxx = sum((x - mx) ** 2 for x in contexts)
+    b = sum((x - mx) * (y - my) for x, y in zip(contexts, diff)) / sxx
+    a = my - b * mx
+    if b >= 0:
+        return float("inf") if a > 0 else 0.0
+    return max(0.0, -a / b)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_fasa_decline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[128, 256, 512])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[1.5, 2, 3, 4, 6, 8, 12, 16],
+                        help="contexts as multiples of the budget")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    worst = 0.0
+    print(f"threads={args.threads}  per-layer decode attention, ms (dense | fasa | fasa/dense)")
+    for batch in args.batches:
+        for budget in args.budgets:
+            contexts = [int(r * budget) for r in args.ratios if r * budget <= 16384]
+            dense, fasa = [], []
+            for t in contexts:
+                d, f = measure(batch, t, budget)
+                dense.append(d)
+                fasa.append(f)
+                print(f"  batch={batch} budget={budget:4d} T={t:6d}: {d:7.3f} | {f:7.3f} | {f / d:5.2f}")
+            cross = fit_crossover(contexts, dense, fasa)
+            print(f"batch={batch} budget={budget}: break-even T* = {cross:.0f} = {cross / budget:.2f} x budget")
+            worst = max(worst, cross / budget)
+    print(f"largest break-even ratio T*/budget: {worst:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
