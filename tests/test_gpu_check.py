@@ -181,8 +181,11 @@ def test_bench_and_audit_code_runs_on_cpu_with_tiny_shapes():
     assert {("sparse_decode_attention", "triton"), ("sparse_decode_attention", "cuda"), ("fc_scores", "triton"),
             ("select_tokens", "cuda"), ("gather_tokens", "triton"), ("verify_tree_greedy", "cuda"),
             ("verify_tree_stochastic", "triton"), ("token_information_scores", "triton")} <= ops_run
+    with_baseline = {"sparse_decode_attention", "fc_scores", "select_tokens", "gather_tokens", "verify_tree_greedy",
+                     "verify_tree_stochastic"}  # the others are compared with their torch backend row
     assert all(r["baseline"] and r["baseline_ms"] is not None for r in res.rows
-               if r["status"] == "passed" and r["op"] != "token_information_scores")
+               if r["status"] == "passed" and r["op"] in with_baseline)
+    assert {"compress_qkv", "decompress", "matrix_entropy"} <= {r["op"] for r in res.rows if r["status"] == "passed"}
     audit = gc.run_audit(torch.device("cpu"), steps=4, warmup=2, small=True)
     assert audit.status == "passed" and audit.rows[0]["steps"] == 4
 
@@ -214,3 +217,26 @@ def test_recompile_audit_finds_every_compiled_triton_kernel():
     for kernel in ("fasa._fc_scores_kernel", "fasa._sparse_decode_split_kernel", "gather._gather_tokens_kernel",
                    "spec._verify_stochastic_kernel", "entropy._masked_gram_kernel"):
         assert sizes.get(kernel) == 0, (kernel, sizes)
+
+
+def test_whole_check_keeps_to_its_time_budget(tmp_path, monkeypatch):
+    """Steps that would start after the budget is spent are skipped with that reason (faked GPU facts and
+    fake steps: nothing runs on a device)."""
+    calls = []
+
+    def fake_step(name, out_dir, limit, extra=()):
+        calls.append((name, limit))
+        return gc.StepResult(name, "passed")
+
+    clock = iter(range(0, 100000, 200))  # every time.time() call advances 200 s
+    monkeypatch.setattr(gc.time, "time", lambda: next(clock))
+    monkeypatch.setattr(gc, "_python_step", fake_step)
+    monkeypatch.setattr(gc, "step_build", lambda g, o, limit: fake_step("build", o, limit))
+    monkeypatch.setattr(gc, "step_suite", lambda o, limit: fake_step("suite", o, limit))
+    monkeypatch.setattr(gc, "step_sanitizer", lambda g, f, o, limit: fake_step("sanitizer", o, limit))
+    code = gc.run_check(str(tmp_path), facts=H200, record=False, budget_s=600)
+    rows = {r["step"]: r for r in csv.DictReader(open(tmp_path / "gpu_check.csv")) if r["kind"] == "step"}
+    assert calls and all(limit <= 600 for _, limit in calls)
+    skipped = [n for n, r in rows.items() if r["status"] == "skipped"]
+    assert skipped and all("budget of the whole check is spent" in rows[n]["detail"] for n in skipped)
+    assert code == 0

@@ -547,6 +547,19 @@ def run_bench(device, small: bool = False, timer=None) -> StepResult:
             cases.append(("token_information_scores", be, f"{tuple(x.shape)} heads{xh}",
                           lambda be=be: ops.token_information_scores(x, num_heads=xh, exact_reference=False, backend=be),
                           {}))
+        xm = r(4, 64, 48) if small else r(32, 1024, 128)
+        for be in ("triton", "torch"):
+            cases.append(("matrix_entropy", be, f"{tuple(xm.shape)}", lambda be=be: ops.matrix_entropy(xm, backend=be),
+                          {}))
+        n_keep = T // 4
+        sidx = torch.sort(torch.rand(B, H, T, generator=gen).argsort(-1)[..., :n_keep], -1).values.to(device)
+        qs = r(B, H, T, D)
+        comp = r(B, H, n_keep, D)
+        for be in ("triton", "torch"):
+            cases.append(("compress_qkv", be, f"B{B} H{H}/{Hkv} N{T} keep{n_keep} D{D}",
+                          lambda be=be: ops.compress_qkv(qs, k, v, sidx, backend=be), {}))
+            cases.append(("decompress", be, f"B{B} H{H} N{T} keep{n_keep} D{D}",
+                          lambda be=be: ops.decompress(comp, sidx, T, backend=be), {}))
         for op, be, shape, fn, bases in cases:
             reason = unavailable_reason(be, device, op)
             if reason is not None:
@@ -647,7 +660,14 @@ def validation_entry(results: List[StepResult], facts: dict, g: Gate) -> Optiona
         backends.remove("cuda")
     if not backends:
         return None
+    try:
+        with open(os.path.join(ROOT, "tokprune", "_C_build.json")) as f:
+            build = json.load(f)
+    except (OSError, ValueError):
+        build = {}
     return {"backends": backends, "device": facts.get("device_name"), "torch": facts.get("torch"),
+            "tokprune_C": {"archs": build.get("archs"), "cuda_runtime": build.get("cuda_runtime")}
+            if "cuda" in backends else None,
             "torch_cuda": facts.get("torch_cuda"), "triton": facts.get("triton"),
             "driver_cuda": facts.get("driver_cuda"), "nvcc": g.nvcc,
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")}
@@ -672,7 +692,8 @@ def write_validated(arch: str, entry: dict, path: Optional[str] = None) -> str:
 
 
 def run_check(out_dir: str, steps: Sequence[str] = STEPS, facts: Optional[dict] = None,
-              limits: Optional[dict] = None, extra: Sequence[str] = (), record: bool = True) -> int:
+              limits: Optional[dict] = None, extra: Sequence[str] = (), record: bool = True,
+              budget_s: float = 600.0) -> int:
     """Run the check; returns the exit code: 0 when every step that ran passed, 1 when one failed, 2 when
     the gate found no usable GPU (nothing was proven; the report says why)."""
     os.makedirs(out_dir, exist_ok=True)
@@ -689,6 +710,11 @@ def run_check(out_dir: str, steps: Sequence[str] = STEPS, facts: Optional[dict] 
         if not g.gpu:
             results.append(StepResult(name, "skipped", no_gpu))
             continue
+        left = budget_s - (time.time() - start)
+        if left < 15:
+            results.append(StepResult(name, "skipped", f"the {budget_s:.0f} s budget of the whole check is spent"))
+            continue
+        limits[name] = min(limits[name], left)
         print(f"[gpu-check] {name} ...", file=sys.stderr, flush=True)
         if name == "build":
             res = step_build(g, out_dir, limits[name])
@@ -717,6 +743,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", default="gpu-check-out", help="folder for gpu_check.md / gpu_check.csv")
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     parser.add_argument("--no-record", action="store_true", help="do not write validated_archs.json")
+    parser.add_argument("--budget-s", type=float, default=600.0, help="time budget of the whole check (seconds)")
     parser.add_argument("--run-step", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     parser.add_argument("--stress-batch", type=int, default=512)
@@ -734,7 +761,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"unknown steps {unknown}; expected some of {STEPS}")
     extra = ["--stress-batch", str(args.stress_batch), "--stress-vocab", str(args.stress_vocab),
              "--stress-repeats", str(args.stress_repeats)]
-    return run_check(args.out, steps, extra=extra, record=not args.no_record)
+    return run_check(args.out, steps, extra=extra, record=not args.no_record, budget_s=args.budget_s)
 
 
 if __name__ == "__main__":
