@@ -19,6 +19,8 @@ and launch on the tensors' device (:mod:`tokprune.kernels.triton._launch`).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -215,6 +217,7 @@ def split_plan(n_keep: int, block_k: int, programs: int = 1, n_sms: int = 0) -> 
     return triton.cdiv(max(n_keep, 1), split_size), split_size
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
