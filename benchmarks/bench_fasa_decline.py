@@ -1,17 +1,20 @@
-"""Where FASA wins: one layer's decode step, FASA (score + select + sparse attention) vs dense attention.
+"""Where a KV method wins: one layer's decode step, the method (score + select + sparse attention) vs dense.
 
-    python -m benchmarks.bench_fasa_decline [--budgets 128 256 512] [--batches 1 4] [--threads 1]
+    python -m benchmarks.bench_fasa_decline [--methods fasa quest streaming] [--budgets 128 256 512]
+                                            [--batches 1 4] [--threads 1]
 
-Both run on tokprune's KV cache with SmolLM2-135M shapes (9 query heads, 3 KV heads, head dim 64, fp32):
-dense is :func:`tokprune.ops.decode.dense_decode_attention` (what a declining policy runs), FASA is
-``FASA(budget, num_fcs=8).attend_decode`` with its packed FC keys as a side buffer of the cache. Interleaved
-rounds, median per (batch, budget, context). Everything else of a decode step (weights, MLP, the cache
-append) is the same for both, so the per-layer difference decides.
+All run on tokprune's KV cache with SmolLM2-135M shapes (9 query heads, 3 KV heads, head dim 64, fp32):
+dense is :func:`tokprune.ops.decode.dense_decode_attention` (what a declining policy runs); the methods are
+``policy.attend_decode`` with ``decline_ratio=0`` (FASA with 8 FCs and its packed FC keys as a side buffer
+of the cache, Quest with its page min/max side buffer, StreamingLLM). Interleaved rounds, median per
+(batch, budget, context). Everything else of a decode step (weights, MLP, the cache append) is the same for
+both, so the per-layer difference decides.
 
-The cost model fitted per budget: ``t_fasa(T) - t_dense(T) = a + b * T`` (FASA saves ``-b`` per cached token,
-pays ``a`` for top-k and the attention over ``budget`` tokens); dense wins while the difference is positive,
-i.e. below ``T* = -a / b``. Printed: ``T* / budget``, the ratio :data:`tokprune.methods.fasa.DECLINE_RATIO`
-is set from (the largest over batches and budgets, so that FASA is never chosen where it loses).
+The cost model fitted per method and budget: ``t_method(T) - t_dense(T) = a + b * T`` (the method saves
+``-b`` per cached token, pays ``a`` for selection and the attention over ``budget`` tokens); dense wins while
+the difference is positive, i.e. below ``T* = -a / b``. Printed: ``T* / budget`` per method, the largest over
+batches and budgets, which each method's ``DECLINE_RATIO`` is set from (so that it is never chosen where it
+loses).
 """
 
 from __future__ import annotations
@@ -33,9 +36,18 @@ def _layer_inputs(batch: int, n_tokens: int, heads=9, kv_heads=3, dim=64):
     return layer, torch.randn(batch, heads, 1, dim)
 
 
-def measure(batch: int, n_tokens: int, budget: int, rounds: int = 7, reps: int = 20):
-    """``(dense_ms, fasa_ms)`` medians of one layer's decode attention."""
-    from tokprune.methods import FASA
+def _policy(method: str, budget: int):
+    from tokprune.methods import FASA, Quest, StreamingLLM
+
+    if method == "fasa":
+        return FASA(budget=budget, sink=4, window=budget // 4, num_fcs=8, decline_ratio=0)
+    if method == "quest":
+        return Quest(budget=budget, page_size=16, decline_ratio=0)
+    return StreamingLLM(budget=budget, sink=4, decline_ratio=0)
+
+
+def measure(batch: int, n_tokens: int, budget: int, method: str = "fasa", rounds: int = 7, reps: int = 20):
+    """``(dense_ms, method_ms)`` medians of one layer's decode attention."""
     from tokprune.methods.base import DecodeContext
     from tokprune.ops.decode import dense_decode_attention
 
@@ -43,7 +55,7 @@ def measure(batch: int, n_tokens: int, budget: int, rounds: int = 7, reps: int =
         layer_idx = 0
 
     layer, q = _layer_inputs(batch, n_tokens)
-    policy = FASA(budget=budget, sink=4, window=budget // 4, num_fcs=8, decline_ratio=0)
+    policy = _policy(method, budget)
     ctx = DecodeContext(_Module(), q, layer.keys, layer.values, None, 0.125, layer)
     runs = {"dense": lambda: dense_decode_attention(q, layer.keys, layer.values, 0.125),
             "fasa": lambda: policy.attend_decode(ctx)}
@@ -76,6 +88,8 @@ def fit_crossover(contexts, dense, fasa) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench_fasa_decline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=["fasa", "quest", "streaming"],
+                        choices=["fasa", "quest", "streaming"])
     parser.add_argument("--budgets", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--ratios", type=float, nargs="+", default=[1.5, 2, 3, 4, 6, 8, 12, 16],
@@ -84,21 +98,24 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    worst = 0.0
-    print(f"threads={args.threads}  per-layer decode attention, ms (dense | fasa | fasa/dense)")
-    for batch in args.batches:
-        for budget in args.budgets:
-            contexts = [int(r * budget) for r in args.ratios if r * budget <= 16384]
-            dense, fasa = [], []
-            for t in contexts:
-                d, f = measure(batch, t, budget)
-                dense.append(d)
-                fasa.append(f)
-                print(f"  batch={batch} budget={budget:4d} T={t:6d}: {d:7.3f} | {f:7.3f} | {f / d:5.2f}")
-            cross = fit_crossover(contexts, dense, fasa)
-            print(f"batch={batch} budget={budget}: break-even T* = {cross:.0f} = {cross / budget:.2f} x budget")
-            worst = max(worst, cross / budget)
-    print(f"largest break-even ratio T*/budget: {worst:.2f}")
+    print(f"threads={args.threads}  per-layer decode attention, ms (dense | method | method/dense)", flush=True)
+    for method in args.methods:
+        worst = 0.0
+        for batch in args.batches:
+            for budget in args.budgets:
+                contexts = [int(r * budget) for r in args.ratios if r * budget <= 16384]
+                dense, fasa = [], []
+                for t in contexts:
+                    d, f = measure(batch, t, budget, method)
+                    dense.append(d)
+                    fasa.append(f)
+                    print(f"  {method} batch={batch} budget={budget:4d} T={t:6d}: {d:7.3f} | {f:7.3f} | "
+                          f"{f / d:5.2f}", flush=True)
+                cross = fit_crossover(contexts, dense, fasa)
+                print(f"{method} batch={batch} budget={budget}: break-even T* = {cross:.0f} = "
+                      f"{cross / budget:.2f} x budget", flush=True)
+                worst = max(worst, cross / budget)
+        print(f"{method}: largest break-even ratio T*/budget: {worst:.2f}", flush=True)
     return 0
 
 

@@ -223,13 +223,19 @@ class KVPolicy(Policy):
         sink: first valid tokens always kept.
         window: most recent valid tokens always kept.
         backend: op backend (``None``: automatic).
+        decline_ratio: dense attention while ``n_tokens < decline_ratio * budget`` (the method cannot win
+            there); ``None``: the method's measured :attr:`DECLINE_RATIO` (``benchmarks/bench_fasa_decline.py``
+            prints the break-even per method); ``0``: only ``budget >= n_tokens`` declines (quality evals).
     """
 
     budget: int = 256
     sink: int = 4
     window: int = 64
     backend: Optional[str] = None
+    decline_ratio: Optional[float] = None
 
+    #: break-even ``n_tokens / budget`` below which the dense step is faster (measured per method)
+    DECLINE_RATIO = 1.0
     role = "decode"
     per_head = False  # score() returns (B, H, T) (True) or (B, Hkv, T) (False)
     observes_prefill = False  # prefill() is called on multi-token calls (SnapKV, UNComp)
@@ -238,6 +244,9 @@ class KVPolicy(Policy):
         check_int(self, "budget", self.budget, minimum=1)
         check_int(self, "sink", self.sink)
         check_int(self, "window", self.window)
+        ratio = self.decline_ratio
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio < 0):
+            raise ValueError(f"{type(self).__name__}: decline_ratio must be a float >= 0 or None, got {ratio!r}")
 
     def score(self, ctx: DecodeContext) -> torch.Tensor:  # pragma: no cover - abstract
         """``(B, Hkv, T)`` (or ``(B, H, T)`` when ``per_head``) float scores, larger = keep; ``-inf`` =
@@ -245,9 +254,11 @@ class KVPolicy(Policy):
         raise NotImplementedError
 
     def declines(self, n_tokens: int, ctx: Optional[DecodeContext] = None) -> bool:
-        """``True`` when dense attention is the better choice for ``n_tokens`` cached tokens (default: the
-        budget covers the whole cache). Must decide from shapes only (no tensor data)."""
-        return self.budget >= n_tokens
+        """``True`` when dense attention is the better choice for ``n_tokens`` cached tokens: the budget covers
+        the cache, or ``n_tokens < decline_ratio * budget`` (the measured cost rule). Decides from shapes
+        only (no tensor data)."""
+        ratio = type(self).DECLINE_RATIO if self.decline_ratio is None else self.decline_ratio
+        return self.budget >= n_tokens or n_tokens < ratio * self.budget
 
     def select(self, scores: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
         """Token indices ``(B, Hkv or H, K)`` (``-1`` = empty) from :meth:`score`'s output: ``sink`` first and

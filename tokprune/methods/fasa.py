@@ -85,10 +85,6 @@ class FCCalibration:
                    int(source.get("chunk", 1)), dict(source.get("meta", {})))
 
 
-#: FASA declines to dense attention while ``n_tokens < DECLINE_RATIO * budget`` (see :meth:`FASA.declines`).
-DECLINE_RATIO = 4.0
-
-
 @dataclass
 class FASA(KVPolicy):
     """Frequency-chunk sparse attention in decode.
@@ -106,7 +102,7 @@ class FASA(KVPolicy):
             buffer of the cache, written once per appended token: ``2*chunk*num_fcs`` contiguous values per
             token); ``False`` (or another cache) reads the FC dims of the keys in place (strided).
         decline_ratio: dense attention while ``n_tokens < decline_ratio * budget`` (``None``:
-            :data:`DECLINE_RATIO`, fitted from measured step times; see :meth:`declines`). ``budget >=
+            :attr:`DECLINE_RATIO`, fitted from measured step times; see :meth:`declines`). ``budget >=
             n_tokens`` always declines.
         selection: ``"group"`` (one token set per KV head from the group's aggregated scores, ``aggregate``)
             or ``"head"`` (as the FASA reference: every query head selects its own ``budget`` tokens from its
@@ -120,11 +116,13 @@ class FASA(KVPolicy):
     chunk: int = 1
     aggregate: str = "softmax"
     packed: bool = True
-    decline_ratio: Optional[float] = None
     selection: str = "group"
     dense_layers: Tuple[int, ...] = ()
     _calibration: Optional[FCCalibration] = field(default=None, init=False, repr=False, compare=False)
     _fc_cache: Dict[tuple, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    #: dense attention while ``n_tokens < DECLINE_RATIO * budget``, fitted from measured step times
+    DECLINE_RATIO = 4.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -139,9 +137,6 @@ class FASA(KVPolicy):
         if self.num_fcs is not None and (isinstance(self.num_fcs, bool) or not isinstance(self.num_fcs, int)
                                          or self.num_fcs < 1):
             raise ValueError(f"FASA: num_fcs must be a positive int, got {self.num_fcs!r}")
-        if self.decline_ratio is not None and (not isinstance(self.decline_ratio, (int, float))
-                                               or isinstance(self.decline_ratio, bool) or self.decline_ratio < 0):
-            raise ValueError(f"FASA: decline_ratio must be a float >= 0 or None, got {self.decline_ratio!r}")
         if self.fcs is not None:
             self._calibration = FCCalibration.load(self.fcs)
             if self._calibration.chunk != self.chunk:
@@ -167,13 +162,13 @@ class FASA(KVPolicy):
 
         The cost rule: a FASA step costs scoring (reads ``T`` packed FC keys) + top-k + attention over
         ``budget`` tokens; dense attention reads all ``T`` keys and values. The break-even ``T`` is about a
-        constant multiple ``c`` of the budget; ``c`` (:data:`DECLINE_RATIO`) was fitted from the per-step
-        times printed by ``python benchmarks/bench_fasa_decline.py`` (single-layer decode step, 1 thread).
+        constant multiple ``c`` of the budget; ``c`` (:attr:`DECLINE_RATIO`) was fitted from the per-step
+        times printed by ``python -m benchmarks.bench_fasa_decline`` (single-layer decode step, 1 thread).
+        ``dense_layers`` always decline.
         """
         if ctx is not None and ctx.layer_idx in self.dense_layers:
             return True
-        ratio = DECLINE_RATIO if self.decline_ratio is None else self.decline_ratio
-        return self.budget >= n_tokens or n_tokens < ratio * self.budget
+        return super().declines(n_tokens, ctx)
 
     def fc_index(self, layer: int, kv_heads: int, head_dim: int, device) -> torch.Tensor:
         """``(kv_heads, num_fcs)`` int64 FC ids of ``layer`` on ``device`` (cached per layer and device)."""
