@@ -30,7 +30,7 @@ def _policies(name: str, budget: int, fcs, num_fcs: int, snap_scores):
 
     window = max(1, budget // 4)
     if name == "fasa":
-        # decline_ratio=0: the quality of FASA itself, never the dense fallback of the speed rule
+        # decline_ratio=0 (every method): the quality of the method itself, never the dense fallback
         return FASA(budget=budget, sink=4, window=window, fcs=fcs, num_fcs=num_fcs, decline_ratio=0)
     if name == "fasa-ref":  # the reference's selection: per query head, layer 0 dense, no sink / window
         return FASA(budget=budget, sink=0, window=0, fcs=fcs, num_fcs=num_fcs, decline_ratio=0, selection="head",
@@ -38,11 +38,11 @@ def _policies(name: str, budget: int, fcs, num_fcs: int, snap_scores):
     if name == "fasa-uncal":
         return FASA(budget=budget, sink=4, window=window, fcs=None, num_fcs=num_fcs, decline_ratio=0)
     if name == "quest":
-        return Quest(budget=budget, sink=0, window=0, page_size=16)
+        return Quest(budget=budget, sink=0, window=0, page_size=16, decline_ratio=0)
     if name == "snapkv":
-        return SnapKV(budget=budget, window=window).set_prompt_scores(snap_scores)
+        return SnapKV(budget=budget, window=window, decline_ratio=0).set_prompt_scores(snap_scores)
     if name == "streaming":
-        return StreamingLLM(budget=budget, sink=4, window=0)
+        return StreamingLLM(budget=budget, sink=4, window=0, decline_ratio=0)
     raise ValueError(f"unknown method {name!r}")
 
 
