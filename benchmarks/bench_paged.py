@@ -9,6 +9,8 @@ cache layout (``[num_blocks, kv_heads, 128, 2*D]``, K transposed, read through
 Providers, timed in the same run with interleaved rounds (median over rounds of each round's median):
 
   dense paged          paged_decode_attention over all cached tokens (the exact path)
+  SDPA contiguous      torch SDPA on a contiguous (batch, kv_heads, T, D) cache: dense without paging,
+                       for reference (no gather)
   FASA paged           paged_fc_scores on the packed FC side cache (reduce="max" over the GQA group)
                        + paged_select + paged_sparse_decode_attention
   FASA attend only     paged_sparse_decode_attention over fixed slots (the floor of the method)
@@ -115,8 +117,13 @@ def main(argv=None) -> int:
                 slots = paged_select(scores, args.budget, args.sink, args.window, seq_lens, table, args.block_size)
                 return paged_sparse_decode_attention(q, k, v, slots, scale)
 
+            k_flat = torch.randn(batch, args.kv_heads, n_tokens, args.head_dim).to(dtype)
+            v_flat = torch.randn_like(k_flat)
+            q4 = q[:, :, None]
             providers = {
                 "dense paged": lambda: paged_decode_attention(q, k, v, table, seq_lens, scale, max_len=n_tokens),
+                "SDPA contiguous": lambda: torch.nn.functional.scaled_dot_product_attention(
+                    q4, k_flat, v_flat, scale=scale, enable_gqa=True),
                 "FASA paged": fasa,
                 "FASA attend only": lambda: paged_sparse_decode_attention(q, k, v, fixed, scale),
                 "FC side-cache write": lambda: write_paged_fc_keys(fc_cache, new_key, new_slot, fc_index),
