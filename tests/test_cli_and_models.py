@@ -58,3 +58,56 @@ def test_smollm2_real_weights_answer_a_fact(smollm2):
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])
+
+
+# ------------------------------------------------------------------------------------------ demo
+def _demo_tiny(capsys):
+    from tokprune.demo import main as demo_main
+
+    threads = torch.get_num_threads()
+    try:
+        assert demo_main(["--tiny", "--context", "96", "--batch", "2", "--decode-tokens", "4", "--prefill-tokens",
+                          "96", "--new-tokens", "10", "--repeats", "1", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return capsys.readouterr().out
+
+
+def test_demo_tiny_fallback_prints_consistent_numbers(capsys):
+    import re
+
+    out = _demo_tiny(capsys)
+    assert "tiny random Llama" in out
+    # the summary table: speed-up = before / after at the printed precision, one row per measured path
+    table = out.split("Summary")[1].splitlines()
+    assert table[1].split("|")[0].strip() == "scene"
+    rows = [line.split("|") for line in table[3:] if line.count("|") == 4]
+    names = [r[0].strip() for r in rows]
+    assert any("tokprune cache" in n for n in names) and any("FASA" in n for n in names)
+    assert any("token sparse" in n for n in names) and any("Token Recycling" in n for n in names)
+    for scene, before, after, ratio, quality in rows:
+        b, a = float(before.split()[0]), float(after.split()[0])
+        assert before.split()[1] == after.split()[1]  # same unit
+        r = float(ratio.strip().lstrip("x"))
+        # before/after are rounded to 0.1 ms or 0.01 s: bound the ratio by the rounding interval
+        half = 0.05 if "ms" in before else 0.005
+        assert (b - half) / (a + half) - 0.005 <= r <= (b + half) / (a - half) + 0.005, (scene, b, a, r)
+    # the speculative line: speed-up = tokens per forward x forward cost ratio, tokens per forward from counters
+    m = re.search(r"speed-up x([\d.]+) = ([\d.]+) tokens per forward x ([\d.]+)", out)
+    assert m, out
+    speedup, tpf, cost = map(float, m.groups())
+    assert speedup == pytest.approx(tpf * cost, abs=0.02)
+    f = re.search(r"Token Recycling \(after\).*?(\d+) forwards \(prefill \+ (\d+) tree forwards\) for (\d+) tokens", out)
+    forwards, tree, tokens = map(int, f.groups())
+    assert forwards == tree + 1 and tpf == pytest.approx(tokens / forwards, abs=0.006)
+    assert "output identical: True" in out  # greedy speculative decoding is lossless
+
+
+def test_demo_ratio_check_rejects_inconsistent_numbers():
+    from tokprune.demo import SceneResult, _check_ratio, summary_table
+
+    _check_ratio(2.0, 1.0, 2.0)
+    with pytest.raises(AssertionError, match="inconsistent"):
+        _check_ratio(2.0, 1.0, 2.5)
+    lines = summary_table([SceneResult("x", 0.2, 0.1, "s/step", "ok")])
+    assert "x2.00" in lines[2] and "200.0 ms/step" in lines[2] and "100.0 ms/step" in lines[2]
