@@ -95,34 +95,114 @@ def test_validation_entry_needs_every_correctness_step(tmp_path):
     assert set(data["archs"]) == {"sm_80", "sm_90"} and data["archs"]["sm_90"]["backends"] == ["triton", "cuda"]
 
 
-def test_smoke_covers_every_kernel_backend_of_the_ops_and_passes_on_cpu():
-    """gpu_smoke (the sanitizer's program) calls every Triton/CUDA op; here on CPU tensors (interpreter and
-    host build), each result equal to the torch backend."""
+def _declared_kernel_ops():
+    """op -> kernel backends, from every ``resolve_backend(..., (backends), "op")`` call under tokprune/ops."""
+    import glob
+    import re
+
+    declared = {}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for path in glob.glob(os.path.join(root, "tokprune", "ops", "*.py")):
+        for backends, op in re.findall(r'resolve_backend\([^()]*?\(([^()]*)\),\s*"(\w+)"', open(path).read()):
+            kernels = tuple(b for b in ("triton", "cuda") if f'"{b}"' in backends)
+            if kernels:
+                declared[op] = kernels
+    return declared
+
+
+def _shipped_triton_kernels():
+    """Names of the Triton kernels the package ships: every ``*_kernel`` @triton.jit function of the kernel
+    modules and every AOT registration."""
+    import importlib
+
+    from triton.runtime.jit import KernelInterface
+
+    from tokprune.kernels.triton import kernel_modules
+    from tokprune.kernels.triton.aot import registered_kernels
+
+    names = {k.name for k in registered_kernels()}
+    for module in kernel_modules():
+        for attr, obj in vars(importlib.import_module(module)).items():
+            if isinstance(obj, KernelInterface) and attr.endswith("_kernel"):
+                names.add(getattr(obj, "fn", obj).__name__)
+    return names
+
+
+def test_smoke_covers_every_kernel_backend_of_the_ops_and_passes_on_cpu(monkeypatch):
+    """gpu_smoke (the sanitizer's program) calls every Triton/CUDA op and thereby launches every Triton kernel
+    the package ships and every op of tokprune._C; here on CPU tensors (interpreter and host build), each
+    result equal to the torch backend. A new kernel, op or _C entry point that the smoke does not reach fails
+    this test."""
+    from triton.runtime.jit import KernelInterface
+
+    from tokprune import _ext
+    from tokprune.kernels import cuda as cuda_kernels
     from tokprune.tools.gpu_smoke import KERNEL_OPS, run_ops
+
+    launched, c_calls = set(), set()
+    kernel_classes = {type(k) for k in _kernel_objects()}
+    for cls in kernel_classes:
+        real_run = cls.run
+
+        def recording_run(self, *args, _real=real_run, **kwargs):
+            launched.add(getattr(self, "fn", self).__name__)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "run", recording_run)
+    c_ops = set(_ext.build_info().get("ops", ()))
+    real_lib = cuda_kernels._lib
+
+    class Recording:
+        def __init__(self, lib):
+            self._lib = lib
+
+        def __getattr__(self, name):
+            if name in c_ops:
+                c_calls.add(name)
+            return getattr(self._lib, name)
+
+    monkeypatch.setattr(cuda_kernels, "_lib", lambda: Recording(real_lib()))
 
     rows = run_ops(torch.device("cpu"))
     assert {(r["op"], r["backend"]) for r in rows} == {(op, b) for op, bs in KERNEL_OPS.items() for b in bs}
     assert [r for r in rows if r["status"] == "failed"] == []
     assert all(r["detail"] for r in rows if r["status"] == "skipped")
-    # every op that declares a kernel backend in its resolve_backend call is covered (or listed as pending)
-    import glob
-    import re
+    # every op that declares a kernel backend in its resolve_backend call is called with exactly those backends
+    declared = _declared_kernel_ops()
+    assert {op: bs for op, bs in declared.items() if op not in KERNEL_OPS} == {}, \
+        "ops with kernel backends that gpu_smoke does not call"
+    assert all(set(bs) == set(KERNEL_OPS[op]) for op, bs in declared.items()), (declared, KERNEL_OPS)
+    # every shipped Triton kernel was launched, and every op of tokprune._C was called
+    assert issubclass(next(iter(kernel_classes)), KernelInterface)
+    assert _shipped_triton_kernels() - launched == set(), "Triton kernels the smoke program never launches"
+    if _ext.extension() is not None:
+        assert c_ops and c_ops - c_calls == set(), "tokprune._C ops the smoke program never calls"
 
-    from tokprune.tools.gpu_smoke import PENDING, PENDING_MODULES
 
-    declared = {}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for path in glob.glob(os.path.join(root, "tokprune", "ops", "*.py")):
-        if os.path.basename(path)[:-3] in PENDING_MODULES:
-            continue
-        for backends, op in re.findall(r'resolve_backend\([^()]*?\(([^()]*)\),\s*"(\w+)"', open(path).read()):
-            kernels = tuple(b for b in ("triton", "cuda") if f'"{b}"' in backends)
-            if kernels:
-                declared[op] = kernels
-    covered = {op: KERNEL_OPS[op] for op in declared if op in KERNEL_OPS}
-    missing = {op: bs for op, bs in declared.items() if op not in KERNEL_OPS and op not in PENDING}
-    assert missing == {}, f"ops with kernel backends that gpu_smoke does not call: {missing}"
-    assert all(set(declared[op]) == set(bs) for op, bs in covered.items()), (declared, covered)
+def _kernel_objects():
+    import importlib
+
+    from triton.runtime.jit import KernelInterface
+
+    from tokprune.kernels.triton import kernel_modules
+
+    return [obj for m in kernel_modules() for obj in vars(importlib.import_module(m)).values()
+            if isinstance(obj, KernelInterface)]
+
+
+def test_smoke_moves_strided_views_with_their_layout():
+    """gpu_smoke._to keeps a non-contiguous view's strides and storage offset on the target device (the
+    vLLM-style K view must reach the GPU kernels strided, not as a contiguous copy)."""
+    from tokprune.ops.paged import vllm_cpu_kv_views
+    from tokprune.tools.gpu_smoke import _to
+
+    kv = torch.randn(2, 3, 2, 8, 2 * 4)[1]
+    k, v = vllm_cpu_kv_views(kv, 4)
+    assert not k.is_contiguous()
+    for t in (k, v):
+        moved = _to(t, "meta")
+        assert moved.device.type == "meta" and moved.shape == t.shape
+        assert moved.stride() == t.stride() and moved.storage_offset() == t.storage_offset()
 
 
 def test_stress_logic_on_cpu_small():

@@ -18,7 +18,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-# (op, implemented kernel backends) covered here; tests/test_gpu_check.py checks this against the ops.
+# (op, implemented kernel backends) covered here; tests/test_gpu_check.py checks this against the ops (every
+# op whose resolve_backend call names "triton" or "cuda"), the Triton kernels the package ships (every
+# ``*_kernel`` of tokprune/kernels/triton and every AOT registration) and the op list of tokprune._C: each
+# must be launched by :func:`run_ops`. Ops with a torch backend only (dense_decode_attention,
+# window_attention_scores, token_sparse_scores) launch no tokprune kernel and are not called here.
 KERNEL_OPS: Dict[str, Tuple[str, ...]] = {
     "verify_tree_greedy": ("triton", "cuda"),
     "verify_tree_stochastic": ("triton", "cuda"),
@@ -29,17 +33,19 @@ KERNEL_OPS: Dict[str, Tuple[str, ...]] = {
     "gather_tokens": ("triton",),
     "compress_qkv": ("triton",),
     "decompress": ("triton",),
+    "token_sparse_attention": ("triton",),
     "matrix_entropy": ("triton",),
     "truncated_matrix_entropy": ("triton",),
     "token_information_scores": ("triton",),
+    "write_paged_fc_keys": ("triton",),
+    "paged_fc_scores": ("triton",),
+    "paged_select": ("triton",),
+    "paged_sparse_decode_attention": ("triton",),
+    "paged_decode_attention": ("triton",),
+    "update_paged_page_bounds": ("triton",),
+    "paged_quest_scores": ("triton",),
+    "paged_select_pages": ("triton",),
 }
-
-#: ops with kernel backends not called here yet, and where they are proven instead: by op name, and every
-#: op of a module under tokprune/ops (the paged ops are new and still growing).
-PENDING: Dict[str, str] = {
-    "token_sparse_attention": "composition of compress_qkv and decompress, whose kernels are called here"}
-PENDING_MODULES: Dict[str, str] = {
-    "paged": "paged ops (new): proven by tests/test_paged.py in the suite step, not yet by the sanitizer program"}
 
 
 def _tree(gen: torch.Generator, bsz: int, n: int, vocab: int):
@@ -51,8 +57,69 @@ def _tree(gen: torch.Generator, bsz: int, n: int, vocab: int):
     return tokens, parents
 
 
-def _cases(gen: torch.Generator) -> Dict[str, Tuple[Callable, tuple, dict]]:
-    """op -> (function, CPU positional inputs, keyword arguments)."""
+def _paged_layout(gen: torch.Generator, lens: Sequence[int], block_size: int, extra_blocks: int = 3):
+    """``(block_table int32 (R, max_blocks), num_blocks, slots of every cached token in request order)``:
+    shuffled physical blocks, entries past a row's last used block ``-1`` (never read)."""
+    need = [-(-n // block_size) for n in lens]
+    num_blocks = sum(need) + extra_blocks
+    perm = torch.randperm(num_blocks, generator=gen)
+    table = torch.full((len(lens), max(need) + 1), -1, dtype=torch.int32)
+    at = 0
+    for r, n in enumerate(need):
+        table[r, :n] = perm[at:at + n].int()
+        at += n
+    slots = torch.tensor([int(table[r, t // block_size]) * block_size + t % block_size
+                          for r, n in enumerate(lens) for t in range(n)], dtype=torch.int64)
+    return table, num_blocks, slots
+
+
+def _paged_cases(gen: torch.Generator) -> Dict[str, list]:
+    """The paged ops (tokprune.ops.paged) on a vLLM-style strided cache, GQA 4:2, three ragged requests."""
+    from tokprune.ops import paged
+
+    bs, hkv, hq, d, ps = 8, 2, 4, 32, 4
+    lens = [30, 5, 17]
+    table, nb, slots = _paged_layout(gen, lens, bs)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    kv = torch.randn(2, nb, hkv, bs, 2 * d, generator=gen)[1]  # a layer of a stacked cache (storage offset)
+    k, v = paged.vllm_cpu_kv_views(kv, d)  # K transposed per block: strided views
+    q = torch.randn(len(lens), hq, d, generator=gen)
+    fc_index = torch.stack([torch.randperm(d // 2, generator=gen)[:3] for _ in range(hkv)])
+    fc_q_index = torch.stack([torch.randperm(d // 2, generator=gen)[:3] for _ in range(hq)])
+    fc_cache = torch.randn(nb, hkv, bs, 6, generator=gen)
+    write_slots = torch.cat([slots[:9], torch.tensor([-1])])  # a padding token (slot -1) is skipped
+    keys = torch.randn(len(write_slots), hkv, d, generator=gen)
+    scores = torch.randn(len(lens), hkv, 32, generator=gen)
+    sel = paged.paged_select(scores, 12, 1, 2, seq_lens, table, bs, backend="torch")
+    sel[2, 0] = -1  # a row with no valid slot: zeros
+    sel_q = paged.paged_select(torch.randn(len(lens), hq, 32, generator=gen), 9, 1, 2, seq_lens, table, bs,
+                               backend="torch")
+    kmin = torch.randn(nb, hkv, bs // ps, d, generator=gen)  # stale bounds of reused blocks
+    kmax = kmin + 5
+    all_keys = torch.stack([k[s // bs, :, s % bs] for s in slots.tolist()])
+    fmin, fmax = paged.update_paged_page_bounds(kmin.clone(), kmax.clone(), all_keys, slots, ps, backend="torch")
+    page_scores = torch.randn(len(lens), hq, 8, generator=gen)
+    bf = torch.bfloat16
+    return {
+        "write_paged_fc_keys": (paged.write_paged_fc_keys, (fc_cache, keys, write_slots.int(), fc_index), {}),
+        "paged_fc_scores": [
+            (paged.paged_fc_scores, (q, fc_cache, table, seq_lens, fc_index), {"reduce": "max", "max_len": 32}),
+            (paged.paged_fc_scores, (q, k, table, seq_lens, fc_q_index), {"packed": False, "max_len": 32})],
+        "paged_select": (paged.paged_select, (scores, 12, 1, 2, seq_lens.long(), table, bs), {}),
+        "paged_sparse_decode_attention": [
+            (paged.paged_sparse_decode_attention, (q, k, v, sel, d ** -0.5), {}),
+            (paged.paged_sparse_decode_attention, (q.to(bf), k.to(bf), v.to(bf), sel_q.int(), d ** -0.5), {})],
+        "paged_decode_attention": [
+            (paged.paged_decode_attention, (q, k, v, table, seq_lens, d ** -0.5), {"max_len": 32}),
+            (paged.paged_decode_attention, (q.to(bf), k.to(bf), v.to(bf), table.long(), seq_lens, 0.2), {})],
+        "update_paged_page_bounds": (paged.update_paged_page_bounds, (kmin, kmax, all_keys, slots, ps), {}),
+        "paged_quest_scores": (paged.paged_quest_scores, (q, fmin, fmax, table, seq_lens, ps), {"max_len": 32}),
+        "paged_select_pages": (paged.paged_select_pages, (page_scores, 3, seq_lens, table, bs, ps), {}),
+    }
+
+
+def _cases(gen: torch.Generator) -> Dict[str, list]:
+    """op -> one case or a list of cases ``(function, CPU positional inputs, keyword arguments)``."""
     from tokprune import ops
     from tokprune.ops import spec
 
@@ -86,16 +153,27 @@ def _cases(gen: torch.Generator) -> Dict[str, Tuple[Callable, tuple, dict]]:
         "gather_tokens": (ops.gather_tokens, (x4, gidx), {}),
         "compress_qkv": (ops.compress_qkv, qkv + (sidx,), {}),
         "decompress": (ops.decompress, (comp, sidx, 120), {}),
+        "token_sparse_attention": [
+            (ops.token_sparse_attention, (qkv[0], x4, qkv[2]), {"keep": 0.25, "window": 8}),
+            (ops.token_sparse_attention, tuple(t.to(torch.bfloat16) for t in (qkv[0], x4, qkv[2])),
+             {"keep": 40, "window": 8, "causal": False})],
         "matrix_entropy": (ops.matrix_entropy, (torch.randn(2, 50, 36, generator=gen),), {}),
         "truncated_matrix_entropy": (ops.truncated_matrix_entropy, (torch.randn(1, 2, 40, 16, generator=gen), 8), {}),
         "token_information_scores": (ops.token_information_scores, (torch.randn(2, 11, 8 * 24, generator=gen),),
                                      {"num_heads": 8, "exact_reference": False}),
+        **_paged_cases(gen),
     }
 
 
 def _to(obj, device):
+    """``obj`` (tensors, nested in tuples/lists/dicts) on ``device``; a non-contiguous view keeps its strides and
+    storage offset there (its whole storage is copied), so kernels see the same strided layout as on the CPU."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if obj.device == torch.device(device) or obj.is_contiguous():
+            return obj.to(device)
+        n = obj.untyped_storage().nbytes() // obj.element_size()
+        whole = obj.as_strided((n,), (1,), 0).to(device)
+        return whole.as_strided(obj.shape, obj.stride(), obj.storage_offset())
     if isinstance(obj, (tuple, list)):
         return type(obj)(_to(o, device) for o in obj)
     if isinstance(obj, dict):
@@ -140,27 +218,31 @@ def run_ops(device: torch.device, ops_filter: Optional[Sequence[str]] = None, se
     for op, backends in KERNEL_OPS.items():
         if ops_filter and op not in ops_filter:
             continue
-        fn, args, kwargs = cases[op]
-        expected = fn(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args], backend="torch", **kwargs)
-        if op == "compact_accepted_kv":
-            expected = (args[0].clone(), expected)
-            fn(expected[0], *args[1:], backend="torch", **kwargs)
-        for backend in backends:
-            reason = unavailable_reason(backend, device, op)
-            if reason is not None:
-                rows.append({"op": op, "backend": backend, "status": "skipped", "detail": reason})
-                continue
-            try:
-                dargs = _to([a.clone() if isinstance(a, torch.Tensor) else a for a in args], device)
-                got = fn(*dargs, backend=backend, **_to(kwargs, device))
-                if op == "compact_accepted_kv":
-                    got = (dargs[0], got)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                bad = _compare(got, expected, op)
-            except Exception as exc:  # a kernel error is a result here, reported with its traceback tail
-                bad = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
-            rows.append({"op": op, "backend": backend, "status": "failed" if bad else "passed", "detail": bad or ""})
+        variants = cases[op] if isinstance(cases[op], list) else [cases[op]]
+        for vi, (fn, args, kwargs) in enumerate(variants):
+            label = op if len(variants) == 1 else f"{op}[{vi}]"
+            expected = fn(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args], backend="torch",
+                          **kwargs)
+            if op == "compact_accepted_kv":
+                expected = (args[0].clone(), expected)
+                fn(expected[0], *args[1:], backend="torch", **kwargs)
+            for backend in backends:
+                reason = unavailable_reason(backend, device, op)
+                if reason is not None:
+                    rows.append({"op": op, "backend": backend, "status": "skipped", "detail": reason})
+                    continue
+                try:
+                    dargs = _to([a.clone() if isinstance(a, torch.Tensor) else a for a in args], device)
+                    got = fn(*dargs, backend=backend, **_to(kwargs, device))
+                    if op == "compact_accepted_kv":
+                        got = (dargs[0], got)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    bad = _compare(got, expected, label)
+                except Exception as exc:  # a kernel error is a result here, reported with its traceback tail
+                    bad = f"{label}: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+                rows.append({"op": op, "backend": backend, "status": "failed" if bad else "passed",
+                             "detail": bad or ""})
     return rows
 
 
