@@ -17,11 +17,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import assert_close
+from tests.helpers import TEST_DEVICE, assert_close, dev, host, needs_backend
 from tokprune._backend import TRITON_INTERPRET_AT_IMPORT
 
-needs_triton = pytest.mark.skipif(not TRITON_INTERPRET_AT_IMPORT and not torch.cuda.is_available(),
-                                  reason="Triton needs a GPU or TRITON_INTERPRET=1")
+needs_triton = needs_backend("triton")  # on TEST_DEVICE, decided at set-up by unavailable_reason
 
 # ------------------------------------------------------------------------------------ large offsets
 _FAR_STRIDE = 2**31 - 2**20  # batch stride: < 2**31, so Triton passes it as i32
@@ -31,8 +30,9 @@ _BUF_ELEMS = 2**32 + 2**22
 
 @pytest.fixture(scope="module")
 def big_buffer():
-    """One bf16 buffer of 2**32 + 2**22 elements; pages are committed only where tests write."""
-    return torch.empty(_BUF_ELEMS, dtype=torch.bfloat16)
+    """One bf16 buffer of 2**32 + 2**22 elements on TEST_DEVICE; on the CPU pages are committed only where
+    tests write (8 GiB of device memory on a GPU)."""
+    return torch.empty(_BUF_ELEMS, dtype=torch.bfloat16, device=TEST_DEVICE)
 
 
 def far_views(buf: torch.Tensor, shape, count: int, gen: torch.Generator):
@@ -46,7 +46,7 @@ def far_views(buf: torch.Tensor, shape, count: int, gen: torch.Generator):
     views = []
     for i in range(count):
         v = buf.as_strided(shape, strides, _BASE + i * inner)
-        v.copy_(torch.randn(shape, generator=gen).to(buf.dtype))
+        v.copy_(torch.randn(shape, generator=gen).to(buf.dtype).to(buf.device))
         views.append(v)
     return views
 
@@ -59,8 +59,8 @@ def test_gather_tokens_past_2_31_elements(big_buffer):
     (x,) = far_views(big_buffer, (3, 2, 64, 32), 1, gen)
     assert x.storage_offset() + 2 * x.stride(0) >= 2**32  # batch 2 starts past 2**32 elements
     index = torch.randint(0, 64, (3, 4, 20), generator=gen, dtype=torch.int32)
-    out = gather_tokens(x, index, backend="triton")
-    assert_close(out, gather_tokens(x.contiguous(), index, backend="torch"), name="gather_tokens")
+    out = gather_tokens(x, dev(index), backend="triton")
+    assert_close(out, gather_tokens(host(x).contiguous(), index, backend="torch"), name="gather_tokens")
 
 
 @needs_triton
@@ -70,8 +70,8 @@ def test_compress_qkv_past_2_31_elements(big_buffer):
     gen = torch.Generator().manual_seed(1)
     q, k, v = far_views(big_buffer, (3, 2, 48, 32), 3, gen)
     index = torch.sort(torch.rand(3, 2, 48, generator=gen).argsort(-1)[..., :17], -1).values
-    got = compress_qkv(q, k, v, index, backend="triton")
-    want = compress_qkv(q.contiguous(), k.contiguous(), v.contiguous(), index, backend="torch")
+    got = compress_qkv(q, k, v, dev(index), backend="triton")
+    want = compress_qkv(host(q).contiguous(), host(k).contiguous(), host(v).contiguous(), index, backend="torch")
     for name, a, e in zip("qkv", got, want):
         assert_close(a, e, name=f"compress_qkv {name}")
 
@@ -82,10 +82,10 @@ def test_decompress_into_view_past_2_31_elements(big_buffer):
 
     gen = torch.Generator().manual_seed(2)
     (out,) = far_views(big_buffer, (3, 2, 40, 32), 1, gen)
-    before = out.clone()
+    before = host(out).clone()
     index = torch.sort(torch.rand(3, 2, 40, generator=gen).argsort(-1)[..., :9], -1).values
     src = torch.randn(3, 2, 9, 32, generator=gen).to(torch.bfloat16)
-    decompress_triton(src, index, out)
+    decompress_triton(*dev(src, index), out)
     want = before.scatter(2, index[..., None].expand(-1, -1, -1, 32), src)
     assert_close(out, want, name="decompress")
 
@@ -98,12 +98,13 @@ def test_fasa_kernels_past_2_31_elements(big_buffer):
     k, v = far_views(big_buffer, (3, 2, 64, 32), 2, gen)
     q = torch.randn(3, 4, 1, 32, generator=gen).to(torch.bfloat16)
     fc_index = torch.randint(0, 16, (2, 4), generator=gen)
-    got = fc_scores(q, k, fc_index, backend="triton")
-    assert_close(got, fc_scores(q, k.contiguous(), fc_index, backend="torch"), name="fc_scores")
+    got = fc_scores(dev(q), k, dev(fc_index), backend="triton")
+    assert_close(got, fc_scores(q, host(k).contiguous(), fc_index, backend="torch"), name="fc_scores")
     for heads_of_index in (2, 4):  # indices per KV head and per query head
         idx = torch.randint(0, 64, (3, heads_of_index, 24), generator=gen)
-        got = sparse_decode_attention(q, k, v, idx, 32 ** -0.5, backend="triton")
-        want = sparse_decode_attention(q, k.contiguous(), v.contiguous(), idx, 32 ** -0.5, backend="torch")
+        got = sparse_decode_attention(dev(q), k, v, dev(idx), 32 ** -0.5, backend="triton")
+        want = sparse_decode_attention(q, host(k).contiguous(), host(v).contiguous(), idx, 32 ** -0.5,
+                                       backend="torch")
         assert_close(got, want, name=f"sparse_decode_attention ({heads_of_index} index heads)")
 
 
@@ -130,7 +131,7 @@ def _nan_rows(vocab: int, dtype) -> torch.Tensor:
 def _argmax_available_backends():
     from tokprune._backend import unavailable_reason
 
-    return [b for b in ("triton", "cuda") if unavailable_reason(b, torch.device("cpu"), "verify_tree_greedy") is None]
+    return [b for b in ("triton", "cuda") if unavailable_reason(b, TEST_DEVICE, "verify_tree_greedy") is None]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -148,11 +149,11 @@ def test_greedy_argmax_nan_is_maximum_on_every_backend(dtype):
     tokens = torch.zeros(bsz, 1, dtype=torch.long)
     parents = torch.full((bsz, 1), -1)
     for backend in backends:
-        _, accept_len, next_token = verify_tree_greedy(tokens, parents, rows[:, None, :], backend=backend)
+        _, accept_len, next_token = verify_tree_greedy(*dev(tokens, parents, rows[:, None, :]), backend=backend)
         assert next_token.tolist() == expected.tolist(), backend
         assert accept_len.tolist() == [0] * bsz
     with pytest.raises(ValueError, match="NaN"):  # the torch backend rejects a NaN argmax
-        verify_tree_greedy(tokens, parents, rows[:, None, :], backend="torch")
+        verify_tree_greedy(*dev(tokens, parents, rows[:, None, :]), backend="torch")
 
 
 def test_greedy_path_through_nan_argmax():
@@ -167,7 +168,7 @@ def test_greedy_path_through_nan_argmax():
     parents = torch.tensor([[-1, 0, 1]] * 2)
     tokens = torch.tensor([[0, 700, 42], [0, 900, 5]])
     for backend in _argmax_available_backends():
-        accept_index, accept_len, next_token = verify_tree_greedy(tokens, parents, logits, backend=backend)
+        accept_index, accept_len, next_token = verify_tree_greedy(*dev(tokens, parents, logits), backend=backend)
         # row 1 drafts the second NaN (900): rejected, the bonus token is the first NaN (700)
         assert accept_index.tolist() == [[0, 1, 2], [0, -1, -1]], backend
         assert accept_len.tolist() == [2, 0]
@@ -240,26 +241,24 @@ def test_every_triton_launch_runs_under_the_tensor_device(monkeypatch):
 
     monkeypatch.setattr(_launch, "check_grid", record_check)
     monkeypatch.setattr(_launch, "device_guard", record_guard)
-    q = torch.randn(1, 4, 1, 16)
-    k = torch.randn(1, 2, 20, 16)
-    idx = torch.randint(0, 20, (1, 2, 5))
-    ops.fc_scores(q, k, torch.randint(0, 8, (2, 2)), backend="triton")
+    q, k, idx = dev(torch.randn(1, 4, 1, 16), torch.randn(1, 2, 20, 16), torch.randint(0, 20, (1, 2, 5)))
+    ops.fc_scores(q, k, dev(torch.randint(0, 8, (2, 2))), backend="triton")
     ops.sparse_decode_attention(q, k, k, idx, 0.25, backend="triton")
     ops.gather_tokens(k, idx, backend="triton")
-    qf = torch.randn(1, 4, 20, 16)
-    sel = torch.sort(torch.rand(1, 4, 20).argsort(-1)[..., :6], -1).values
+    qf = dev(torch.randn(1, 4, 20, 16))
+    sel = dev(torch.sort(torch.rand(1, 4, 20).argsort(-1)[..., :6], -1).values)
     qc, _, _ = ops.compress_qkv(qf, k, k, sel, backend="triton")
     ops.decompress(qc, sel, 20, backend="triton")
-    ops.verify_tree_greedy(torch.zeros(1, 1, dtype=torch.long), torch.full((1, 1), -1), torch.randn(1, 1, 30),
+    ops.verify_tree_greedy(*dev(torch.zeros(1, 1, dtype=torch.long), torch.full((1, 1), -1), torch.randn(1, 1, 30)),
                            backend="triton")
-    probs = torch.softmax(torch.randn(1, 1, 30), -1)
-    ops.verify_tree_stochastic(torch.zeros(1, 1, dtype=torch.long), torch.full((1, 1), -1), probs, probs,
-                               rule="specinfer", uniforms=torch.rand(1, 1), backend="triton")
-    ops.token_information_scores(torch.randn(1, 5, 4, 8), backend="triton")
+    probs = dev(torch.softmax(torch.randn(1, 1, 30), -1))
+    ops.verify_tree_stochastic(*dev(torch.zeros(1, 1, dtype=torch.long), torch.full((1, 1), -1)), probs, probs,
+                               rule="specinfer", uniforms=dev(torch.rand(1, 1)), backend="triton")
+    ops.token_information_scores(dev(torch.randn(1, 5, 4, 8)), backend="triton")
     assert {"_fc_scores_kernel", "_sparse_decode_split_kernel", "_sparse_decode_combine_kernel",
             "_gather_tokens_kernel", "_compress_qkv_kernel", "_decompress_kernel", "_verify_greedy_kernel",
             "_verify_stochastic_kernel", "_token_gram_kernel"} <= set(seen)
-    assert len(devices) == len(seen) and all(d == torch.device("cpu") for d in devices)
+    assert len(devices) == len(seen) and all(d == q.device for d in devices)
 
 
 # ------------------------------------------------------------------------- FASA decode, GQA groups
@@ -278,8 +277,8 @@ def test_sparse_decode_gqa_groups(heads, kv_heads, per, dtype):
     v = torch.randn(2, kv_heads, 90, 48, generator=gen).to(dtype)
     idx = torch.randint(-1, 90, (2, kv_heads if per == "kv" else heads, 70), generator=gen)
     idx[1, 0] = -1  # a row with no valid token gives zeros
-    got = sparse_decode_attention(q, k, v, idx, 48 ** -0.5, backend="triton")
-    want = sparse_decode_attention(q, k, v, idx, 48 ** -0.5, backend="torch")
+    got = sparse_decode_attention(*dev(q, k, v, idx), 48 ** -0.5, backend="triton")
+    want = sparse_decode_attention(q, k, v, idx, 48 ** -0.5, backend="torch")  # oracle on the CPU
     assert_close(got, want, name=f"sparse decode H={heads} Hkv={kv_heads} per {per}")
 
 
