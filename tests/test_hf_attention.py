@@ -119,6 +119,11 @@ def test_ragged_call_routes_each_request(tiny_llama):
                                                               v[:, :, 20:27].repeat_interleave(2, 1), is_causal=True,
                                                               scale=0.25)
     assert_close(out[:, 1:8], causal.transpose(1, 2))
+    from tokprune.methods import SnapKV
+
+    with patch_attention(tiny_llama, decode=SnapKV(budget=6), cache=False):
+        with pytest.raises(NotImplementedError, match="SnapKV keeps per-sequence prompt state"):
+            tokprune_attention_forward(module, q, k, v, None, scaling=0.25, cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k)
 
 
 @pytest.mark.slow

@@ -126,6 +126,9 @@ def _ragged(module, router, query, key, value, attention_mask, scale, kwargs, fa
 
     Reads the two ``cu_seq_lens`` vectors on the host (they are CPU tensors under transformers' continuous
     batching on CPU; on a GPU this is one synchronisation per layer call, not per request)."""
+    if getattr(router.decode, "observes_prefill", False):
+        raise NotImplementedError(f"{type(router.decode).__name__} keeps per-sequence prompt state (observed at "
+                                  f"prefill) and cannot serve continuous batching; use model.generate")
     cu_q = kwargs["cu_seq_lens_q"].tolist()
     cu_k = kwargs["cu_seq_lens_k"].tolist()
     if query.shape[0] != 1 or len(cu_q) != len(cu_k):
