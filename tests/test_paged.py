@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.helpers import assert_close
+from tests.helpers import assert_close, backend_params, dev, host
 from tokprune._debug import set_debug
 from tokprune.ops import fc_scores, pack_fc_keys, select_sparse_indices, sparse_decode_attention
 from tokprune.ops.paged import (
@@ -30,7 +30,7 @@ from tokprune.reference.paged import (
     write_paged_fc_keys_reference,
 )
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = backend_params("torch", "triton")  # kernels on TOKPRUNE_TEST_DEVICE, oracles on the CPU
 
 
 def random_table(lens, block_size, extra_blocks=3, garbage=-1, gen=None):
@@ -53,6 +53,12 @@ def vllm_style_cache(num_blocks, kv_heads, block_size, head_dim, dtype=torch.flo
     kv = layers[1]  # a layer of a stacked cache: the views start at a storage offset
     k, v = vllm_cpu_kv_views(kv, head_dim)
     return kv, k, v
+
+
+def device_kv_views(kv, head_dim):
+    """The K/V views of :func:`vllm_cpu_kv_views` over a copy of ``kv`` on TEST_DEVICE (the same strided
+    layout there; ``kv`` itself on the CPU)."""
+    return vllm_cpu_kv_views(dev(kv), head_dim)
 
 
 def fc_setup(kv_heads, head_dim, n_fc, chunk=1, heads=None):
@@ -131,22 +137,22 @@ def test_write_paged_fc_keys_matches_reference(backend, dtype):
     nb, hkv, bs, d, n_fc, chunk = 5, 2, 8, 16, 3, 2
     fc_index = fc_setup(hkv, d, n_fc, chunk)
     nd = 2 * chunk * n_fc
-    storage = torch.randn(nb, hkv, bs, nd + 3).to(dtype)
+    storage = dev(torch.randn(nb, hkv, bs, nd + 3).to(dtype))
     fc_cache = storage[..., 1:1 + nd]  # strided view
-    expected = fc_cache.clone()
+    expected = host(fc_cache).clone()
     key = torch.randn(9, hkv, d).to(dtype)
     slots = torch.randperm(nb * bs)[:9]
     slots[[2, 6]] = -1  # padding tokens are skipped
     write_paged_fc_keys_reference(expected, key, slots, fc_index, chunk)
-    out = write_paged_fc_keys(fc_cache, key, slots.int(), fc_index, chunk, backend=backend)
+    out = write_paged_fc_keys(fc_cache, *dev(key, slots.int(), fc_index), chunk, backend=backend)
     assert out is fc_cache
-    assert torch.equal(fc_cache, expected)
+    assert torch.equal(host(fc_cache), expected)
     assert torch.equal(storage[..., 0], storage[..., 0].clone())  # untouched neighbours keep their values
     # the packed entries equal pack_fc_keys on the keys
     dims = fc_dims(fc_index, d, chunk)
     t = 0
     s = int(slots[t])
-    assert torch.equal(fc_cache[s // bs, 1, s % bs], key[t, 1, dims[1]])
+    assert torch.equal(host(fc_cache[s // bs, 1, s % bs]), key[t, 1, dims[1]])
 
 
 def test_write_paged_fc_keys_rejects_bad_input():
@@ -183,7 +189,7 @@ def test_paged_fc_scores_matches_reference(backend, packed, per_query_head):
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     fc_index = fc_setup(hkv, d, n_fc, heads=heads if per_query_head else None)
     q = torch.randn(len(lens), heads, d)
-    _, k, _ = vllm_style_cache(nb, hkv, bs, d)
+    kv, k, _ = vllm_style_cache(nb, hkv, bs, d)
     if packed:
         cache = torch.randn(nb, hkv, bs, 2 * n_fc)
         cache[:, :, 0] = float("nan")  # never-written slot 0 of every block: must not leak into the scores
@@ -194,6 +200,8 @@ def test_paged_fc_scores_matches_reference(backend, packed, per_query_head):
     else:
         cache = k
     expected = paged_fc_scores_reference(q, cache, table, seq_lens, fc_index, 1, packed=packed, max_len=15)
+    cache = dev(cache) if packed else device_kv_views(kv, d)[0]
+    q, table, seq_lens, fc_index = dev(q, table, seq_lens, fc_index)
     out = paged_fc_scores(q, cache, table, seq_lens, fc_index, packed=packed, max_len=15, backend=backend)
     assert out.dtype == torch.float32 and out.shape == (len(lens), heads, 15)
     assert_close(out, expected, name="paged_fc_scores")
@@ -249,9 +257,9 @@ def test_paged_select_matches_reference(backend, budget, sink, window):
     scores = torch.randn(len(lens), 3, 18, generator=gen)
     scores[:, :, 17] = float("nan")  # past every length: ignored
     expected = paged_select_reference(scores, budget, sink, window, seq_lens, table, bs)
-    out = paged_select(scores, budget, sink, window, seq_lens, table, bs, backend=backend)
+    out = paged_select(dev(scores), budget, sink, window, *dev(seq_lens, table), bs, backend=backend)
     assert out.dtype == torch.int64 and out.shape == (len(lens), 3, budget)
-    assert torch.equal(out, expected), (out, expected)
+    assert torch.equal(host(out), expected), (out, expected)
 
 
 def test_paged_select_rejects_bad_input():
@@ -284,7 +292,7 @@ def test_paged_sparse_decode_matches_reference(backend, dtype, per_query_head):
     hkv, heads, d, bs = 2, 6, 32, 8
     lens = [30, 5, 17]
     table, nb = random_table(lens, bs, gen=gen)
-    _, k, v = vllm_style_cache(nb, hkv, bs, d, dtype)
+    kv, k, v = vllm_style_cache(nb, hkv, bs, d, dtype)
     q = torch.randn(len(lens), heads, d).to(dtype)
     n_idx = heads if per_query_head else hkv
     scores = torch.randn(len(lens), n_idx, 30)
@@ -292,10 +300,11 @@ def test_paged_sparse_decode_matches_reference(backend, dtype, per_query_head):
     slots[2, 0] = -1  # a row with no valid slot gives zeros
     scale = d ** -0.5
     expected = paged_sparse_decode_attention_reference(q, k, v, slots, scale)
-    out = paged_sparse_decode_attention(q, k, v, slots, scale, backend=backend)
+    out = paged_sparse_decode_attention(dev(q), *device_kv_views(kv, d), dev(slots), scale, backend=backend)
     assert out.dtype == dtype and out.shape == (len(lens), heads, d)
     assert_close(out, expected, name="paged_sparse_decode_attention")
     group_rows = slice(0, 1) if per_query_head else slice(0, heads // hkv)
+    out = host(out)
     assert torch.equal(out[2, group_rows], torch.zeros_like(out[2, group_rows]))
 
 
@@ -306,13 +315,15 @@ def test_budget_covering_the_context_is_exact_dense(backend):
     lens = [11, 2, 7]
     table, nb = random_table(lens, bs, gen=gen)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
-    _, k, v = vllm_style_cache(nb, hkv, bs, d)
+    kv, k, v = vllm_style_cache(nb, hkv, bs, d)
     q = torch.randn(len(lens), heads, d)
     fc_index = fc_setup(hkv, d, n_fc)
-    scores = paged_fc_scores(q, k, table, seq_lens, fc_index, packed=False, reduce="max", backend=backend)
-    slots = paged_select(scores, 16, 2, 2, seq_lens, table, bs, backend=backend)
-    sparse = paged_sparse_decode_attention(q, k, v, slots, 0.25, backend=backend)
-    dense = paged_decode_attention(q, k, v, table, seq_lens, 0.25, backend=backend)
+    kd, vd = device_kv_views(kv, d)
+    qd, table_d, lens_d = dev(q, table, seq_lens)
+    scores = paged_fc_scores(qd, kd, table_d, lens_d, dev(fc_index), packed=False, reduce="max", backend=backend)
+    slots = paged_select(scores, 16, 2, 2, lens_d, table_d, bs, backend=backend)
+    sparse = paged_sparse_decode_attention(qd, kd, vd, slots, 0.25, backend=backend)
+    dense = paged_decode_attention(qd, kd, vd, table_d, lens_d, 0.25, backend=backend)
     assert_close(dense, paged_decode_attention_reference(q, k, v, table, seq_lens, 0.25), name="dense vs oracle")
     assert_close(sparse, dense, name="budget >= length vs dense")
     assert (slots >= 0).sum(-1).tolist() == [[n] for n in lens]
@@ -366,11 +377,11 @@ def test_fasa_step_on_mixed_ragged_batch_equals_contiguous_ops(backend):
     table, nb = random_table(seq_lens.tolist(), bs, gen=gen)
     kv, k, v = vllm_style_cache(nb, hkv, bs, d)
     fc_index = fc_setup(hkv, d, n_fc)
-    fc_cache = torch.zeros(nb, hkv, bs, 2 * n_fc)
+    fc_cache = dev(torch.zeros(nb, hkv, bs, 2 * n_fc))
     for r in range(5):  # the FC side cache is written with the same slots as K/V
         n = int(seq_lens[r])
         slots = torch.tensor([int(table[r, t // bs]) * bs + t % bs for t in range(n)])
-        write_paged_fc_keys(fc_cache, gather_request(k, table, n, r)[0].transpose(0, 1), slots, fc_index,
+        write_paged_fc_keys(fc_cache, *dev(gather_request(k, table, n, r)[0].transpose(0, 1), slots, fc_index),
                             backend=backend)
     query = torch.randn(int(loc[-1]), heads, d)
     split = split_decode_rows(loc, seq_lens)
@@ -378,9 +389,9 @@ def test_fasa_step_on_mixed_ragged_batch_equals_contiguous_ops(backend):
     q = query[split.decode_tokens]
     rows = split.decode_rows
     sub_table, sub_lens = table[rows], seq_lens[rows]
-    scores = paged_fc_scores(q, fc_cache, sub_table, sub_lens, fc_index, reduce="max", backend=backend)
-    slots = paged_select(scores, budget, 1, 2, sub_lens, sub_table, bs, backend=backend)
-    out = paged_sparse_decode_attention(q, k, v, slots, d ** -0.5, backend=backend)
+    scores = paged_fc_scores(dev(q), fc_cache, *dev(sub_table, sub_lens, fc_index), reduce="max", backend=backend)
+    slots = paged_select(scores, budget, 1, 2, *dev(sub_lens, sub_table), bs, backend=backend)
+    out = paged_sparse_decode_attention(dev(q), *device_kv_views(kv, d), slots, d ** -0.5, backend=backend)
     for i, r in enumerate(rows.tolist()):
         n = int(seq_lens[r])
         kc, vc = gather_request(k, table, n, r), gather_request(v, table, n, r)
@@ -402,15 +413,15 @@ def test_contiguous_cache_is_the_one_block_special_case(backend):
     table = torch.arange(batch, dtype=torch.int32)[:, None]
     lens = torch.tensor([20, 13, 7], dtype=torch.int32)
     packed = pack_fc_keys(k, fc_index)
-    scores = paged_fc_scores(q[:, :, 0], packed, table, lens, fc_index, reduce="max", backend=backend)
+    scores = paged_fc_scores(*dev(q[:, :, 0], packed, table, lens, fc_index), reduce="max", backend=backend)
     valid = torch.arange(cap)[None, :] < lens[:, None].long()
     cs = fc_scores(q, packed, fc_index, packed=True, reduce="max")
     assert_close(scores, cs.masked_fill(~valid[:, None], float("-inf")), name="scores")
-    slots = paged_select(scores, budget, 1, 2, lens, table, cap, backend=backend)
+    slots = paged_select(scores, budget, 1, 2, *dev(lens, table), cap, backend=backend)
     idx = select_sparse_indices(cs, budget, sink=1, window=2, valid=valid)
     base = (torch.arange(batch) * cap)[:, None, None]
-    assert torch.equal(slots, torch.where(idx >= 0, idx + base, -1))
-    out = paged_sparse_decode_attention(q[:, :, 0], k, v, slots, 0.3, backend=backend)
+    assert torch.equal(host(slots), torch.where(idx >= 0, idx + base, -1))
+    out = paged_sparse_decode_attention(*dev(q[:, :, 0], k, v), slots, 0.3, backend=backend)
     assert_close(out, sparse_decode_attention(q, k, v, idx, 0.3)[:, :, 0], name="attention")
 
 
@@ -443,7 +454,7 @@ def test_quest_bounds_updated_incrementally_equal_bounds_from_scratch(backend):
     table, nb = random_table(lens, bs, gen=gen)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     k = torch.randn(nb, hkv, bs, d, generator=gen)
-    kmin = torch.randn(nb, hkv, bs // ps, d, generator=gen)  # stale values of a reused block
+    kmin = dev(torch.randn(nb, hkv, bs // ps, d, generator=gen))  # stale values of a reused block
     kmax = kmin + 5
     done = [0] * len(lens)
     while any(done[r] < lens[r] for r in range(len(lens))):
@@ -457,14 +468,14 @@ def test_quest_bounds_updated_incrementally_equal_bounds_from_scratch(backend):
             done[r] += step
         keys.append(torch.randn(hkv, d))  # a padding token (slot -1) must be ignored
         slots.append(-1)
-        update_paged_page_bounds(kmin, kmax, torch.stack(keys), torch.tensor(slots), ps, backend=backend)
+        update_paged_page_bounds(kmin, kmax, *dev(torch.stack(keys), torch.tensor(slots)), ps, backend=backend)
     q = torch.randn(len(lens), heads, d, generator=gen)
-    scores = paged_quest_scores(q, kmin, kmax, table, seq_lens, ps, backend=backend)
+    scores = paged_quest_scores(dev(q), kmin, kmax, *dev(table, seq_lens), ps, backend=backend)
     assert_close(scores, paged_quest_scores_reference(q, k, table, seq_lens, ps), name="quest scores")
     for n_pages in (0, 2, 9):
-        slots = paged_select_pages(scores, n_pages, seq_lens, table, bs, ps, backend=backend)
-        expected = paged_select_pages_reference(scores, n_pages, seq_lens, table, bs, ps)
-        assert torch.equal(slots, expected), n_pages
+        slots = paged_select_pages(scores, n_pages, *dev(seq_lens, table), bs, ps, backend=backend)
+        expected = paged_select_pages_reference(host(scores), n_pages, seq_lens, table, bs, ps)
+        assert torch.equal(host(slots), expected), n_pages
 
 
 def test_quest_rejects_bad_input():
