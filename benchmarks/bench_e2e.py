@@ -263,8 +263,9 @@ def build_cache(model, provider: str, kv, context: int, batch: int, new_tokens: 
     else:
         cache = TokpruneCache(model.config, capacity=context + new_tokens + 8)
     for i, (k, v) in enumerate(kv):
-        cache.update(k[:, :, : context - 1].expand(batch, -1, -1, -1).clone(),
-                     v[:, :, : context - 1].expand(batch, -1, -1, -1).clone(), i)
+        # both caches copy what they are given (torch.cat / a write into the buffer): no clone needed
+        cache.update(k[:, :, : context - 1].expand(batch, -1, -1, -1),
+                     v[:, :, : context - 1].expand(batch, -1, -1, -1), i)
     return cache
 
 

@@ -403,3 +403,19 @@ def test_generate_presizes_capacity():
     finally:
         TokpruneLayer._grow = original
     assert seen == []  # sized from generate's max length: no regrowth during generation
+
+
+def test_beam_search_and_sampling_match_dynamic_cache():
+    model = tiny_llama()
+    ids = torch.randint(1, 160, (2, 12))
+    kw = dict(max_new_tokens=6, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, **kw)
+    with use_tokprune_cache(model):
+        out = model.generate(ids, **kw)
+    assert torch.equal(out, ref)  # reorder_cache / batch expansion on the preallocated buffers
+    torch.manual_seed(3)
+    ref = model.generate(ids, max_new_tokens=6, do_sample=True, top_k=20, pad_token_id=0)
+    torch.manual_seed(3)
+    with use_tokprune_cache(model):
+        out = model.generate(ids, max_new_tokens=6, do_sample=True, top_k=20, pad_token_id=0)
+    assert torch.equal(out, ref)
