@@ -269,6 +269,13 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"scale must be a float, got {type(scale).__name__}")
     chosen = resolve_backend(backend, q.device, ("torch", "triton", "cuda"), "sparse_decode_attention")
+    from tokprune._codes import ATTN_MAX_HEAD_DIM
+
+    if chosen == "cuda" and q.shape[3] > ATTN_MAX_HEAD_DIM:  # the kernel's limit, checked here, not in _C
+        if backend not in (None, "auto"):
+            raise ValueError(f"q head_dim={q.shape[3]} exceeds {ATTN_MAX_HEAD_DIM}, the largest head_dim of "
+                             "backend='cuda' (tokprune._C); use backend='triton' or 'torch'")
+        chosen = resolve_backend(backend, q.device, ("torch", "triton"), "sparse_decode_attention")
     if chosen == "cuda":
         from tokprune.kernels.cuda import sparse_decode_attention_cuda
 

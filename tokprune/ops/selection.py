@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
@@ -59,9 +58,7 @@ def select_tokens(
         if forced is not None and forced.numel() and int(forced.max()) > keep:
             raise ValueError(f"keep_mask forces {int(forced.max())} tokens in a row but keep={keep}")
         work = work.masked_fill(keep_mask, float("inf"))
-    # TOKPRUNE_BACKEND=triton (a global preference) must not break this torch/cuda-only op.
-    env_triton = backend in (None, "auto") and os.environ.get("TOKPRUNE_BACKEND", "").strip().lower() == "triton"
-    chosen = "torch" if env_triton else resolve_backend(backend, scores.device, ("torch", "cuda"), "select_tokens")
+    chosen = resolve_backend(backend, scores.device, ("torch", "cuda"), "select_tokens")
     if chosen == "cuda":
         from tokprune.kernels.cuda import select_tokens_cuda
 
