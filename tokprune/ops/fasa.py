@@ -273,8 +273,8 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
     if chosen == "cuda" and q.shape[3] > ATTN_MAX_HEAD_DIM:  # the kernel's limit, checked here, not in _C
         if backend not in (None, "auto"):
-            raise ValueError(f"q head_dim={q.shape[3]} exceeds {ATTN_MAX_HEAD_DIM}, the largest head_dim of "
-                             "backend='cuda' (tokprune._C); use backend='triton' or 'torch'")
+            raise ValueError(f"q head_dim D={q.shape[3]} must be in [1, {ATTN_MAX_HEAD_DIM}] for backend='cuda' "
+                             "(tokprune._C); use backend='triton' or 'torch'")
         chosen = resolve_backend(backend, q.device, ("torch", "triton"), "sparse_decode_attention")
     if chosen == "cuda":
         from tokprune.kernels.cuda import sparse_decode_attention_cuda
