@@ -315,3 +315,20 @@ def test_debug_mode_synchronises_cuda_launches(monkeypatch):
     finally:
         _debug.set_debug(previous)
     assert synced == [torch.device("cuda", 1)] and FakeKernel.launched == [(3,), (3,), (3,)]
+
+
+@needs_triton
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (16, 2)])
+@pytest.mark.parametrize("per", ["kv", "q", "packed"])
+def test_fc_scores_gqa_groups(heads, kv_heads, per):
+    """FCs per KV head (and the packed layout): one program scores the whole group from one key tile."""
+    from tokprune.ops import fc_scores, pack_fc_keys
+
+    gen = torch.Generator().manual_seed(heads + kv_heads)
+    q = torch.randn(2, heads, 1, 32, generator=gen)
+    k = torch.randn(2, kv_heads, 70, 32, generator=gen)
+    fc = torch.randint(0, 16, (heads if per == "q" else kv_heads, 3), generator=gen)
+    keys = pack_fc_keys(k, fc) if per == "packed" else k
+    kw = dict(packed=per == "packed")
+    got = fc_scores(q, keys, fc, backend="triton", **kw)
+    assert_close(got, fc_scores(q, keys, fc, backend="torch", **kw), name=f"fc_scores per {per}")

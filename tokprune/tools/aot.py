@@ -1,6 +1,6 @@
 """Compile every shipped Triton kernel for real GPUs without one and report resource usage.
 
-    python -m tokprune.tools.aot [--arch 80 90] [--family NAME] [--json FILE] [--check] [--jobs N]
+    python -m tokprune.tools.aot [--arch 80 90] [--family NAME] [--kernel NAME] [--json FILE] [--check] [--jobs N]
 
 For each registered kernel (see :mod:`tokprune.kernels.triton.aot`), each argument-type variant
 (element and index dtypes; strides as Triton specialises them at run time: ``i32`` divisible by 16 with
@@ -137,7 +137,8 @@ def compile_one(spec, config, arch: int) -> AotResult:
 
 
 def run_aot(archs: Sequence[int] = (80, 90), families: Optional[Sequence[str]] = None,
-            planted_spill: bool = False, progress: bool = True, n_jobs: int = 1) -> List[AotResult]:
+            planted_spill: bool = False, progress: bool = True, n_jobs: int = 1,
+            kernels: Optional[Sequence[str]] = None) -> List[AotResult]:
     """Compile all registered kernels (optionally only ``families``) for ``archs``, in ``n_jobs``
     processes (results keep the registry order)."""
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -148,6 +149,8 @@ def run_aot(archs: Sequence[int] = (80, 90), families: Optional[Sequence[str]] =
     specs = registered_kernels()
     if families:
         specs = [s for s in specs if s.family in families]
+    if kernels:
+        specs = [s for s in specs if s.name in kernels]
     if planted_spill:
         from tokprune.tools._planted import planted_spill_kernel
 
@@ -242,9 +245,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--planted-spill", action="store_true",
                         help="add a kernel configuration built to spill (proves --check catches spills)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--kernel", nargs="+", help="only these kernels (function names)")
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes (default 1)")
     args = parser.parse_args(argv)
-    results = run_aot(args.arch, args.family, args.planted_spill, progress=not args.quiet, n_jobs=args.jobs)
+    results = run_aot(args.arch, args.family, args.planted_spill, progress=not args.quiet, n_jobs=args.jobs,
+                      kernels=args.kernel)
     print(format_table(results))
     print()
     print(format_summary(results))

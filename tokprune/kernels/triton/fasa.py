@@ -1,8 +1,8 @@
 """Triton kernels for FASA: frequency-chunk scoring and split-K sparse decode attention.
 
-``_fc_scores_kernel``: one program per (batch*head, block of tokens); reads only the FC dimensions of
-the keys (a per-head dimension table, the identity table for the packed layout) and writes fp32 partial
-logits.
+``_fc_scores_kernel``: one program per (block of tokens, KV head group or query head, batch); reads only
+the FC dimensions of the keys (a per-head dimension table, the identity table for the packed layout), once
+for all query heads of a group when the group shares its FCs, and writes fp32 partial logits.
 
 Sparse decode attention is split over the selected tokens (flash-decoding): ``_sparse_decode_split_kernel``
 runs an online softmax over one slice of the index list per program and writes its running max ``m``, sum
@@ -32,30 +32,34 @@ from tokprune.kernels.triton.aot import LaunchConfig, register_aot, type_variant
 @triton.jit
 def _fc_scores_kernel(
     q_ptr, k_ptr, qdims_ptr, kdims_ptr, out_ptr,
-    n_tokens, n_dims, group,
+    n_tokens, n_dims, group, heads_per_prog,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_ob, stride_oh, stride_ot,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Grid (token blocks, heads, batch): see fc_scores_grid. Program ids, offsets and dims are int64
-    # before any stride product: at run time strides below 2**31 arrive as i32, and an i32 product
-    # wraps past 2**31 elements.
+    # Grid (token blocks, head groups, batch): see fc_scores_grid. A program scores heads_per_prog
+    # query heads that read the same key columns (the whole GQA group when the FC dims are shared by
+    # the group, FASA's case; one head otherwise), so each key tile is loaded once for all of them.
+    # Program ids, offsets and dims are int64 before any stride product: at run time strides below
+    # 2**31 arrive as i32, and an i32 product wraps past 2**31 elements.
     pid_t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
+    h0 = tl.program_id(1).to(tl.int64) * heads_per_prog
     b = tl.program_id(2).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_dims
-    qd = tl.load(qdims_ptr + h * n_dims + offs_n, mask=mask_n, other=0).to(tl.int64)
-    kd = tl.load(kdims_ptr + h * n_dims + offs_n, mask=mask_n, other=0).to(tl.int64)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + qd * stride_qd, mask=mask_n, other=0.0).to(tl.float32)
+    qd = tl.load(qdims_ptr + h0 * n_dims + offs_n, mask=mask_n, other=0).to(tl.int64)
+    kd = tl.load(kdims_ptr + h0 * n_dims + offs_n, mask=mask_n, other=0).to(tl.int64)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < n_tokens
-    k_base = k_ptr + b * stride_kb + (h // group) * stride_kh
+    k_base = k_ptr + b * stride_kb + (h0 // group) * stride_kh
     k = tl.load(k_base + offs_t[:, None] * stride_kt + kd[None, :] * stride_kd,
                 mask=mask_t[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-    s = tl.sum(k * q[None, :], axis=1)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_t * stride_ot, s, mask=mask_t)
+    for g in range(0, heads_per_prog):
+        h = h0 + g
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + qd * stride_qd, mask=mask_n, other=0.0).to(tl.float32)
+        s = tl.sum(k * q[None, :], axis=1)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_t * stride_ot, s, mask=mask_t)
 
 
 def _fc_config(n_dims: int) -> LaunchConfig:
@@ -64,10 +68,10 @@ def _fc_config(n_dims: int) -> LaunchConfig:
     return LaunchConfig({"BLOCK_T": block_t, "BLOCK_N": block_n}, num_warps=4, num_stages=1)
 
 
-def fc_scores_grid(batch: int, heads: int, n_tokens: int, block_t: int) -> tuple:
-    """Grid of ``_fc_scores_kernel``: ``(token blocks, heads, batch)``; the token axis, the one that
-    grows with the context, sits on axis 0 (up to 2**31 - 1 programs)."""
-    return (triton.cdiv(n_tokens, block_t), heads, batch)
+def fc_scores_grid(batch: int, heads: int, n_tokens: int, block_t: int, heads_per_prog: int = 1) -> tuple:
+    """Grid of ``_fc_scores_kernel``: ``(token blocks, heads / heads_per_prog, batch)``; the token axis,
+    the one that grows with the context, sits on axis 0 (up to 2**31 - 1 programs)."""
+    return (triton.cdiv(n_tokens, block_t), heads // heads_per_prog, batch)
 
 
 def fc_scores_triton(q: torch.Tensor, k_cache: torch.Tensor, dims: torch.Tensor, packed: bool) -> torch.Tensor:
@@ -88,9 +92,12 @@ def fc_scores_triton(q: torch.Tensor, k_cache: torch.Tensor, dims: torch.Tensor,
     if n_dims == 0:
         return out.zero_()
     cfg = _fc_config(n_dims)
-    launch(_fc_scores_kernel, fc_scores_grid(batch, heads, n_tokens, cfg.constexprs["BLOCK_T"]), q.device,
+    # FC dims shared by a KV head's group (always so when packed): one program serves the group.
+    heads_per_prog = group if dims.shape[0] == kv_heads else 1
+    launch(_fc_scores_kernel, fc_scores_grid(batch, heads, n_tokens, cfg.constexprs["BLOCK_T"], heads_per_prog),
+           q.device,
            q, k_cache, qdims, kdims, out,
-           n_tokens, n_dims, group,
+           n_tokens, n_dims, group, heads_per_prog,
            q.stride(0), q.stride(1), q.stride(3),
            *k_cache.stride(), *out.stride(),
            **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -271,7 +278,7 @@ def _register() -> None:
     strides = lambda *names: {f"stride_{n}": "i64" for n in names}  # noqa: E731
     for elem, _, modes in type_variants(with_index=False, wide=("bf16",)):
         sig = {"q_ptr": f"*{elem}", "k_ptr": f"*{elem}", "qdims_ptr": "*i32", "kdims_ptr": "*i32",
-               "out_ptr": "*fp32", "n_tokens": "i32", "n_dims": "i32", "group": "i32"}
+               "out_ptr": "*fp32", "n_tokens": "i32", "n_dims": "i32", "group": "i32", "heads_per_prog": "i32"}
         sig.update(strides("qb", "qh", "qd", "kb", "kh", "kt", "kd", "ob", "oh", "ot"))
         register_aot("fasa", _fc_scores_kernel, sig, fc_configs, strides=modes,
                      unit=("stride_qd", "stride_kd", "stride_ot"), variant=elem)
