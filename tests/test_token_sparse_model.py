@@ -286,3 +286,19 @@ def test_shipped_profiles_follow_the_delta_rule():
         data = load_profile(path)
         assert len(data["drift"]) == data["num_hidden_layers"]
         assert data["sparse_layers"] == sparse_layers_from_drift(data["drift"], data["delta"])
+
+
+def test_default_policy_declines_below_measured_min_tokens(tiny_llama):
+    from tokprune.methods.token_sparse import MIN_TOKENS
+
+    policy = TokenSparseAttention()
+    assert policy.min_tokens == MIN_TOKENS > 256
+    q = torch.randn(1, 4, MIN_TOKENS - 1, 16)
+    k = torch.randn(1, 2, MIN_TOKENS - 1, 16)
+    assert not policy.applies(None, MIN_TOKENS - 1, MIN_TOKENS - 1)
+    assert policy.attend(None, q, k, k, None, 0.25) is None  # SDPA runs: exactly dense
+    assert policy.applies(None, MIN_TOKENS, MIN_TOKENS)
+    ids = torch.randint(0, 100, (1, 48))
+    with patch_attention(tiny_llama, prefill=policy):
+        got = tiny_llama(ids).logits
+    assert policy.calls == 0 and torch.equal(got, tiny_llama(ids).logits)

@@ -1,6 +1,7 @@
 """Quality of token sparse prefill on the real SmolLM2-135M with held-out text.
 
     tokprune eval token-sparse [--context 1024 --continuation 128 --segments 4 --keeps 0.5 0.25 0.1]
+                               [--taus 0.005] [--layers second_half profile all]
 
 Token sparse attention is a *prefill* method: the prompt is processed sparsely, then generation reads
 the KV cache that prefill wrote. So the measurement is the one that matters for generation: for each
@@ -14,8 +15,10 @@ declines prefill chunks on a cache). Reported against the dense model on the sam
 * ``top1_win``: agreement on the last ``window`` prompt positions (the always-kept window, whose
   attention runs over the compressed keys).
 
-Every configuration is run with the paper's layer setting (second half of the layers) and with every
-layer sparse.
+Budgets: explicit ``keep`` fractions and/or the paper's coverage threshold ``tau`` (``keep=None``).
+Layers: ``second_half`` (layers ``L // 2 ..``), ``profile`` (the paper's drift rule, the shipped profile of the
+model, see ``tokprune calibrate token-sparse``) and ``all``. ``--min-tokens`` is the policy's floor on the
+kept count (window included; 0 by default so that short contexts are sparse at all).
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ def _run(model, ids: torch.Tensor, context: int, window: int, policy=None):
 
 
 def evaluate(model, tokenizer, *, context: int, continuation: int, segments: int, keeps, window: int,
-             layer_modes, min_tokens: int = 0, log=print) -> List[dict]:
+             layer_modes, min_tokens: int = 0, taus=(), log=print) -> List[dict]:
     from tokprune.methods.token_sparse import TokenSparseAttention
 
     data = _segments(tokenizer, segments, context + continuation)
@@ -74,11 +77,17 @@ def evaluate(model, tokenizer, *, context: int, continuation: int, segments: int
     rows = []
     log(f"dense: ppl {math.exp(dense_nll):.3f} on {targets.numel()} continuation tokens "
         f"({segments} segments x {context}+{continuation} tokens)")
-    log(f"{'layers':<12} {'keep':>5} {'top1':>7} {'KL':>8} {'ppl':>9} {'Δppl':>8} {'top1_win':>9} {'s':>6}")
+    log(f"{'layers':<12} {'budget':>11} {'top1':>7} {'KL':>8} {'ppl':>9} {'Δppl':>8} {'top1_win':>9} "
+        f"{'kept':>6} {'s':>6}")
+    budgets = [("keep", k) for k in keeps] + [("tau", t) for t in taus]
     for mode in layer_modes:
-        for keep in keeps:
-            policy = TokenSparseAttention(keep=keep, window=window, min_tokens=min_tokens,
-                                          layers="second_half" if mode == "second_half" else None)
+        for kind, value in budgets:
+            keep = value if kind == "keep" else None
+            kept_counts: List[float] = []
+            policy = TokenSparseAttention(keep=keep, tau=value if kind == "tau" else None, window=window,
+                                          min_tokens=min_tokens, layers=None if mode == "all" else mode)
+            policy.bind(model)
+            _record_kept(policy, kept_counts)
             start = time.perf_counter()
             runs = [_run(model, ids, context, window, policy) for ids in data]
             seconds = time.perf_counter() - start
@@ -88,15 +97,39 @@ def evaluate(model, tokenizer, *, context: int, continuation: int, segments: int
             nll = torch.nn.functional.cross_entropy(cont, targets).item()
             kl = torch.nn.functional.kl_div(cont.log_softmax(-1), dense_cont.log_softmax(-1), log_target=True,
                                             reduction="batchmean").item()
-            row = dict(layers=mode, keep=keep, top1=(cont.argmax(-1) == dense_cont.argmax(-1)).float().mean().item(),
+            kept = sum(kept_counts) / max(len(kept_counts), 1)
+            row = dict(layers=mode, keep=keep, tau=value if kind == "tau" else None, kept_fraction=kept, top1=(cont.argmax(-1) == dense_cont.argmax(-1)).float().mean().item(),
                        kl=kl, ppl=math.exp(nll), dense_ppl=math.exp(dense_nll),
                        ppl_change=math.exp(nll - dense_nll) - 1.0,
                        top1_window=(win.argmax(-1) == dense_win.argmax(-1)).float().mean().item(),
                        sparse_calls=policy.calls, seconds=seconds)
             rows.append(row)
-            log(f"{mode:<12} {keep:>5} {row['top1']:>7.3f} {kl:>8.4f} {row['ppl']:>9.3f} "
-                f"{100 * row['ppl_change']:>7.1f}% {row['top1_window']:>9.3f} {seconds:>6.1f}")
+            log(f"{mode:<12} {kind + '=' + str(value):>11} {row['top1']:>7.3f} {kl:>8.4f} {row['ppl']:>9.3f} "
+                f"{100 * row['ppl_change']:>7.1f}% {row['top1_window']:>9.3f} {kept:>6.3f} {seconds:>6.1f}")
     return rows
+
+
+def _record_kept(policy, out: List[float]) -> None:
+    """Wrap ``policy.attend`` to record the kept fraction (mean over heads) of every sparse call."""
+    from tokprune.ops import token_sparse as ts_ops
+
+    attend = policy.attend
+
+    def recording(module, query, key, value, attention_mask, scaling, **kwargs):
+        result = attend(module, query, key, value, attention_mask, scaling, **kwargs)
+        if result is not None:
+            n = query.shape[2]
+            if policy.keep is not None:
+                count = max(ts_ops.resolve_keep(policy.keep, n), min(policy.min_tokens, n), min(policy.window, n))
+            else:
+                scores = ts_ops.token_sparse_scores(query, key, window=policy.window, kernel_size=policy.kernel_size,
+                                                    scale=scaling)
+                count = max(ts_ops.coverage_keep_count(scores, policy.window, policy.tau, policy.min_tokens),
+                            min(policy.min_tokens, n), min(policy.window, n))
+            out.append(count / n)
+        return result
+
+    policy.attend = recording
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -105,9 +138,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--context", type=int, default=1024, help="prompt tokens prefilled sparsely")
     parser.add_argument("--continuation", type=int, default=128, help="real next tokens scored densely")
     parser.add_argument("--segments", type=int, default=4, help="independent text segments")
-    parser.add_argument("--keeps", type=float, nargs="+", default=[0.5, 0.25, 0.1])
+    parser.add_argument("--keeps", type=float, nargs="*", default=[0.5, 0.25, 0.1])
+    parser.add_argument("--taus", type=float, nargs="*", default=[], help="coverage thresholds (paper: 0.005)")
     parser.add_argument("--window", type=int, default=64, help="observation window (paper: 128 at 128K)")
-    parser.add_argument("--layers", nargs="+", choices=["second_half", "all"], default=["second_half", "all"])
+    parser.add_argument("--min-tokens", type=int, default=0, help="floor on the kept count (paper: 1024 + window)")
+    parser.add_argument("--layers", nargs="+", choices=["second_half", "profile", "all"],
+                        default=["second_half", "profile", "all"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -120,7 +156,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     model, tokenizer = load_smollm2()
     evaluate(model, tokenizer, context=args.context, continuation=args.continuation, segments=args.segments,
-             keeps=args.keeps, window=args.window, layer_modes=args.layers)
+             keeps=args.keeps, window=args.window, layer_modes=args.layers, min_tokens=args.min_tokens, taus=args.taus)
     return 0
 
 
