@@ -131,9 +131,16 @@ def test_token_recycling_adjacency_learns_from_target():
     model = tiny.tiny_llama()
     ids, mask = prompts(1)
     logits = model(ids).logits
-    # prefill ("hot start" from the prompt): row t = target top-k after the last occurrence of t
-    drafter = TokenRecyclingDrafter(k=4, budget=8)
-    drafter.begin(DraftContext(model=model, input_ids=ids, attention_mask=mask, vocab_size=160, prompt_logits=logits))
+    ctx = DraftContext(model=model, input_ids=ids, attention_mask=mask, vocab_size=160, prompt_logits=logits)
+    # the paper's mode (default): the prompt's logits are not used, the matrix starts empty
+    paper = TokenRecyclingDrafter(k=4, budget=8)
+    assert not paper.needs_prompt_logits
+    paper.begin(ctx)
+    assert torch.equal(paper.adjacency, torch.arange(4).repeat(160, 1))
+    # tokprune's prompt fill: row t = target top-k after the last occurrence of t in the prompt
+    drafter = TokenRecyclingDrafter(k=4, budget=8, prompt_fill=True)
+    assert drafter.needs_prompt_logits
+    drafter.begin(ctx)
     for pos, t in enumerate(ids[0].tolist()):
         if t not in ids[0, pos + 1:].tolist():
             expect = torch.sort(logits[0, pos], descending=True, stable=True).indices[:4].tolist()
@@ -181,7 +188,7 @@ def test_sampling_is_seeded_and_valid(drafter_name):
 def test_input_errors():
     model = tiny.tiny_llama()
     ids, _ = prompts(1)
-    d = TokenRecyclingDrafter()
+    d = TokenRecyclingDrafter(budget=8)
     with pytest.raises(ValueError, match="input_ids"):
         generate(model, ids[0], drafter=d)
     with pytest.raises(ValueError, match="max_new_tokens"):

@@ -204,3 +204,62 @@ def test_negative_control_replacement_mismatch_fails():
 def test_negative_control_duplicate_siblings_naive_target_only_fails():
     pvalue = _chi2_pvalue(_emitted_pairs(_naive_verify(False, "target_only"), "top_k_duplicates", seed=1))
     assert pvalue < ALPHA, f"the test cannot detect duplicate siblings under a naive rule (p = {pvalue:.3g})"
+
+
+# ------------------------------------------------------------------------------------- RSD-S (beam trees)
+
+BEAM_W = 3
+
+
+def _beam_pairs(verify, seed: int, model_seed: int = 7, reverse_level1: bool = False) -> torch.Tensor:
+    """First two emitted tokens with RSD-S trees (``tokprune.spec.trees.beam_tree``, beam width 3,
+    depth 2: the root has 3 children, the 3 depth-2 nodes are shared among them by the stochastic beam,
+    so a depth-1 node has 0 to 3 children). ``reverse_level1`` reverses the order of the root's children
+    (a wrong sibling order, the negative control)."""
+    from tokprune.spec.trees import beam_tree
+
+    p0, p1, q0, q1 = _model(model_seed)
+    g = torch.Generator().manual_seed(seed)
+    root = torch.zeros(ROWS, dtype=torch.long)
+
+    def expand(tokens, parents, lo, hi):
+        if lo == 0:
+            return q0.expand(tokens.shape[0], 1, V)
+        return q1[tokens[:, lo:hi]]
+
+    tree = beam_tree(root, expand, BEAM_W, 2, generator=g)
+    tok, par, dp = tree.tokens, tree.parents.long(), tree.draft_probs
+    assert tree.rule == "rsd" and tok.shape == (ROWS, 1 + 2 * BEAM_W)
+    kids = torch.stack([(par == i).sum(1) for i in range(1, 1 + BEAM_W)], 1)
+    assert set(kids.flatten().tolist()) == {0, 1, 2, 3}, "beam trees must give varying children counts"
+    if reverse_level1:
+        perm = torch.tensor([0] + list(range(BEAM_W, 0, -1)) + list(range(BEAM_W + 1, 1 + 2 * BEAM_W)))
+        tok, dp = tok[:, perm], dp[:, perm]
+        lvl2 = par[:, BEAM_W + 1:]
+        par = torch.cat([par[:, :BEAM_W + 1], torch.where(lvl2 > 0, BEAM_W + 1 - lvl2, lvl2)], 1)
+    depth = torch.tensor([0] + [1] * BEAM_W + [2] * BEAM_W)
+    tp = torch.where((depth == 1).view(1, -1, 1), p1[tok], torch.full((ROWS, tok.shape[1], V), 1.0 / V))
+    tp[:, 0] = p0
+    ai, al, nt = verify(tok, par.int(), tp, dp, torch.rand(tok.shape, generator=g))
+    seq = torch.where(ai >= 0, tok.gather(1, ai.clamp_min(0)), -1)
+    e1 = torch.where(al >= 1, seq[:, 1], nt)
+    e2 = torch.where(al >= 2, seq[:, 2], torch.where(al == 1, nt, -1))
+    tok2, par2, tp2, dp2 = _round(e1, p1[e1], q1[e1], p1, q1, False, "without_replacement", g)
+    ai2, al2, nt2 = verify(tok2, par2, tp2, dp2, torch.rand(tok2.shape, generator=g))
+    first2 = torch.where(al2 >= 1, tok2.gather(1, ai2[:, 1:2].clamp_min(0)).squeeze(1), nt2)
+    return torch.stack([e1, torch.where(e2 >= 0, e2, first2)], 1)
+
+
+def test_rsd_s_beam_trees_preserve_target_distribution():
+    pvalue = _chi2_pvalue(_beam_pairs(_op("rsd"), seed=5))
+    assert pvalue > ALPHA, f"RSD-S (stochastic beam) under rule rsd: chi-square p = {pvalue:.3g}"
+
+
+def test_negative_control_rsd_s_wrong_sibling_order_fails():
+    pvalue = _chi2_pvalue(_beam_pairs(_op("rsd"), seed=5, reverse_level1=True))
+    assert pvalue < ALPHA, f"the test cannot detect a wrong sibling order in beam trees (p = {pvalue:.3g})"
+
+
+def test_negative_control_rsd_s_with_replacement_rule_fails():
+    pvalue = _chi2_pvalue(_beam_pairs(_op("specinfer"), seed=5))
+    assert pvalue < ALPHA, f"the test cannot detect beam trees under the with-replacement rule (p = {pvalue:.3g})"

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from tokprune.reference.spec import ancestor_matrix_reference, tree_depths_reference
-from tokprune.spec.trees import (RecyclingTemplate, ancestor_matrix, dyspec_tree, init_adjacency, recycling_template,
-                                 sampled_tree, token_recycling_tree, tree_depths, update_adjacency)
+from tokprune.ops import spec as S
+from tokprune.spec.trees import (RecyclingTemplate, ancestor_matrix, beam_tree, dyspec_tree, init_adjacency,
+                                 named_template, paper_template, recycling_template, sampled_tree, token_recycling_tree,
+                                 tree_depths, update_adjacency)
 
 V = 12
 
@@ -186,8 +188,12 @@ def test_replacement_sampling_frequencies():
 def test_tree_depths_and_ancestors_match_reference():
     parents = torch.tensor([[-1, 0, 0, 1, 3, -1, 2], [-1, 0, 1, 2, 3, 4, 5]], dtype=torch.int32)
     ref_depth = tree_depths_reference(parents)
-    assert torch.equal(tree_depths(parents), ref_depth.clamp_min(0))
+    # one convention: tokprune.spec.tree_depths IS tokprune.ops.tree_depths (padding nodes -1)
+    assert tree_depths is S.tree_depths
+    assert torch.equal(tree_depths(parents), ref_depth) and int(tree_depths(parents)[0, 5]) == -1
     assert torch.equal(ancestor_matrix(parents), ancestor_matrix_reference(parents))
+    with pytest.raises(ValueError, match="parents"):
+        ancestor_matrix(torch.tensor([[-1, 1]]))
 
 
 @pytest.mark.parametrize("budget,k,max_depth", [(1, 4, 8), (24, 8, 8), (40, 4, 3), (80, 8, 6)])
@@ -245,3 +251,77 @@ def test_update_adjacency_writes_target_top_k():
     assert torch.equal(adj[untouched], before[untouched])  # 9 was masked out
     with pytest.raises(ValueError, match="logits"):
         update_adjacency(adj, tokens, logits[:, :2])
+
+
+def test_paper_template_shape():
+    """Token Recycling's "2.2.2" template: 80 nodes + root, depth 6, level widths 8/21/25/15/8/3."""
+    t = paper_template()
+    assert t.num_nodes == 81
+    assert [len(lv) for lv in t.levels] == [1, 8, 21, 25, 15, 8, 3]
+    par, rank = t.parents.tolist(), t.ranks.tolist()
+    assert par[0] == -1 and rank[0] == -1
+    depth = [0] * 81
+    for i in range(1, 81):
+        assert 0 <= par[i] < i and 0 <= rank[i] < 8
+        depth[i] = depth[par[i]] + 1
+    assert max(depth) == 6 and depth == sorted(depth), "breadth-first order"
+    for node in range(81):  # children of a node take ranks 0, 1, ... in node order
+        kid_ranks = [rank[i] for i in range(1, 81) if par[i] == node]
+        assert kid_ranks == list(range(len(kid_ranks)))
+    paths = t.paths()
+    assert len(set(paths)) == 81 and paths[0] == () and paths[1:9] == [(r,) for r in range(8)]
+    for lv in t.levels:  # within a level, lexicographic rank paths (the authors' listing order)
+        lp = [paths[i] for i in lv.tolist()]
+        assert lp == sorted(lp)
+    assert (0, 0, 0, 0, 0, 0) in paths and (0, 0, 0, 1, 0, 0) in paths and (7, 0) in paths
+    assert named_template("paper").paths() == paths and named_template("paper-2.2.2").num_nodes == 81
+    with pytest.raises(ValueError, match="template name"):
+        named_template("2.2.3")
+    # from_paths round trip and errors
+    assert RecyclingTemplate.from_paths(paths[1:]).paths() == paths
+    with pytest.raises(ValueError, match="parent path"):
+        RecyclingTemplate.from_paths([(0,), (1, 0, 0)])
+    # expected accepted length: sum over nodes of the product of rank probabilities along the path
+    probs = [0.5 ** (r + 1) for r in range(8)]
+    brute = sum(math.prod(probs[r] for r in p) for p in paths[1:])
+    assert abs(t.expected_accepted(probs) - brute) < 1e-12
+
+
+def test_beam_tree_structure_and_sbs_order():
+    """RSD-S trees: 1 + W*D nodes, W nodes per level, siblings in decreasing perturbed value, the
+    children of the root are a Gumbel-top-W draw (without replacement) from q at the root."""
+    table = random_table(3)
+    root = torch.arange(8) % V
+    g = torch.Generator().manual_seed(0)
+    tree = beam_tree(root, markov_expand(table), 3, 4, generator=g)
+    check_canonical(tree.parents, tree.tokens)
+    assert tree.rule == "rsd" and tree.tokens.shape == (8, 13) and tree.draft_probs.shape == (8, 13, V)
+    depth = S.tree_depths(tree.parents)
+    assert torch.equal(depth, torch.tensor([0] + [1] * 3 + [2] * 3 + [3] * 3 + [4] * 3).expand(8, -1))
+    for b in range(8):
+        toks, par = tree.tokens[b].tolist(), tree.parents[b].tolist()
+        for node in range(13):
+            kids = [toks[i] for i in range(13) if par[i] == node]
+            assert len(set(kids)) == len(kids), "siblings are distinct (without replacement)"
+        assert torch.allclose(tree.draft_probs[b, 1:4], table[tree.tokens[b, 1:4]])
+    # the root's first child follows q(root) (Gumbel-max), the first 2 children are ordered draws
+    n = 20000
+    root = torch.zeros(n, dtype=torch.long)
+    tree = beam_tree(root, markov_expand(table), 2, 1, generator=torch.Generator().manual_seed(1))
+    q = table[0].double()
+    first = torch.bincount(tree.tokens[:, 1], minlength=V).double() / n
+    assert float((first - q).abs().max()) < 0.015
+    second = torch.bincount(tree.tokens[:, 2], minlength=V).double() / n
+    expect2 = sum(q[a] * q / (1 - q[a]) * (torch.arange(V) != a) for a in range(V))
+    assert float((second - expect2).abs().max()) < 0.015
+    with pytest.raises(ValueError, match="beam_width"):
+        beam_tree(root[:2], markov_expand(table), 0, 2)
+
+
+def test_beam_tree_padding_when_support_is_small():
+    table = torch.zeros(V, V)
+    table[:, 1] = 1.0  # every node has a single possible child
+    tree = beam_tree(torch.tensor([0, 5]), markov_expand(table), 3, 2)
+    check_canonical(tree.parents, tree.tokens)
+    act = tree.active()
+    assert act.sum(1).tolist() == [3, 3]  # root + one child per level; the other slots are padding

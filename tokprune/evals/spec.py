@@ -1,7 +1,9 @@
 """``tokprune eval spec``: speculative generation on the real SmolLM2-135M, many prompts.
 
-For every drafter (Token Recycling, DySpec / RSD / SpecInfer / top-k trees drafted by the target's first
-``--layers`` layers) and every prompt (windows of held-out Python stdlib source, plus short
+For every drafter (Token Recycling with tokprune's prompt fill and a fresh matrix per prompt, Token
+Recycling with the paper's template and mode (the matrix persists across the prompts, in order), DySpec
+(batched and exact greedy expansion) / RSD-C / RSD-S / SpecInfer / top-k trees drafted by the target's
+first ``--layers`` layers) and every prompt (windows of held-out Python stdlib source, plus short
 natural-language prompts), greedy speculative output is compared token for token with
 ``model.generate(do_sample=False)``; the mean tokens per target forward (accepted drafts + bonus), the
 accept-length histogram and the wall time are reported. ``--batch`` runs the prompts as left-padded
@@ -43,9 +45,12 @@ def _drafters(model, layers: int, tr_budget: int):
     from tokprune.spec import LayerSkipDrafter, TokenRecyclingDrafter
 
     return {
-        "token_recycling": lambda: TokenRecyclingDrafter(k=8, budget=tr_budget),
+        "token_recycling": lambda: TokenRecyclingDrafter(k=8, budget=tr_budget, prompt_fill=True),
+        "token_recycling_paper": lambda: TokenRecyclingDrafter(k=8, template="paper"),
         "dyspec_layerskip": lambda: LayerSkipDrafter(model, layers, tree="dyspec", budget=8, width=4),
+        "dyspec_exact_layerskip": lambda: LayerSkipDrafter(model, layers, tree="dyspec", budget=8, exact=True),
         "rsd_layerskip": lambda: LayerSkipDrafter(model, layers, tree="rsd", branching=(3, 2, 1)),
+        "rsd_s_layerskip": lambda: LayerSkipDrafter(model, layers, tree="rsd_s", beam_width=3, depth=3),
         "specinfer_layerskip": lambda: LayerSkipDrafter(model, layers, tree="specinfer", branching=(3, 2, 1)),
         "topk_layerskip": lambda: LayerSkipDrafter(model, layers, tree="topk", branching=(2, 2, 1)),
     }
@@ -91,10 +96,11 @@ def main(argv=None) -> int:
             acc: Counter = Counter()
             fwd = steps = tokens = 0
             t0 = time.perf_counter()
+            shared = drafters[name]() if name.endswith("_paper") else None  # paper's mode: one matrix
             for i, (enc, ref) in enumerate(zip(encoded, refs)):
                 kw = dict(do_sample=True, temperature=0.7, generator=torch.Generator().manual_seed(i)) \
                     if do_sample else {}
-                out, st = generate(model, enc.input_ids, attention_mask=enc.attention_mask, drafter=drafters[name](),
+                out, st = generate(model, enc.input_ids, attention_mask=enc.attention_mask, drafter=shared or drafters[name](),
                                    return_stats=True, **common, **kw)
                 if not do_sample:
                     same = [bool(torch.equal(out[r], ref[r])) if out.shape == ref.shape else False

@@ -4,8 +4,8 @@
   target's past top-k candidates, a static tree template filled breadth-first (Token Recycling).
 * :class:`DraftModelDrafter` -- any small Hugging Face causal LM with the target's vocabulary; its own
   ``DynamicCache``; trees grown by DySpec greedy expansion (``tree="dyspec"``), Gumbel-top-k without
-  replacement (``"rsd"``), sampling with replacement (``"specinfer"``) or deterministic top-k
-  (``"topk"``).
+  replacement with a constant branching factor (``"rsd"``, RSD-C), stochastic beam search (``"rsd_s"``,
+  RSD-S), sampling with replacement (``"specinfer"``) or deterministic top-k (``"topk"``).
 * :class:`LayerSkipDrafter` -- a :class:`DraftModelDrafter` whose draft model is the target's first
   ``k`` decoder layers + its final norm and LM head (weights shared, own KV cache).
 
@@ -26,9 +26,10 @@ from typing import Optional, Sequence
 import torch
 
 from tokprune.spec import _kv
-from tokprune.spec.trees import (DraftTree, RecyclingTemplate, dyspec_tree, init_adjacency, recycling_template,
-                                 sampled_tree, token_recycling_tree, tree_depths, ancestor_matrix,
-                                 update_adjacency)
+from tokprune.ops.spec import tree_positions
+from tokprune.spec.trees import (DraftTree, RecyclingTemplate, ancestor_matrix, beam_tree, dyspec_tree,
+                                 init_adjacency, named_template, recycling_template, sampled_tree,
+                                 token_recycling_tree, update_adjacency)
 
 
 @dataclass
@@ -84,34 +85,63 @@ class TokenRecyclingDrafter(Drafter):
     Keeps ``adjacency [vocab, k]``: row ``t`` holds the top-``k`` tokens the target predicted the last
     time it saw ``t``. Each step fills a static tree template breadth-first from the root, and after
     verification rewrites the rows of every token in the tree with the top-``k`` of the target logits
-    at that node. The matrix persists across :func:`~tokprune.spec.generate` calls (the paper's "hot
-    start"); :meth:`reset` clears it.
+    at that node.
+
+    Modes (``prompt_fill``):
+
+    * ``False`` (default, the paper's): the matrix starts empty and then persists across
+      :func:`~tokprune.spec.generate` calls of this drafter ("hot start"); the prompt's logits are not
+      used (the prefill computes the last position's logits only).
+    * ``True`` (tokprune's addition): the rows of the prompt's tokens are also filled from the target's
+      logits over the prompt at prefill (one LM-head pass over the prompt), which helps a cold matrix.
 
     Args:
-        k: candidates per token.
-        budget: tree nodes including the root.
-        max_depth: deepest level of the template.
-        template: an explicit :class:`RecyclingTemplate` (overrides ``budget``/``max_depth``).
-        prompt_update: also fill the matrix from the target's logits over the prompt (costs one LM-head
-            pass over the prompt at prefill).
+        k: candidates per token (the paper: 8).
+        template: ``"auto"`` (default: the tree the measured cost model of :mod:`tokprune.spec.cost`
+            picks for this model and device at the first call: the paper's template on GPUs, the size
+            maximising expected tokens/s on a CPU), ``"paper"`` (the paper's 81-node "2.2.2" tree, needs
+            ``k >= 8``), a :class:`RecyclingTemplate`, or ``None`` to build one of ``budget`` nodes with
+            :func:`~tokprune.spec.trees.recycling_template`.
+        budget: tree nodes including the root when ``template=None``.
+        max_depth: deepest level when ``template=None``.
+        prompt_fill: see above.
     """
 
-    def __init__(self, k: int = 8, budget: int = 24, max_depth: int = 8,
-                 template: Optional[RecyclingTemplate] = None, prompt_update: bool = True):
+    def __init__(self, k: int = 8, budget: Optional[int] = None, max_depth: int = 8,
+                 template="auto", prompt_fill: bool = False):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
         self.k = k
-        self.template = template if template is not None else recycling_template(budget, k, max_depth=max_depth)
-        self.prompt_update = prompt_update
-        self.needs_prompt_logits = prompt_update
+        if budget is not None and template == "auto":
+            template = None
+        if template is None:
+            template = recycling_template(24 if budget is None else budget, k, max_depth=max_depth)
+        elif isinstance(template, str) and template != "auto":
+            template = named_template(template)
+        elif not isinstance(template, (str, RecyclingTemplate)):
+            raise TypeError(f"template must be 'auto', 'paper', a RecyclingTemplate or None, got "
+                            f"{type(template).__name__}")
+        if isinstance(template, RecyclingTemplate) and template.num_nodes > 1 \
+                and int(template.ranks[1:].max()) >= k:
+            raise ValueError(f"the template uses rank {int(template.ranks[1:].max())}; it needs k > that, got k={k}")
+        self.template = template
+        self.prompt_fill = bool(prompt_fill)
+        self.needs_prompt_logits = self.prompt_fill
         self.adjacency: Optional[torch.Tensor] = None
 
     def reset(self) -> None:
+        """Forget the adjacency matrix (the next call starts cold)."""
         self.adjacency = None
 
     def begin(self, ctx: DraftContext) -> None:
+        if self.template == "auto":
+            from tokprune.spec.cost import choose_recycling_template
+
+            self.template = choose_recycling_template(ctx.model, k=self.k)
         if self.adjacency is None or self.adjacency.shape[0] != ctx.vocab_size \
                 or self.adjacency.device != ctx.input_ids.device:
             self.adjacency = init_adjacency(ctx.vocab_size, self.k, device=ctx.input_ids.device)
-        if self.prompt_update and ctx.prompt_logits is not None:
+        if self.prompt_fill and ctx.prompt_logits is not None:
             update_adjacency(self.adjacency, ctx.input_ids, ctx.prompt_logits, mask=ctx.attention_mask.bool())
 
     def propose(self, root: torch.Tensor) -> DraftTree:
@@ -121,7 +151,7 @@ class TokenRecyclingDrafter(Drafter):
         update_adjacency(self.adjacency, tree.tokens, target_logits, mask=tree.active())
 
 
-TREES = ("dyspec", "rsd", "specinfer", "topk")
+TREES = ("dyspec", "rsd", "rsd_s", "specinfer", "topk")
 
 
 class DraftModelDrafter(Drafter):
@@ -132,25 +162,37 @@ class DraftModelDrafter(Drafter):
     right-padded; the padding slots are holes), then grows the tree, feeding the nodes it expands with a
     tree mask; after verification the tree slots are cropped away.
 
+    DySpec expansion: the default adds ``width=4`` nodes per draft forward (4x fewer draft forwards;
+    the tree can differ from the exact greedy one); ``exact=True`` (or ``width=1``) adds one node per
+    draft forward, the paper's exact greedy node-by-node expansion.
+
     Args:
         draft_model: Hugging Face causal LM (same tokenizer as the target).
-        tree: ``"dyspec" | "rsd" | "specinfer" | "topk"``.
+        tree: ``"dyspec" | "rsd" | "rsd_s" | "specinfer" | "topk"``.
         budget: node budget of ``"dyspec"`` trees (root included).
         max_children: DySpec candidates per expanded node.
-        width: DySpec nodes added per draft forward.
+        width: DySpec nodes added per draft forward (ignored when ``exact``).
+        exact: DySpec exact greedy expansion (one node per draft forward).
         branching: children per node and depth for ``"rsd" | "specinfer" | "topk"``.
+        beam_width, depth: RSD-S stochastic beam (``tree="rsd_s"``): ``1 + beam_width * depth`` nodes.
     """
 
     def __init__(self, draft_model, *, tree: str = "dyspec", budget: int = 16, max_children: int = 4,
-                 width: int = 4, branching: Sequence[int] = (3, 2, 2, 1)):
+                 width: int = 4, exact: bool = False, branching: Sequence[int] = (3, 2, 2, 1),
+                 beam_width: int = 3, depth: int = 3):
         if tree not in TREES:
             raise ValueError(f"tree must be one of {TREES}, got {tree!r}")
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"width must be an int >= 1, got {width!r}")
         self.draft = draft_model
         self.tree = tree
         self.budget = budget
         self.max_children = max_children
-        self.width = width
+        self.exact = bool(exact)
+        self.width = 1 if exact else width
         self.branching = tuple(branching)
+        self.beam_width = beam_width
+        self.depth = depth
         self.cache = None
 
     # -- protocol -------------------------------------------------------------------------------------
@@ -210,7 +252,7 @@ class DraftModelDrafter(Drafter):
             m = hi - lo
             anc = ancestor_matrix(parents[:, :hi])  # [B, hi, hi]
             vis_new = torch.cat([prefix_vis.unsqueeze(1).expand(bsz, m, self.t_pre), anc[:, lo:hi, 1:hi]], 2)
-            pos = root_pos.view(-1, 1) + tree_depths(parents[:, :hi])[:, lo:hi]
+            pos = tree_positions(parents[:, :hi], root_pos)[:, lo:hi]
             lg = _kv.forward_chunk(self.draft, self.cache, tokens[:, lo:hi], pos, vis_new)
             self.draft_forwards += 1
             return self._probs(lg)
@@ -218,6 +260,8 @@ class DraftModelDrafter(Drafter):
         gen = self.ctx.generator
         if self.tree == "dyspec":
             tree = dyspec_tree(root, expand, self.budget, max_children=self.max_children, width=self.width)
+        elif self.tree == "rsd_s":
+            tree = beam_tree(root, expand, self.beam_width, self.depth, generator=gen)
         else:
             mode = {"rsd": "gumbel", "specinfer": "replace", "topk": "topk"}[self.tree]
             tree = sampled_tree(root, expand, self.branching, mode=mode, generator=gen)

@@ -37,7 +37,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from tokprune.ops.spec import _ancestors, _depths
+from tokprune.ops.spec import tree_attention_mask
+from tokprune.ops.spec import tree_depths  # noqa: F401  (re-exported: one convention, padding nodes -1)
 
 ExpandFn = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
 
@@ -73,18 +74,13 @@ class DraftTree:
         return act
 
 
-def tree_depths(parents: torch.Tensor) -> torch.Tensor:
-    """``[B, N]`` int64 depth of every node (root 0; padding nodes 0, where
-    :func:`tokprune.ops.tree_depths` gives -1). No validation: the builders make canonical trees."""
-    return _depths(parents.long()).clamp_min(0)
-
-
 def ancestor_matrix(parents: torch.Tensor) -> torch.Tensor:
     """``[B, N, N]`` bool: ``[b, i, j]`` True iff node ``j`` is node ``i`` or one of its ancestors.
 
-    Padding nodes see only themselves. Same computation as the tree masks of :mod:`tokprune.ops.spec`.
+    ``parents [B, N]`` int32/int64 canonical tree (validated). Padding nodes see only themselves. This is
+    the tree block of :func:`tokprune.ops.tree_attention_mask` (the same computation, no second copy).
     """
-    return _ancestors(parents.long())
+    return tree_attention_mask(parents, 0, torch.float32)[:, 0] == 0
 
 
 def _check_root(root: torch.Tensor) -> torch.Tensor:
@@ -232,6 +228,100 @@ def sampled_tree(root: torch.Tensor, expand: ExpandFn, branching: Sequence[int],
     return DraftTree(tokens, parents.int(), draft_probs, RULE_OF_MODE[mode])
 
 
+def _log1mexp(a: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(a))`` for ``a <= 0``, stable at both ends (``-inf`` at ``a = 0``)."""
+    a = a.clamp_max(0.0)
+    return torch.where(a > -0.6931471805599453, torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
+
+
+def beam_tree(root: torch.Tensor, expand: ExpandFn, beam_width: int, depth: int, *,
+              generator: Optional[torch.Generator] = None) -> DraftTree:
+    """RSD-S: a draft tree from Stochastic Beam Search (Kool et al., 2019), as in Recursive Speculative
+    Decoding (Jeon et al., 2024). Verify with rule ``"rsd"``.
+
+    Every node carries its draft log-probability ``phi`` (sum of ``log q`` along its path) and a perturbed
+    value ``G`` (root: ``phi = G = 0``). A beam node's children get ``G~ = phi + log q(x) + Gumbel`` and are
+    conditioned on their maximum being the parent's ``G`` (``G = -log(exp(-G_par) - exp(-max G~) +
+    exp(-G~))``); the ``beam_width`` children of highest ``G`` over the whole level form the next beam.
+    The children a node keeps are therefore the first ones of a Gumbel-top-k draw from its ``q``
+    (sampling without replacement, in that order), and how many it keeps depends only on perturbed
+    values, which are independent of which tokens were drawn: recursive rejection sampling (rule
+    ``"rsd"``) stays lossless, with a variable number of children per node (RSD-C, a constant
+    branching factor, is :func:`sampled_tree` ``mode="gumbel"``).
+
+    Args:
+        root: ``[B]`` int64.
+        expand: draft callback (see module docstring); called once per level on the current beam.
+        beam_width: ``W >= 1`` nodes per level.
+        depth: ``D >= 0`` levels.
+        generator: ``torch.Generator`` for the Gumbel draws.
+
+    Returns:
+        :class:`DraftTree` with ``N = 1 + W * D`` nodes (children of a node in decreasing ``G`` order;
+        slots with no candidate of positive probability are padding nodes), ``draft_probs [B, N, V]``
+        (uniform rows on the last level) and rule ``"rsd"``.
+    """
+    root = _check_root(root)
+    for name, v, lo_ in (("beam_width", beam_width, 1), ("depth", depth, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo_:
+            raise ValueError(f"{name} must be an int >= {lo_}, got {v!r}")
+    bsz, dev = root.shape[0], root.device
+    ninf = float("-inf")
+    tokens = root.view(bsz, 1)
+    parents = torch.full((bsz, 1), -1, dtype=torch.long, device=dev)
+    phi = torch.zeros(bsz, 1, device=dev)
+    big_g = torch.zeros(bsz, 1, device=dev)
+    probs: List[torch.Tensor] = []
+    lo, hi = 0, 1
+    vocab = None
+    for _ in range(depth):
+        q = expand(tokens, parents, lo, hi).float()  # [B, m, V]
+        probs.append(q)
+        m, vocab = q.shape[1], q.shape[-1]
+        alive = (phi > ninf)[..., None]  # beam nodes that are not padding
+        u = torch.rand(q.shape, generator=generator, device=dev).clamp_(1e-20, 1.0 - 1e-7)
+        g_tilde = phi[..., None] + torch.log(q) - torch.log(-torch.log(u))
+        g_tilde = torch.where(alive, g_tilde, torch.full_like(g_tilde, ninf))
+        c = min(beam_width, vocab)
+        top = torch.topk(g_tilde, c, dim=-1)  # per node, decreasing G~ (== decreasing G)
+        gt, idx = top.values, top.indices
+        z = gt[..., :1]
+        par_g = big_g[..., None]
+        ok = gt > ninf
+        # G = T - relu(v) - log1p(exp(-|v|)), v = T - G~ + log(1 - exp(G~ - Z))  (stable form)
+        v = par_g - gt + _log1mexp(torch.where(ok, gt - z, torch.zeros_like(gt)))
+        g_child = par_g - v.clamp_min(0) - torch.log1p(torch.exp(-v.abs()))
+        g_child = torch.where(ok, g_child, torch.full_like(g_child, ninf))
+        w = min(beam_width, m * c)
+        pick = torch.topk(g_child.flatten(1), w, dim=-1).indices  # [B, w], decreasing G
+        par_local = pick // c
+        # siblings stay in decreasing-G order; groups ordered by parent (stable sort)
+        order = torch.sort(par_local, dim=1, stable=True).indices
+        pick = pick.gather(1, order)
+        par_local = par_local.gather(1, order)
+        sel_g = g_child.flatten(1).gather(1, pick)
+        ok = sel_g > ninf
+        new_tok = torch.where(ok, idx.flatten(1).gather(1, pick), torch.zeros_like(pick))
+        new_par = torch.where(ok, lo + par_local, torch.full_like(pick, -1))
+        q_sel = q.gather(2, idx).flatten(1).gather(1, pick)
+        new_phi = torch.where(ok, phi.gather(1, par_local) + torch.log(q_sel), torch.full_like(sel_g, ninf))
+        if w < beam_width:  # fewer candidates than the beam (tiny vocabulary): pad the level
+            extra = beam_width - w
+            new_tok = torch.cat([new_tok, new_tok.new_zeros(bsz, extra)], 1)
+            new_par = torch.cat([new_par, new_par.new_full((bsz, extra), -1)], 1)
+            new_phi = torch.cat([new_phi, new_phi.new_full((bsz, extra), ninf)], 1)
+            sel_g = torch.cat([sel_g, sel_g.new_full((bsz, extra), ninf)], 1)
+        tokens = torch.cat([tokens, new_tok], 1)
+        parents = torch.cat([parents, new_par], 1)
+        phi, big_g = new_phi, sel_g
+        lo, hi = hi, hi + beam_width
+    draft_probs = None
+    if probs:
+        leaves = torch.full((bsz, hi - lo, vocab), 1.0 / vocab, device=dev)
+        draft_probs = torch.cat(probs + [leaves], 1)
+    return DraftTree(tokens, parents.int(), draft_probs, "rsd")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Token Recycling
 # ----------------------------------------------------------------------------------------------------
@@ -263,6 +353,94 @@ class RecyclingTemplate:
         levels = [torch.tensor([i for i, d in enumerate(depth) if d == lv], dtype=torch.long)
                   for lv in range(max(depth) + 1)]
         return cls(parents_t, ranks_t, levels)
+
+    @classmethod
+    def from_paths(cls, paths: Sequence[Sequence[int]]) -> "RecyclingTemplate":
+        """A template from rank paths (the Token Recycling authors' notation): path ``(r0, r1, ..., rd)``
+        is the node reached by taking the ``r0``-th candidate of the root, then the ``r1``-th candidate of
+        that token, ... The root (empty path) is added as node 0; every proper prefix of a path must be a
+        path too. Nodes are ordered by depth, then lexicographically (parents before children, siblings
+        by rank), which is breadth-first order.
+        """
+        uniq = sorted({tuple(int(r) for r in p) for p in paths}, key=lambda p: (len(p), p))
+        if any(len(p) == 0 for p in uniq):
+            raise ValueError("paths must be non-empty (the root is implicit)")
+        if any(r < 0 for p in uniq for r in p):
+            raise ValueError("path ranks must be >= 0")
+        index = {(): 0}
+        parents, ranks = [-1], [-1]
+        for p in uniq:
+            if p[:-1] not in index:
+                raise ValueError(f"path {list(p)} has no parent path {list(p[:-1])}")
+            index[p] = len(parents)
+            parents.append(index[p[:-1]])
+            ranks.append(p[-1])
+        return cls.from_parents_ranks(parents, ranks)
+
+    def paths(self) -> List[Tuple[int, ...]]:
+        """Rank path of every node (root: ``()``), in node order."""
+        out: List[Tuple[int, ...]] = [()]
+        for i in range(1, self.num_nodes):
+            out.append(out[int(self.parents[i])] + (int(self.ranks[i]),))
+        return out
+
+    def reach(self, rank_probs: Sequence[float]) -> List[float]:
+        """Probability that each node is on the accepted path under ``rank_probs`` (root: 1)."""
+        probs = list(rank_probs)
+        if self.num_nodes > 1 and int(self.ranks[1:].max()) >= len(probs):
+            raise ValueError(f"rank_probs needs {int(self.ranks[1:].max()) + 1} entries, got {len(probs)}")
+        out = [1.0] * self.num_nodes
+        for i in range(1, self.num_nodes):
+            out[i] = out[int(self.parents[i])] * probs[int(self.ranks[i])]
+        return out
+
+    def prune(self, n: int, rank_probs: Sequence[float]) -> "RecyclingTemplate":
+        """The sub-template of the ``n`` nodes most likely to be accepted under ``rank_probs`` (ties: lower
+        node index first). A child is never more likely than its parent, so the kept set is closed under
+        taking parents; for ``n >= num_nodes`` the template itself."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        if n >= self.num_nodes:
+            return self
+        r = self.reach(rank_probs)
+        keep = sorted(range(self.num_nodes), key=lambda i: (-r[i], i))[:n]
+        paths = self.paths()
+        return RecyclingTemplate.from_paths([paths[i] for i in keep if i > 0])
+
+    def expected_accepted(self, rank_probs: Sequence[float]) -> float:
+        """``E[accepted draft tokens]`` if the rank-``r`` candidate of every node is the target's next
+        token with probability ``rank_probs[r]`` independently per step (ranks exclusive): the sum over
+        non-root nodes of the product of their path's rank probabilities."""
+        return float(sum(self.reach(rank_probs)[1:]))
+
+
+# Token Recycling's default tree ("2.2.2", Luo et al. 2024): 80 nodes + root, depth 6, level widths
+# 8/21/25/15/8/3, k = 8. Written as {parent rank path: number of children}; children always take ranks
+# 0 .. c-1 of their parent's candidates. (tests/test_spec_trees.py checks widths, count, depth, parents.)
+_PAPER_CHILDREN = {
+    "": 8,
+    "0": 8, "1": 4, "2": 3, "3": 2, "4": 1, "5": 1, "6": 1, "7": 1,
+    "00": 8, "01": 3, "02": 2, "03": 1, "04": 1, "05": 1, "06": 1, "07": 1, "10": 2, "11": 1,
+    "20": 1, "30": 1, "40": 1, "50": 1,
+    "000": 5, "001": 2, "002": 1, "003": 1, "004": 1, "010": 1, "020": 1, "100": 1, "200": 1, "300": 1,
+    "0000": 3, "0001": 1, "0002": 1, "0010": 1, "0100": 1, "1000": 1,
+    "00000": 2, "00010": 1,
+}
+PAPER_TEMPLATE_NAME = "paper-2.2.2"
+
+
+def paper_template() -> RecyclingTemplate:
+    """Token Recycling's fixed "2.2.2" template (the authors' default): 81 nodes (80 + root), depth 6,
+    level widths 8/21/25/15/8/3, ranks < 8 (``k = 8``)."""
+    paths = [tuple(int(c) for c in parent) + (r,) for parent, n in _PAPER_CHILDREN.items() for r in range(n)]
+    return RecyclingTemplate.from_paths(paths)
+
+
+def named_template(name: str) -> RecyclingTemplate:
+    """A named Token Recycling template: ``"paper-2.2.2"`` (alias ``"paper"``)."""
+    if name in ("paper", PAPER_TEMPLATE_NAME):
+        return paper_template()
+    raise ValueError(f"unknown template name {name!r}; known: 'paper' / {PAPER_TEMPLATE_NAME!r}")
 
 
 def recycling_template(budget: int, k: int, *, max_depth: int = 8,
