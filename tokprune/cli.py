@@ -22,7 +22,7 @@ EVALS: Dict[str, str] = {
     "spec": "tokprune.evals.spec:main",
 }
 CALIBRATIONS: Dict[str, str] = {
-    "fasa": "tokprune.methods.fasa:calibrate_main",
+    "fasa": "tokprune.methods.fasa_calibration:calibrate_main",
     "token-sparse": "tokprune.methods.token_sparse:calibrate_main",
 }
 
