@@ -105,8 +105,8 @@ def _declared_kernel_ops():
     for path in glob.glob(os.path.join(root, "tokprune", "ops", "*.py")):
         for backends, op in re.findall(r'resolve_backend\([^()]*?\(([^()]*)\),\s*"(\w+)"', open(path).read()):
             kernels = tuple(b for b in ("triton", "cuda") if f'"{b}"' in backends)
-            if kernels:
-                declared[op] = kernels
+            if kernels:  # an op may resolve more than once (a fallback without one backend): the union
+                declared[op] = tuple(b for b in ("triton", "cuda") if b in kernels + declared.get(op, ()))
     return declared
 
 
@@ -266,8 +266,52 @@ def test_bench_and_audit_code_runs_on_cpu_with_tiny_shapes():
     assert all(r["baseline"] and r["baseline_ms"] is not None for r in res.rows
                if r["status"] == "passed" and r["op"] in with_baseline)
     assert {"compress_qkv", "decompress", "matrix_entropy"} <= {r["op"] for r in res.rows if r["status"] == "passed"}
+    # every op with a kernel backend (the smoke program's list) is benchmarked with each of its kernel backends
+    from tokprune.tools.gpu_smoke import KERNEL_OPS
+
+    assert {(op, b) for op, bs in KERNEL_OPS.items() for b in bs} - ops_run == set()
+    against_attention = {"token_sparse_attention": "sdpa(causal)", "paged_sparse_decode_attention": "sdpa(full)",
+                         "paged_decode_attention": "sdpa(full)"}
+    for op, base in against_attention.items():
+        assert any(r["op"] == op and r["baseline"] == base and r["baseline_ms"] is not None for r in res.rows
+                   if r["status"] == "passed"), op
     audit = gc.run_audit(torch.device("cpu"), steps=4, warmup=2, small=True)
     assert audit.status == "passed" and audit.rows[0]["steps"] == 4
+
+
+def test_audit_fails_on_a_host_sync_in_the_decode_step(monkeypatch):
+    """A decode op that synchronises (as ``.item()`` does under ``torch.cuda.set_sync_debug_mode``) fails the
+    audit with the count; simulated on the CPU by the warning that mode emits."""
+    import warnings
+
+    from tokprune.ops import paged
+
+    real = paged.paged_select
+
+    def syncing(*args, **kwargs):
+        warnings.warn("called a synchronizing CUDA operation", UserWarning)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(paged, "paged_select", syncing)
+    audit = gc.run_audit(torch.device("cpu"), steps=4, warmup=2, small=True)
+    assert audit.status == "failed" and "host synchronisations in the steady state (max 1 per step)" in audit.reason
+
+
+def test_suite_step_runs_every_test_file_that_uses_the_device_helpers(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = gc.kernel_test_files()
+    for name in ("test_paged.py", "test_triton_defects.py", "test_fasa.py", "test_csrc.py", "test_op_limits.py"):
+        assert f"tests/{name}" in files, name
+    for name in os.listdir(os.path.join(root, "tests")):
+        if name.startswith("test_") and name.endswith(".py") and name != "test_gpu_check.py":
+            text = open(os.path.join(root, "tests", name)).read()
+            if "backend_params(" in text or "needs_backend(" in text:
+                assert f"tests/{name}" in files, f"{name} uses the device helpers but the suite step skips it"
+    # a new file is picked up by its import line alone
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_new_kernel.py").write_text("from tests.helpers import assert_close, dev, host\n")
+    (tmp_path / "tests" / "test_cpu_only.py").write_text("from tests.helpers import assert_close\n")
+    assert gc.kernel_test_files(str(tmp_path)) == ["tests/test_new_kernel.py"]
 
 
 @pytest.mark.slow

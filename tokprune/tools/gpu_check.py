@@ -8,15 +8,18 @@ no network. Steps (each in its own process, with its own time limit; a step that
                  release matches torch's CUDA, pybind11/ninja (:func:`gate`).
 2. ``build``     ``tokprune._C`` built strictly (``TOKPRUNE_EXT_STRICT=1``) for exactly the device's arch
                  with that nvcc.
-3. ``suite``     the kernel tests with ``TOKPRUNE_TEST_DEVICE=cuda`` (CUDA tensors, interpreter off).
+3. ``suite``     the kernel tests with ``TOKPRUNE_TEST_DEVICE=cuda`` (CUDA tensors, interpreter off): every
+                 test file using the device helpers of tests/helpers.py (:func:`kernel_test_files`).
 4. ``smoke``     :mod:`tokprune.tools.gpu_smoke`: every Triton and CUDA op against the torch backend.
 5. ``sanitizer`` ``compute-sanitizer`` memcheck, racecheck and synccheck over the smoke program.
 6. ``large``     kernels on tensors past 2**31 elements.
 7. ``stress``    stochastic tree verification, batch 512, vocabulary 128K, 200 repeats, every result equal
                  to the CPU oracle (torch backend on CPU copies), under a time limit (a race can hang).
-8. ``audit``     100 FASA decode steps: host synchronisations (``torch.cuda.set_sync_debug_mode``) and
-                 Triton recompilations (compiled-kernel cache sizes after warm-up and at the end).
-9. ``bench``     every op against its baseline (SDPA, flash-attn when importable, torch) with CUDA events,
+8. ``audit``     100 FASA decode steps (contiguous and paged cache): host synchronisations
+                 (``torch.cuda.set_sync_debug_mode``, must be 0 after warm-up) and Triton recompilations
+                 (compiled-kernel cache sizes after warm-up and at the end).
+9. ``bench``     every op of :data:`tokprune.tools.gpu_smoke.KERNEL_OPS` against its baseline (SDPA,
+                 flash-attn when importable, torch ops, its own torch backend) with CUDA events,
                  interleaved rounds, medians.
 
 Writes ``gpu_check.md`` and ``gpu_check.csv`` to ``--out`` (``OUT=`` of the Makefile). When every
@@ -45,10 +48,29 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-#: test files whose kernel tests run on CUDA in the ``suite`` step (those present are used).
+#: test files whose kernel tests run on CUDA in the ``suite`` step (those present are used), besides every file
+#: that uses the device helpers of tests/helpers.py (:func:`kernel_test_files`).
 KERNEL_TESTS = ("tests/test_csrc.py", "tests/test_spec_ops.py", "tests/test_selection.py", "tests/test_entropy.py",
                 "tests/test_token_sparse.py", "tests/test_fasa.py", "tests/test_triton_defects.py",
                 "tests/test_paged.py", "tests/test_backend.py")
+#: how a test file shows that it runs kernels on TOKPRUNE_TEST_DEVICE (helpers imported from tests.helpers).
+_DEVICE_HELPERS = re.compile(r"from tests\.helpers import[^\n]*\b(TEST_DEVICE|needs_backend|backend_params|dev)\b")
+
+
+def kernel_test_files(root: str = ROOT) -> List[str]:
+    """Test files of the ``suite`` step: :data:`KERNEL_TESTS` plus every ``tests/test_*.py`` importing the device
+    helpers (``TEST_DEVICE``, ``needs_backend``, ``backend_params``, ``dev``), so a newly converted file is
+    run on the GPU without being listed here."""
+    import glob
+
+    files = [f for f in KERNEL_TESTS if os.path.exists(os.path.join(root, f))]
+    for path in sorted(glob.glob(os.path.join(root, "tests", "test_*.py"))):
+        rel = os.path.relpath(path, root).replace(os.sep, "/")
+        if rel not in files and rel != "tests/test_gpu_check.py":
+            with open(path) as f:
+                if _DEVICE_HELPERS.search(f.read()):
+                    files.append(rel)
+    return files
 #: steps whose success validates an architecture (bench and audit measure; they do not validate).
 CORRECTNESS_STEPS = ("env", "build", "suite", "smoke", "sanitizer", "large", "stress")
 STEPS = CORRECTNESS_STEPS + ("audit", "bench")
@@ -238,7 +260,7 @@ def step_build(g: Gate, out_dir: str, limit: float) -> StepResult:
 
 
 def step_suite(out_dir: str, limit: float) -> StepResult:
-    files = [f for f in KERNEL_TESTS if os.path.exists(os.path.join(ROOT, f))]
+    files = kernel_test_files()
     junit = os.path.join(out_dir, "suite.xml")
     code, tail, seconds = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m",
                                 "not real_weights", f"--junitxml={junit}", *files], limit,
@@ -360,10 +382,13 @@ def triton_cache_sizes() -> Dict[str, int]:
     """Compiled variants held by every ``@triton.jit`` kernel of tokprune (recompilation audit)."""
     import importlib
 
+    from tokprune.kernels.triton import kernel_modules
+
     sizes = {}
-    for mod_name in ("fasa", "gather", "spec", "entropy", "token_sparse", "paged"):
+    for module in kernel_modules():  # every kernel module the package ships
+        mod_name = module.rsplit(".", 1)[1]
         try:
-            mod = importlib.import_module(f"tokprune.kernels.triton.{mod_name}")
+            mod = importlib.import_module(module)
         except ImportError:
             continue
         for name, obj in vars(mod).items():
@@ -382,15 +407,18 @@ def triton_cache_sizes() -> Dict[str, int]:
 
 
 def run_audit(device, steps: int = 100, warmup: int = 10, backend: str = "triton", small: bool = False) -> StepResult:
-    """FASA decode (fc_scores -> select_sparse_indices -> sparse_decode_attention) over ``steps`` steps of a
-    growing cache: host synchronisations per step in the steady state, and Triton kernels compiled after
-    warm-up (must not grow: a new compile per length would recompile every step)."""
+    """FASA decode over ``steps`` steps of a growing cache, contiguous (fc_scores -> select_sparse_indices ->
+    sparse_decode_attention) and paged (write_paged_fc_keys -> paged_fc_scores -> paged_select ->
+    paged_sparse_decode_attention): host synchronisations per step in the steady state (must be 0) and
+    Triton kernels compiled after warm-up (must not grow: a new compile per length would recompile every
+    step)."""
     import warnings
 
     import torch
 
     from tokprune import _debug, ops
     from tokprune._backend import unavailable_reason
+    from tokprune.ops import paged
 
     if device.type != "cuda" and not small:
         return StepResult("audit", "skipped", "needs a CUDA device (torch.cuda.set_sync_debug_mode)")
@@ -406,6 +434,19 @@ def run_audit(device, steps: int = 100, warmup: int = 10, backend: str = "triton
     v = torch.randn(batch, kv_heads, total, dim, generator=gen).to(device, torch.bfloat16)
     fc = torch.randint(0, dim // 2, (kv_heads, 8), generator=gen).to(device)
     q_all = torch.randn(steps, batch, heads, 1, dim, generator=gen).to(device, torch.bfloat16)
+    # the same cache, paged (vLLM layout, block size 16, each request on its own blocks) with the FASA side cache
+    bs = 16
+    n_blk = -(-total // bs)
+    pad = n_blk * bs - total
+
+    def paged_view(x):
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+        return x.view(batch, kv_heads, n_blk, bs, dim).transpose(1, 2).reshape(batch * n_blk, kv_heads, bs, dim)
+
+    k_paged, v_paged = paged_view(k), paged_view(v)
+    table = torch.arange(batch * n_blk, device=device, dtype=torch.int32).view(batch, n_blk)
+    fc_cache = torch.zeros(batch * n_blk, kv_heads, bs, 16, device=device, dtype=torch.bfloat16)
+    seq_lens = torch.full((batch,), start, device=device, dtype=torch.int32)
     syncs, cache_after_warmup = [], {}
     try:
         for step in range(steps):
@@ -419,6 +460,16 @@ def run_audit(device, steps: int = 100, warmup: int = 10, backend: str = "triton
                     idx = ops.select_sparse_indices(scores.float(), budget, sink=4, window=min(64, budget // 2))
                     ops.sparse_decode_attention(q_all[step], k[:, :, :n], v[:, :, :n], idx, dim ** -0.5,
                                                 backend=backend)
+                    # paged step: write this token's FC keys, score, select slots, attend (max_len given: no sync)
+                    slot = table[:, (n - 1) // bs].long() * bs + (n - 1) % bs
+                    paged.write_paged_fc_keys(fc_cache, k[:, :, n - 1], slot, fc, backend=backend)
+                    q_row = q_all[step][:, :, 0]
+                    pscores = paged.paged_fc_scores(q_row, fc_cache, table, seq_lens, fc, reduce="max",
+                                                    max_len=total, backend=backend)
+                    slots = paged.paged_select(pscores, budget, 4, min(64, budget // 2), seq_lens, table, bs,
+                                               backend=backend)
+                    paged.paged_sparse_decode_attention(q_row, k_paged, v_paged, slots, dim ** -0.5, backend=backend)
+                    seq_lens += 1
                 finally:
                     if on_cuda:
                         torch.cuda.set_sync_debug_mode("default")
@@ -441,8 +492,9 @@ def run_audit(device, steps: int = 100, warmup: int = 10, backend: str = "triton
     details = [f"host syncs per decode step after warm-up: median {statistics.median(steady)}, max {max(steady)}",
                f"Triton variants after {warmup} steps: {sum(cache_after_warmup.values())}, after {steps}: "
                f"{sum(cache_end.values())}"] + [f"recompiled: {n} {a} -> {b}" for n, (a, b) in grew.items()]
-    return StepResult("audit", "failed" if grew else "passed",
-                      f"{len(grew)} kernels recompiled after warm-up" if grew else "", details=details, rows=rows)
+    problems = ([f"{len(grew)} kernels recompiled after warm-up"] if grew else []) + (
+        [f"host synchronisations in the steady state (max {max(steady)} per step)"] if max(steady) else [])
+    return StepResult("audit", "failed" if problems else "passed", "; ".join(problems), details=details, rows=rows)
 
 
 def _time_cuda(fns: Dict[str, callable], rounds: int = 15, warmup: int = 3) -> Dict[str, float]:
@@ -560,6 +612,33 @@ def run_bench(device, small: bool = False, timer=None) -> StepResult:
                           lambda be=be: ops.compress_qkv(qs, k, v, sidx, backend=be), {}))
             cases.append(("decompress", be, f"B{B} H{H} N{T} keep{n_keep} D{D}",
                           lambda be=be: ops.decompress(comp, sidx, T, backend=be), {}))
+        xt = r(1, 4, 40, 16) if small else r(1, 32, 2048, 128)
+        for be in ("triton", "torch"):
+            cases.append(("truncated_matrix_entropy", be, f"{tuple(xt.shape)} k32",
+                          lambda be=be: ops.truncated_matrix_entropy(xt, 8 if small else 32, backend=be), {}))
+        # speculative KV compaction: the accepted path of a 16-node tree moved into place
+        cache_kv = r(B * 2, Hkv, T, D)
+        prefix = torch.full((B * 2,), T - 32, dtype=torch.int64, device=device)
+        accept = torch.tensor([0, 2, 5, 9, -1], device=device).repeat(B * 2, 1)
+        dst_rows = torch.arange(T - 32, T - 28, device=device)
+        src_rows = (T - 32) + torch.tensor([0, 2, 5, 9], device=device)
+        for be in ("triton", "torch"):
+            cases.append(("compact_accepted_kv", be, f"B{B * 2} Hkv{Hkv} T{T} D{D} path4",
+                          lambda be=be: spec.compact_accepted_kv(cache_kv, prefix, accept, backend=be),
+                          {"index_copy(4 rows)": lambda: cache_kv.index_copy_(2, dst_rows, cache_kv.index_select(2, src_rows))}))
+        # token sparse attention (prefill) against dense causal attention
+        Np = 128 if small else 8192
+        qp, kp, vp = r(1, H, Np, D), r(1, Hkv, Np, D), r(1, Hkv, Np, D)
+        dense_prefill = {"sdpa(causal)": lambda: F.scaled_dot_product_attention(qp, kp, vp, is_causal=True,
+                                                                               enable_gqa=True)}
+        if flash is not None:
+            qpf, kpf, vpf = (t.transpose(1, 2).contiguous() for t in (qp, kp, vp))
+            dense_prefill["flash_attn(causal)"] = lambda: flash(qpf, kpf, vpf, causal=True)
+        for be in ("triton", "torch"):
+            cases.append(("token_sparse_attention", be, f"B1 H{H}/{Hkv} N{Np} D{D} keep0.25",
+                          lambda be=be: ops.token_sparse_attention(qp, kp, vp, keep=0.25, window=min(128, Np // 4),
+                                                                   backend=be), dense_prefill))
+        cases += _paged_bench_cases(device, r, gen, small, flash)
         for op, be, shape, fn, bases in cases:
             reason = unavailable_reason(be, device, op)
             if reason is not None:
@@ -584,6 +663,61 @@ def run_bench(device, small: bool = False, timer=None) -> StepResult:
     failed = [x for x in rows if x.get("status") == "failed"]
     return StepResult("bench", "failed" if failed else "passed", f"{len(failed)} benchmark cases failed" if failed else "",
                       details=details, rows=rows)
+
+
+def _paged_bench_cases(device, r, gen, small: bool, flash) -> list:
+    """Bench cases of the paged decode ops (tokprune.ops.paged): ``R`` requests of ``T`` tokens each on a
+    shuffled block table; attention against SDPA / flash-attn over a contiguous cache of the same size."""
+    import torch
+    import torch.nn.functional as F
+
+    from tokprune.ops import paged
+
+    R, H, Hkv, T, D, K, bs, ps = (2, 4, 2, 64, 32, 16, 16, 4) if small else (8, 32, 8, 16384, 128, 1024, 16, 16)
+    nb = R * T // bs + 4
+    table = torch.randperm(nb, generator=gen)[:R * T // bs].view(R, T // bs).to(device, torch.int32)
+    seq_lens = torch.full((R,), T, dtype=torch.int32, device=device)
+    k_cache, v_cache = r(nb, Hkv, bs, D), r(nb, Hkv, bs, D)
+    q = r(R, H, D)
+    fc_index = torch.stack([torch.randperm(D // 2, generator=gen)[:8] for _ in range(Hkv)]).to(device)
+    fc_cache = r(nb, Hkv, bs, 16)
+    key = r(R, Hkv, D)
+    slot_mapping = (table[:, -1].long() * bs + bs - 1).contiguous()  # the last slot of each request
+    scores = torch.randn(R, Hkv, T, generator=gen).to(device)
+    slots = paged.paged_select(scores, K, 4, 64 if not small else 4, seq_lens, table, bs, backend="torch")
+    kmin = r(nb, Hkv, bs // ps, D)
+    kmax = kmin + 1
+    page_scores = torch.randn(R, H, T // ps, generator=gen).to(device)
+    q4, kc, vc = q.view(R, H, 1, D), r(R, Hkv, T, D), r(R, Hkv, T, D)
+    dense = {"sdpa(full)": lambda: F.scaled_dot_product_attention(q4, kc, vc, enable_gqa=True)}
+    if flash is not None:
+        qf, kf, vf = q4.transpose(1, 2).contiguous(), kc.transpose(1, 2).contiguous(), vc.transpose(1, 2).contiguous()
+        dense["flash_attn(full)"] = lambda: flash(qf, kf, vf)
+    shape = f"R{R} H{H}/{Hkv} T{T} D{D} bs{bs}"
+    scale = D ** -0.5
+    cases = []
+    for be in ("triton", "torch"):
+        cases += [
+            ("write_paged_fc_keys", be, f"{shape} F8", lambda be=be: paged.write_paged_fc_keys(
+                fc_cache, key, slot_mapping, fc_index, backend=be), {}),
+            ("paged_fc_scores", be, f"{shape} F8", lambda be=be: paged.paged_fc_scores(
+                q, fc_cache, table, seq_lens, fc_index, reduce="max", max_len=T, backend=be),
+             {"q@k(full)": lambda: torch.matmul(q.view(R, Hkv, H // Hkv, D), kc.transpose(-1, -2))}),
+            ("paged_select", be, f"{shape} K{K}", lambda be=be: paged.paged_select(
+                scores, K, 4, 64 if not small else 4, seq_lens, table, bs, backend=be),
+             {"torch.topk": lambda: torch.topk(scores, K, dim=-1)}),
+            ("paged_sparse_decode_attention", be, f"{shape} K{K}", lambda be=be: paged.paged_sparse_decode_attention(
+                q, k_cache, v_cache, slots, scale, backend=be), dense),
+            ("paged_decode_attention", be, shape, lambda be=be: paged.paged_decode_attention(
+                q, k_cache, v_cache, table, seq_lens, scale, max_len=T, backend=be), dense),
+            ("update_paged_page_bounds", be, f"{shape} page{ps}", lambda be=be: paged.update_paged_page_bounds(
+                kmin, kmax, key, slot_mapping, ps, backend=be), {}),
+            ("paged_quest_scores", be, f"{shape} page{ps}", lambda be=be: paged.paged_quest_scores(
+                q, kmin, kmax, table, seq_lens, ps, max_len=T, backend=be), dense),
+            ("paged_select_pages", be, f"{shape} page{ps} pages{K // ps}", lambda be=be: paged.paged_select_pages(
+                page_scores, K // ps, seq_lens, table, bs, ps, backend=be), {}),
+        ]
+    return cases
 
 
 def run_step_in_process(name: str, out_dir: str, args) -> StepResult:
