@@ -79,7 +79,8 @@ def pack_fc_keys(k_cache: torch.Tensor, fc_index: torch.Tensor, *, chunk: int = 
 
 
 def fc_scores(q: torch.Tensor, k_cache: torch.Tensor, fc_index: torch.Tensor, *, chunk: int = 1,
-              packed: bool = False, reduce: Optional[str] = None, backend: Optional[str] = None) -> torch.Tensor:
+              packed: bool = False, reduce: Optional[str] = None, backend: Optional[str] = None,
+              dims: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Partial attention logits of one decode query from the dominant frequency chunks only.
 
     ``scores[b, h, t] = sum_{d in dims(fc(h))} q[b, h, 0, d] * k[b, h // g, t, d]`` (no softmax scale),
@@ -96,6 +97,9 @@ def fc_scores(q: torch.Tensor, k_cache: torch.Tensor, fc_index: torch.Tensor, *,
         reduce: ``None`` -> per query head ``(batch, heads, n_tokens)``; ``"max"`` or ``"mean"`` ->
             aggregated over the query heads of each KV group, ``(batch, kv_heads, n_tokens)``.
         backend: ``"auto" | "torch" | "triton"``.
+        dims: optional precomputed ``tokprune.reference.fasa.fc_dims(fc_index, head_dim, chunk)`` on ``q``'s
+            device, ``(kv_heads or heads, 2*chunk*F)`` int64 (a policy scoring every decode step computes it
+            once per layer).
 
     Returns:
         fp32 scores, ``(batch, heads, n_tokens)`` or ``(batch, kv_heads, n_tokens)``.
@@ -114,9 +118,13 @@ def fc_scores(q: torch.Tensor, k_cache: torch.Tensor, fc_index: torch.Tensor, *,
     if reduce not in (None, "max", "mean"):
         raise ValueError(f"reduce must be None, 'max' or 'mean', got {reduce!r}")
     chosen = resolve_backend(backend, q.device, ("torch", "triton"), "fc_scores")
-    from tokprune.reference.fasa import fc_dims
+    if dims is None:
+        from tokprune.reference.fasa import fc_dims
 
-    dims = fc_dims(fc_index, head_dim, chunk).to(q.device)  # (Hf, nd)
+        dims = fc_dims(fc_index, head_dim, chunk).to(q.device)  # (Hf, nd)
+    elif tuple(dims.shape) != (fc_index.shape[0], n_dims) or dims.device != q.device:
+        raise ValueError(f"dims must be fc_dims(fc_index) ({fc_index.shape[0]}, {n_dims}) on {q.device}, got "
+                         f"{tuple(dims.shape)} on {dims.device}")
     if chosen == "triton":
         from tokprune.kernels.triton.fasa import fc_scores_triton
 
@@ -287,35 +295,36 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return _sparse_decode_torch(q, k_cache, v_cache, indices, float(scale))
 
 
-def _gather_rows(cache, rows):
-    """Rows ``rows (B, Hr, K)`` (flat token ids into ``cache`` seen as ``(B*Hkv*T, D)``) -> ``(B, Hr, K, D)``."""
-    flat = cache.reshape(-1, cache.shape[-1])
-    return flat.index_select(0, rows.reshape(-1)).view(*rows.shape, cache.shape[-1])
-
-
 def _sparse_decode_torch(q, k_cache, v_cache, indices, scale):
+    """Gather the selected rows per KV head with one ``torch.gather`` each for K and V (the query heads of a
+    group laid onto their KV head, as the dense decode op), masked softmax in fp32. Few dispatcher calls:
+    on the CPU the per-call overhead, not the arithmetic, is what a 256-token attention costs."""
     batch, heads, _, head_dim = q.shape
-    kv_heads, n_tokens = k_cache.shape[1], k_cache.shape[2]
+    kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     n_idx_heads, n_keep = indices.shape[1], indices.shape[2]
     if n_keep == 0:
         return torch.zeros_like(q)
-    idx = indices.long()
+    per_query_head = n_idx_heads != kv_heads
+    # (B, Hkv, R, 1): rows of each KV head; per query head the g heads' lists are concatenated
+    idx = indices.reshape(batch, kv_heads, -1) if per_query_head else indices
     valid = idx >= 0
-    kv_of = torch.arange(n_idx_heads, device=q.device) // (group if n_idx_heads == heads else 1)
-    base = (torch.arange(batch, device=q.device)[:, None] * kv_heads + kv_of[None, :]) * n_tokens  # (B, Hi)
-    rows = base[:, :, None] + idx.clamp(min=0)
-    k = _gather_rows(k_cache, rows).float()  # (B, Hi, K, D)
-    v = _gather_rows(v_cache, rows).float()
-    q_rows = q.float().view(batch, n_idx_heads, heads // n_idx_heads, head_dim)  # (B, Hi, g', D)
-    s = torch.matmul(q_rows, k.transpose(-1, -2)) * scale  # (B, Hi, g', K)
-    s = s.masked_fill(~valid[:, :, None, :], float("-inf"))
-    m = s.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    rows = idx.clamp(min=0).to(torch.long)[..., None]
+    k = torch.gather(k_cache, 2, rows.expand(-1, -1, -1, head_dim)).float()  # (B, Hkv, R, D)
+    v = torch.gather(v_cache, 2, rows.expand(-1, -1, -1, v_cache.shape[-1])).float()
+    qg = q.float().view(batch, kv_heads, group, head_dim) * scale
+    if per_query_head:  # (B, Hkv, g, 1, D) x (B, Hkv, g, K, D): each head reads its own K rows
+        k = k.view(batch, kv_heads, group, n_keep, head_dim)
+        v = v.view(batch, kv_heads, group, n_keep, -1)
+        s = torch.matmul(qg[..., None, :], k.transpose(-1, -2))  # (B, Hkv, g, 1, K)
+        s = s.masked_fill(~valid.view(batch, kv_heads, group, 1, n_keep), float("-inf"))
+    else:
+        s = torch.matmul(qg, k.transpose(-1, -2))  # (B, Hkv, g, K)
+        s = s.masked_fill(~valid[:, :, None, :], float("-inf"))
+    m = s.amax(-1, keepdim=True).clamp(min=torch.finfo(s.dtype).min)  # a row without tokens: finite, p = 0
     p = torch.exp(s - m)
-    denom = p.sum(-1, keepdim=True)
-    out = torch.matmul(p, v) / torch.where(denom > 0, denom, torch.ones_like(denom))
-    return out.view(batch, heads, 1, head_dim).to(q.dtype)
+    out = torch.matmul(p, v) / p.sum(-1, keepdim=True).clamp(min=torch.finfo(s.dtype).tiny)
+    return out.reshape(batch, heads, 1, -1).to(q.dtype)
 
 
 def fasa_bytes_per_step(n_tokens: int, head_dim: int, kv_heads: int, n_fc: int, budget: int, *,
