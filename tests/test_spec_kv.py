@@ -96,3 +96,18 @@ def test_packed_linears_match_and_restore():
     assert release_packed(model) > 0 and release_packed(model) == 0
     with packed_linears(model, enabled=False) as active:
         assert not active
+
+
+def test_compact_dynamic_cache_on_preallocated_layers_is_in_place():
+    from tokprune.hf.cache import compact_dynamic_cache
+
+    pre, ref, append = _pair(bsz=2)
+    append(8)
+    append(5)
+    ptr = pre.layers[0].k_buf.data_ptr()
+    accept = torch.tensor([[0, 2, -1], [0, 1, 3]])
+    assert compact_dynamic_cache(pre, 8, accept) == compact_dynamic_cache(ref, 8, accept) == 10
+    _same(pre, ref)
+    assert pre.layers[0].k_buf.data_ptr() == ptr
+    append(2)
+    _same(pre, ref)

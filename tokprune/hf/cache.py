@@ -27,7 +27,8 @@ def compact_dynamic_cache(cache, prefix_len: int, accept_index: torch.Tensor, *,
 
     Args:
         cache: ``transformers.DynamicCache`` whose layers hold ``[B, H, prefix_len + N, D]`` keys/values
-            (the tree's N nodes after the prefix, in node order).
+            (the tree's N nodes after the prefix, in node order). Layers with preallocated storage
+            (``tokprune.spec``'s cache) are compacted in place; plain layers are rebuilt with ``torch.cat``.
         prefix_len: int, number of cached tokens before the tree's root.
         accept_index: ``[B, W]`` int32/int64 accepted path per row (root first, -1 padded), as returned by
             :func:`tokprune.ops.verify_tree_greedy` / :func:`tokprune.ops.verify_tree_stochastic`.
@@ -75,6 +76,13 @@ def compact_dynamic_cache(cache, prefix_len: int, accept_index: torch.Tensor, *,
             raise IndexError(f"layer {i} holds {t} tokens, fewer than prefix_len={prefix_len} + accepted node "
                              f"{int(keep_path.max())} + 1")
         src = (prefix_len + keep_path).to(keys.device)
+        if hasattr(layer, "set_length") and getattr(layer, "k_buf", None) is not None:
+            # tokprune.spec's preallocated layer: write the path in place, then shrink the view
+            k_sel, v_sel = _gather_rows(keys, src), _gather_rows(values, src)
+            keys[:, :, prefix_len:prefix_len + length] = k_sel
+            values[:, :, prefix_len:prefix_len + length] = v_sel
+            layer.set_length(prefix_len + length)
+            continue
         layer.keys = torch.cat([keys[:, :, :prefix_len], _gather_rows(keys, src)], dim=2)
         layer.values = torch.cat([values[:, :, :prefix_len], _gather_rows(values, src)], dim=2)
     return prefix_len + length
