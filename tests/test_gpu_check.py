@@ -326,7 +326,9 @@ def test_large_offset_program_on_cpu():
     except (RuntimeError, MemoryError) as exc:  # no room for the lazily committed 13 GB address range
         pytest.skip(f"cannot reserve the large buffer here: {exc}")
     assert rows and [r for r in rows if r["status"] == "failed"] == []
-    assert {r["op"] for r in rows} == {"gather_tokens@2^31", "sparse_decode_attention@2^31", "fc_scores@2^31"}
+    assert {r["op"] for r in rows} == {"gather_tokens@2^31", "sparse_decode_attention@2^31", "fc_scores@2^31",
+                                       "paged_sparse_decode_attention@2^31", "paged_decode_attention@2^31",
+                                       "paged_fc_scores@2^31"}
 
 
 def test_recompile_audit_finds_every_compiled_triton_kernel():

@@ -249,7 +249,8 @@ def run_ops(device: torch.device, ops_filter: Optional[Sequence[str]] = None, se
 def large_offsets(device: torch.device) -> List[dict]:
     """Kernels on views whose elements lie past 2**31 of one buffer (~13 GB of ``device`` memory, only the
     viewed rows written): batch 2 starts beyond 2**32 elements, so int32 address arithmetic would wrap
-    (into the untouched start of the buffer: wrong values, reported as a mismatch, not a crash)."""
+    (into the untouched start of the buffer: wrong values, reported as a mismatch, not a crash). The same
+    view serves as a paged cache of 3 blocks (block 2 past 2**32 elements) for the paged ops."""
     from tokprune import ops
     from tokprune._backend import unavailable_reason
 
@@ -264,6 +265,15 @@ def large_offsets(device: torch.device) -> List[dict]:
     q = torch.randn(n_batch, 4, 1, dim, generator=gen).to(torch.bfloat16).to(device)
     idx = torch.randint(0, n_tok, (n_batch, heads, 300), generator=gen).to(device)
     xc = x.contiguous()
+    # x is also a paged cache: 3 blocks of 4096 tokens (block 2 past 2**32 elements), one per request
+    from tokprune.ops import paged
+
+    qp = q[:, :, 0]
+    ptable = torch.tensor([[2], [0], [1]], dtype=torch.int32, device=device)
+    plens = torch.tensor([4096, 3000, 4095], dtype=torch.int32, device=device)
+    pslots = paged.paged_select(torch.randn(n_batch, heads, n_tok, generator=gen).to(device), 300, 4, 16, plens,
+                                ptable, n_tok, backend="torch")
+    fcx = torch.arange(8, device=device).view(2, 4)
     rows = []
     checks = {
         "gather_tokens": (lambda t, b: ops.gather_tokens(t, idx, backend=b), ("triton",)),
@@ -271,6 +281,13 @@ def large_offsets(device: torch.device) -> List[dict]:
                                     ("triton", "cuda")),
         "fc_scores": (lambda t, b: ops.fc_scores(q, t, torch.arange(8, device=device).view(2, 4), backend=b),
                       ("triton",)),
+        "paged_sparse_decode_attention": (
+            lambda t, b: paged.paged_sparse_decode_attention(qp, t, t, pslots, 0.125, backend=b), ("triton",)),
+        "paged_decode_attention": (
+            lambda t, b: paged.paged_decode_attention(qp, t, t, ptable, plens, 0.125, max_len=n_tok, backend=b),
+            ("triton",)),
+        "paged_fc_scores": (lambda t, b: paged.paged_fc_scores(qp, t, ptable, plens, fcx, packed=False, max_len=n_tok,
+                                                               backend=b), ("triton",)),
     }
     for op, (call, backends) in checks.items():
         expected = call(xc, "torch").cpu()
