@@ -366,3 +366,39 @@ def test_whole_check_keeps_to_its_time_budget(tmp_path, monkeypatch):
     skipped = [n for n, r in rows.items() if r["status"] == "skipped"]
     assert skipped and all("budget of the whole check is spent" in rows[n]["detail"] for n in skipped)
     assert code == 0
+
+
+def test_build_step_fails_unless_the_report_shows_cuda_kernels_for_exactly_the_device_arch(tmp_path, monkeypatch):
+    """A strict build that exits 0 but compiled no CUDA kernels (nvcc not picked up) or other archs does not
+    count as built: the cuda backend would otherwise be validated on a host-only extension."""
+    g = gc.gate(H200)
+    monkeypatch.setattr(gc, "_run", lambda cmd, limit, env=None, log=None: (0, "ok", 1.0))
+    report = tmp_path / "_C_build.json"
+    for content, expected in [
+        ({"cuda": False, "archs": []}, "without CUDA kernels"),
+        ({"cuda": True, "archs": ["sm_80", "sm_90"]}, "expected exactly ['sm_90']"),
+        (None, "no build report"),
+    ]:
+        if content is None:
+            report.unlink()
+        else:
+            report.write_text(json.dumps(content))
+        res = gc.step_build(g, str(tmp_path), 10, report_path=str(report))
+        assert res.status == "failed" and expected in res.reason, (content, res.reason)
+    report.write_text(json.dumps({"cuda": True, "archs": ["sm_90"], "cuda_runtime": "13.0"}))
+    res = gc.step_build(g, str(tmp_path), 10, report_path=str(report))
+    assert res.status == "passed" and "CUDA runtime 13.0" in res.details[0]
+
+
+def test_report_has_a_benchmark_table_from_the_bench_rows(tmp_path):
+    g = gc.gate(H200)
+    bench = gc.StepResult("bench", "passed", rows=[
+        {"kind": "bench", "op": "sparse_decode_attention", "backend": "triton", "shape": "B4", "status": "passed",
+         "median_ms": 0.5, "baseline": "sdpa(full)", "baseline_ms": 2.0, "speedup_vs_baseline": 4.0},
+        {"kind": "bench", "op": "fc_scores", "backend": "cuda", "shape": "B4", "status": "skipped", "detail": "x"}])
+    md, csv_path = gc.write_report(str(tmp_path), H200, g, [bench], None)
+    text = open(md).read()
+    assert "| sparse_decode_attention | triton | B4 | 0.5 | sdpa(full) | 2.0 | 4.0 |" in text
+    assert "| fc_scores | cuda |" not in text  # skipped cases stay in the CSV only
+    rows = list(csv.DictReader(open(csv_path)))
+    assert {r["op"] for r in rows if r["kind"] == "bench"} == {"sparse_decode_attention", "fc_scores"}

@@ -248,7 +248,19 @@ def _python_step(name: str, out_dir: str, limit: float, extra: Sequence[str] = (
     return StepResult(name, "failed", why, seconds, details=tail.splitlines()[-20:])
 
 
-def step_build(g: Gate, out_dir: str, limit: float) -> StepResult:
+def check_build_report(report: dict, arch: str) -> Optional[str]:
+    """Why the build report (``tokprune/_C_build.json``) does not show CUDA kernels compiled for exactly
+    ``sm_<arch>``; ``None`` when it does."""
+    if not report:
+        return "no build report (tokprune/_C_build.json) was written"
+    if not report.get("cuda"):
+        return "tokprune._C was built without CUDA kernels (host build only)"
+    if report.get("archs") != [f"sm_{arch}"]:
+        return f"tokprune._C was built for {report.get('archs')}, expected exactly ['sm_{arch}']"
+    return None
+
+
+def step_build(g: Gate, out_dir: str, limit: float, report_path: Optional[str] = None) -> StepResult:
     if not g.build:
         return StepResult("build", "skipped", "; ".join(r for r in g.reasons) or "gate refused the build")
     env = {"TOKPRUNE_CUDA_ARCHS": g.arch, "TOKPRUNE_NVCC": g.nvcc, "TOKPRUNE_EXT_STRICT": "1"}
@@ -256,7 +268,16 @@ def step_build(g: Gate, out_dir: str, limit: float) -> StepResult:
                                log=os.path.join(out_dir, "build.log"))
     if code != 0:
         return StepResult("build", "failed", f"tokprune_build.py exited with {code}", seconds, tail.splitlines()[-20:])
-    return StepResult("build", "passed", "", seconds, [f"built for sm_{g.arch} with {g.nvcc}"])
+    try:
+        with open(report_path or os.path.join(ROOT, "tokprune", "_C_build.json")) as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        report = {}
+    bad = check_build_report(report, g.arch)
+    if bad:
+        return StepResult("build", "failed", bad, seconds, tail.splitlines()[-20:])
+    return StepResult("build", "passed", "", seconds,
+                      [f"built for sm_{g.arch} with {g.nvcc} (CUDA runtime {report.get('cuda_runtime')})"])
 
 
 def step_suite(out_dir: str, limit: float) -> StepResult:
@@ -755,6 +776,14 @@ def write_report(out_dir: str, facts: dict, g: Gate, results: List[StepResult], 
     lines += ["", "| step | status | seconds | reason |", "|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r.name} | {r.status} | {r.seconds:.1f} | {r.reason.replace('|', '/')} |")
+    bench = [row for r in results for row in r.rows if row.get("kind") == "bench" and row.get("status") == "passed"]
+    if bench:
+        lines += ["", "## Benchmarks (CUDA events, interleaved rounds, medians; speedup = baseline ms / op ms)", "",
+                  "| op | backend | shape | ms | baseline | baseline ms | speedup |", "|---|---|---|---|---|---|---|"]
+        for row in bench:
+            lines.append(f"| {row['op']} | {row['backend']} | {row['shape']} | {row['median_ms']} | "
+                         f"{row.get('baseline') or '-'} | {row.get('baseline_ms') or '-'} | "
+                         f"{row.get('speedup_vs_baseline') or '-'} |")
     for r in results:
         if r.details:
             lines += ["", f"## {r.name}", ""] + [f"    {d}" for d in r.details]
