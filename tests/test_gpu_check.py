@@ -277,6 +277,13 @@ def test_bench_and_audit_code_runs_on_cpu_with_tiny_shapes():
                    if r["status"] == "passed"), op
     audit = gc.run_audit(torch.device("cpu"), steps=4, warmup=2, small=True)
     assert audit.status == "passed" and audit.rows[0]["steps"] == 4
+    assert audit.rows[0]["tokprune_C"] == (gc_unavailable("cuda") is None)
+
+
+def gc_unavailable(backend):
+    from tokprune._backend import unavailable_reason
+
+    return unavailable_reason(backend, torch.device("cpu"), "sparse_decode_attention")
 
 
 def test_audit_fails_on_a_host_sync_in_the_decode_step(monkeypatch):

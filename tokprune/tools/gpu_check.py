@@ -468,6 +468,7 @@ def run_audit(device, steps: int = 100, warmup: int = 10, backend: str = "triton
     table = torch.arange(batch * n_blk, device=device, dtype=torch.int32).view(batch, n_blk)
     fc_cache = torch.zeros(batch * n_blk, kv_heads, bs, 16, device=device, dtype=torch.bfloat16)
     seq_lens = torch.full((batch,), start, device=device, dtype=torch.int32)
+    with_c = unavailable_reason("cuda", device, "sparse_decode_attention") is None
     syncs, cache_after_warmup = [], {}
     try:
         for step in range(steps):
@@ -481,6 +482,9 @@ def run_audit(device, steps: int = 100, warmup: int = 10, backend: str = "triton
                     idx = ops.select_sparse_indices(scores.float(), budget, sink=4, window=min(64, budget // 2))
                     ops.sparse_decode_attention(q_all[step], k[:, :, :n], v[:, :, :n], idx, dim ** -0.5,
                                                 backend=backend)
+                    if with_c:  # the same attention through tokprune._C
+                        ops.sparse_decode_attention(q_all[step], k[:, :, :n], v[:, :, :n], idx, dim ** -0.5,
+                                                    backend="cuda")
                     # paged step: write this token's FC keys, score, select slots, attend (max_len given: no sync)
                     slot = table[:, (n - 1) // bs].long() * bs + (n - 1) % bs
                     paged.write_paged_fc_keys(fc_cache, k[:, :, n - 1], slot, fc, backend=backend)
@@ -507,10 +511,11 @@ def run_audit(device, steps: int = 100, warmup: int = 10, backend: str = "triton
     grew = {name: (cache_after_warmup.get(name, 0), size) for name, size in cache_end.items()
             if size > cache_after_warmup.get(name, 0)}
     steady = syncs[warmup:]
-    rows = [{"kind": "audit", "steps": steps, "syncs_per_step_median": statistics.median(steady),
+    rows = [{"kind": "audit", "steps": steps, "tokprune_C": with_c, "syncs_per_step_median": statistics.median(steady),
              "syncs_per_step_max": max(steady), "kernels_compiled_after_warmup": sum(cache_after_warmup.values()),
              "kernels_compiled_at_end": sum(cache_end.values())}]
-    details = [f"host syncs per decode step after warm-up: median {statistics.median(steady)}, max {max(steady)}",
+    details = [f"paths: contiguous ({backend}{' and cuda' if with_c else ''}) and paged ({backend})",
+               f"host syncs per decode step after warm-up: median {statistics.median(steady)}, max {max(steady)}",
                f"Triton variants after {warmup} steps: {sum(cache_after_warmup.values())}, after {steps}: "
                f"{sum(cache_end.values())}"] + [f"recompiled: {n} {a} -> {b}" for n, (a, b) in grew.items()]
     problems = ([f"{len(grew)} kernels recompiled after warm-up"] if grew else []) + (
