@@ -73,12 +73,23 @@ class Case:
         return self.tables[r][pos // BS].long() * BS + pos % BS
 
     def history(self):
-        """Keys, values and slots of every request's tokens before this step."""
-        ks, vs, ss = [], [], []
-        for r, (q, ctx) in enumerate(ROWS):
+        """The prefill step that wrote every request's tokens before this step (requests with a history)."""
+        rows = [r for r, (q, ctx) in enumerate(ROWS) if ctx > q]
+        ks, vs, ss, lens = [], [], [], []
+        for r in rows:
+            q, ctx = ROWS[r]
             ks.append(self.k[r][: ctx - q]); vs.append(self.v[r][: ctx - q])
             ss.append(self.slots(r, range(ctx - q)))
-        return torch.cat(ks), torch.cat(vs), torch.cat(ss)
+            lens.append(ctx - q)
+        gen = torch.Generator().manual_seed(99)
+        query = torch.randn(sum(lens), HQ, D, generator=gen).to(DTYPE)
+        loc = torch.tensor([0] + lens).cumsum(0).int()
+        slots = torch.cat(ss)
+        common = CommonAttentionMetadata(
+            query_start_loc=loc, query_start_loc_cpu=loc, seq_lens=torch.tensor(lens).int(), num_reqs=len(rows),
+            num_actual_tokens=int(loc[-1]), max_query_len=max(lens), max_seq_len=max(lens),
+            block_table_tensor=self.block_table[rows], slot_mapping=slots)
+        return query, torch.cat(ks), torch.cat(vs), slots, common
 
     def step(self):
         ks, vs, ss = [], [], []
@@ -95,13 +106,14 @@ class Case:
 
 
 def _run(impl, builder, case):
-    """Write the history and this step's K/V with the impl's cache update, then run the impl's forward."""
+    """Run the prefill of the history, then this step: K/V written by the impl's cache update, then forward."""
     layer = SimpleNamespace(isa=builder.isa, _k_scale_float=1.0, _v_scale_float=1.0,
                             layer_name=f"model.layers.{LAYER}.self_attn.attn")
     kv_cache = torch.zeros(NUM_BLOCKS, HKV, BS, 2 * D, dtype=DTYPE)
-    k, v, s = case.history()
+    query, k, v, s, common = case.history()  # a prefill step (all rows dense) ...
     impl.do_kv_cache_update(layer, k, v, kv_cache, s)
-    k, v, s = case.step()
+    impl.forward(layer, query, k, v, kv_cache, builder.build(0, common), torch.empty_like(query))
+    k, v, s = case.step()  # ... then the step under test
     impl.do_kv_cache_update(layer, k, v, kv_cache, s)
     meta = builder.build(0, case.common(s))
     out = torch.full_like(case.query, float("nan"))

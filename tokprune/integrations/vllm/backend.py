@@ -46,13 +46,8 @@ from tokprune.integrations.vllm.config import (
     model_geometry,
     parse_settings,
 )
-from tokprune.ops.paged import (
-    paged_fc_scores,
-    paged_select,
-    paged_sparse_decode_attention,
-    vllm_cpu_kv_views,
-    write_paged_fc_keys,
-)
+from tokprune.ops.paged import paged_sparse_decode_attention, vllm_cpu_kv_views
+from tokprune.reference.fasa import fc_dims
 
 logger = init_logger(__name__)
 
@@ -67,7 +62,12 @@ class SparsePlan:
         seq_lens: ``(Rs,)`` true context lengths (the dense metadata says 1 for these rows).
         block_table: ``(Rs, ceil(max_len / block_size))`` block table rows.
         max_len: ``max(seq_lens)``.
-        stream_slots: StreamingLLM only: ``(Rs, 1, budget)`` slots of the sink and recent tokens.
+        blk, off: ``(Rs, n)`` physical block and offset of logical token ``t`` (FASA: every ``t < n =
+            n_blocks * block_size``; StreamingLLM: the ``n = budget`` sink and recent tokens).
+        score_bias: FASA only: ``(Hkv * Rs, 1, n)`` fp32, 0 inside a request's context and ``-inf`` past it
+            (added to the partial logits).
+        keep_bias: FASA only: ``(Rs, n)`` fp32, ``+inf`` on the sink and window tokens (forced), ``-inf`` past
+            the context, 0 elsewhere (added to the votes).
     """
 
     rows: torch.Tensor
@@ -75,10 +75,34 @@ class SparsePlan:
     seq_lens: torch.Tensor
     block_table: torch.Tensor
     max_len: int
-    stream_slots: Optional[torch.Tensor] = None
+    blk: Optional[torch.Tensor] = None
+    off: Optional[torch.Tensor] = None
+    score_bias: Optional[torch.Tensor] = None
+    keep_bias: Optional[torch.Tensor] = None
 
 
-def plan_sparse_rows(common, settings: VllmSettings, block_size: int) -> Optional[SparsePlan]:
+@dataclass
+class SideWrite:
+    """Where this step's new keys go in a FASA side cache (shared by every layer): ``keep`` ``(T',)`` indices
+    of the tokens with a slot (``None``: all of them), and their physical ``blk``, ``off`` ``(T',)``."""
+
+    keep: Optional[torch.Tensor]
+    blk: torch.Tensor
+    off: torch.Tensor
+
+
+def plan_side_write(slot_mapping: torch.Tensor, block_size: int) -> SideWrite:
+    """:class:`SideWrite` of a step from vLLM's ``slot_mapping`` (``-1`` = no slot)."""
+    slots = slot_mapping.long()
+    valid = slots >= 0
+    keep = None
+    if not bool(valid.all()):
+        keep = valid.nonzero().squeeze(1)
+        slots = slots.index_select(0, keep)
+    return SideWrite(keep, slots // block_size, slots % block_size)
+
+
+def plan_sparse_rows(common, settings: VllmSettings, block_size: int, kv_heads: int) -> Optional[SparsePlan]:
     """The step's :class:`SparsePlan` from vLLM's ``CommonAttentionMetadata``; ``None`` when no request decodes
     past the budget. Reads ``query_start_loc_cpu`` and ``seq_lens`` on the host (once per step, not per
     layer); the plan's tensors live on the block table's device."""
@@ -95,13 +119,25 @@ def plan_sparse_rows(common, settings: VllmSettings, block_size: int) -> Optiona
     n_blocks = -(-max_len // block_size)
     table = common.block_table_tensor.index_select(0, rows.to(device))[:, :n_blocks].long()
     lens = lens.to(device)
+    used = torch.arange(n_blocks, device=device)[None, :] * block_size < lens[:, None]
+    table = torch.where(used, table, torch.zeros_like(table))  # entries past a request's blocks: block 0
     plan = SparsePlan(rows.to(device), loc.index_select(0, rows).to(device), lens, table, max_len)
     if settings.method == "streaming":
         budget, sink = settings.budget, settings.sink
         j = torch.arange(budget, device=device)
         token = torch.where(j < sink, j, lens[:, None] - budget + j)  # (Rs, budget): sinks, then the newest
-        blk = torch.gather(table, 1, token // block_size)
-        plan.stream_slots = (blk * block_size + token % block_size)[:, None, :]
+        plan.blk, plan.off = torch.gather(table, 1, token // block_size), token % block_size
+    elif settings.method == "fasa":
+        pos = torch.arange(n_blocks * block_size, device=device)[None, :]
+        plan.blk = table.repeat_interleave(block_size, dim=1)  # (Rs, n)
+        plan.off = (pos % block_size).expand_as(plan.blk)
+        inside = pos < lens[:, None]
+        window = min(settings.window, settings.budget - settings.sink)
+        forced = inside & ((pos < settings.sink) | (pos >= lens[:, None] - window))
+        zero = torch.zeros((), device=device)
+        bias = torch.where(inside, zero, zero - torch.inf)  # (Rs, n)
+        plan.score_bias = bias[None].expand(kv_heads, -1, -1).reshape(-1, 1, bias.shape[1])
+        plan.keep_bias = torch.where(forced, zero + torch.inf, bias)
     return plan
 
 
@@ -118,6 +154,7 @@ class TokpruneCPUMetadata(CPUAttentionMetadata):
     """vLLM's CPU metadata (with the sparse rows' ``seq_lens`` set to 1) plus the step's :class:`SparsePlan`."""
 
     sparse: Optional[SparsePlan] = None
+    side_write: Optional[SideWrite] = None
 
 
 def _settings_from_config(vllm_config) -> Optional[VllmSettings]:
@@ -173,12 +210,17 @@ class TokpruneCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                         self.settings.method, self.settings.budget, len(layer_names), self.isa, self.block_size)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
-        plan = plan_sparse_rows(common_attn_metadata, self.settings, self.block_size) if self.active else None
+        plan = side_write = None
+        if self.active:
+            plan = plan_sparse_rows(common_attn_metadata, self.settings, self.block_size, self.num_kv_heads)
+            if self.settings.method == "fasa":
+                side_write = plan_side_write(common_attn_metadata.slot_mapping[:common_attn_metadata.num_actual_tokens],
+                                             self.block_size)
         if plan is not None:
             common_attn_metadata = dense_rows_only(common_attn_metadata, plan)
         meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
         fields = {f.name: getattr(meta, f.name) for f in dataclasses.fields(CPUAttentionMetadata)}
-        return TokpruneCPUMetadata(**fields, sparse=plan)
+        return TokpruneCPUMetadata(**fields, sparse=plan, side_write=side_write)
 
 
 @functools.lru_cache(maxsize=8)
@@ -196,9 +238,15 @@ def _layer_index(layer_name: str) -> int:
 class SparseDecodeMixin:
     """The method's side caches and sparse decode rows, shared by tokprune's CPU and CUDA impls.
 
-    A subclass mixes this before vLLM's impl class, calls :meth:`_init_sparse` after vLLM's ``__init__`` and
+    A subclass mixes this before vLLM's impl class, calls :meth:`_init_sparse` after vLLM's ``__init__``,
     defines ``_kv_views(kv_cache) -> (k, v)`` (``(num_blocks, Hkv, block_size, D)`` views) and
-    ``_ops_backend`` (the tokprune backend of the paged ops).
+    ``_ops_backend`` (the tokprune backend of the paged ops), and calls :meth:`_sparse_step` after vLLM's
+    dense attention in ``forward``.
+
+    The FASA path is a handful of large torch ops per layer (index tensors are planned once per step by
+    the metadata builder): one gather of the requests' blocks of the packed FC side cache, one batched
+    matmul for the partial logits, FASA's vote, ``topk``, one gather of the chosen K and V rows and the
+    exact attention over them.
     """
 
     _ops_backend: Optional[str] = None
@@ -227,8 +275,17 @@ class SparseDecodeMixin:
             geo = self._geometry
             table = _fc_table(s, geo["layers"], geo["kv_heads"], geo["head_dim"])
             self._fc_index = table[_layer_index(layer.layer_name)].to(like.device)
-            self._side = torch.zeros(num_blocks, kv_heads, block_size, 2 * s.chunk * self._fc_index.shape[1],
-                                     dtype=like.dtype, device=like.device)
+            self._fc_dims = fc_dims(self._fc_index, self.head_size, s.chunk).to(like.device)  # (Hkv, nd)
+            nd = self._fc_dims.shape[1]
+            # q (Hkv, ., D) @ _q_sel (Hkv, D, nd) = the FC dimensions of q, times FASA's 1/sqrt(D)
+            self._q_sel = torch.zeros(kv_heads, self.head_size, nd, device=like.device)
+            self._q_sel.scatter_(1, self._fc_dims[:, None, :], self.head_size ** -0.5)
+            # fp32, head-major (Hkv, blocks, block_size, nd): a request's FC keys gather into one contiguous
+            # (Hkv, blocks * block_size, nd) matrix per KV head; ``_side`` is the (blocks, Hkv, block_size, nd)
+            # view, the layout of tokprune.ops.paged.
+            self._side_hm = torch.zeros(kv_heads, num_blocks, block_size, nd, dtype=torch.float32,
+                                        device=like.device)
+            self._side = self._side_hm.permute(1, 0, 2, 3)
         else:  # quest: (pages, kv_heads, 2, head_dim) min and max of the keys of each page of page_size tokens
             pages = num_blocks * block_size // s.page_size
             self._side = torch.zeros(pages, kv_heads, 2, self.head_size, dtype=like.dtype, device=like.device)
@@ -247,19 +304,24 @@ class SparseDecodeMixin:
         side[:, :, 0].scatter_reduce_(0, index, k, "amin")
         side[:, :, 1].scatter_reduce_(0, index, k, "amax")
 
-    def _write_side(self, layer, key, kv_cache, slot_mapping) -> None:
-        """The method's side cache for the tokens vLLM just wrote (FASA: packed FC keys, Quest: page bounds)."""
-        if not self.active or self.settings.method == "streaming" or slot_mapping is None:
+    def _write_side(self, layer, key, kv_cache, attn_metadata) -> None:
+        """The method's side cache for the tokens vLLM just wrote (FASA: packed FC keys, ``side[h, blk, off] =
+        key[t, h, dims(h)]`` as :func:`tokprune.ops.paged.write_paged_fc_keys`; Quest: page bounds)."""
+        if not self.active or self.settings.method == "streaming" or key is None:
             return
         k_view, _ = self._kv_views(kv_cache)
         num_blocks, kv_heads, block_size, _ = k_view.shape
         side = self._side_cache(layer, num_blocks, kv_heads, block_size, k_view)
-        n = slot_mapping.shape[0]
-        if self.settings.method == "fasa":
-            write_paged_fc_keys(side, key[:n], slot_mapping, self._fc_index, self.settings.chunk,
-                                backend=self._ops_backend)
-        else:
-            self._write_quest_bounds(side, key[:n], slot_mapping)
+        slot_mapping = attn_metadata.slot_mapping[: attn_metadata.num_actual_tokens]
+        key = key[: slot_mapping.shape[0]]
+        if self.settings.method == "quest":
+            self._write_quest_bounds(side, key, slot_mapping)
+            return
+        where = getattr(attn_metadata, "side_write", None) or plan_side_write(slot_mapping, block_size)
+        if where.keep is not None:
+            key = key.index_select(0, where.keep)
+        packed = torch.gather(key, 2, self._fc_dims[None].expand(key.shape[0], -1, -1))  # (T, Hkv, nd)
+        self._side_hm[:, where.blk, where.off] = packed.transpose(0, 1).float()
 
     # -- attention -------------------------------------------------------------------------------------
     def _quest_slots(self, q, plan: SparsePlan, block_size: int) -> torch.Tensor:
@@ -289,37 +351,65 @@ class SparseDecodeMixin:
         slots = torch.where(ok, blk * block_size + token % block_size, torch.full_like(token, -1))
         return slots.reshape(rows, heads, -1)
 
-    def _sparse_slots(self, q, plan: SparsePlan, block_size: int) -> torch.Tensor:
-        s = self.settings
-        if s.method == "streaming":
-            return plan.stream_slots.expand(-1, self.num_kv_heads, -1)
-        if s.method == "quest":
-            return self._quest_slots(q, plan, block_size)
-        scores = paged_fc_scores(q, self._side, plan.block_table, plan.seq_lens, self._fc_index, s.chunk,
-                                 max_len=plan.max_len, backend=self._ops_backend)  # (Rs, Hq, L) partial logits
-        rows, heads, length = scores.shape
-        # FASA's group vote: the sum over the group's query heads of each head's softmax.
-        weights = torch.softmax(scores * self.head_size ** -0.5, dim=-1)
-        weights = weights.view(rows, self.num_kv_heads, heads // self.num_kv_heads, length).sum(2)
-        return paged_select(weights, s.budget, s.sink, s.window, plan.seq_lens, plan.block_table, block_size,
-                            backend=self._ops_backend)
+    def _fasa_tokens(self, qh, plan: SparsePlan) -> torch.Tensor:
+        """FASA's choice per KV head and sparse request: ``(Hkv, Rs, budget)`` logical token ids (unordered).
 
-    def _sparse_rows(self, query, kv_cache, attn_metadata, output) -> None:
-        """Overwrite the output of the step's sparse rows (``output (T, Hq, D)``) with the method's attention."""
-        plan = getattr(attn_metadata, "sparse", None)
-        if plan is None or not self.active:
+        ``qh (Hkv, Rs, g, D)`` fp32 queries. Partial logits from the packed FC keys, FASA's group vote (sum
+        over the group's query heads of each head's softmax), sink and window forced, top-``budget``."""
+        kv_heads, rows, group, head_dim = qh.shape
+        keys = self._side_hm[:, plan.block_table]  # (Hkv, Rs, nb, bs, nd)
+        keys = keys.view(kv_heads * rows, -1, keys.shape[-1])  # (Hkv*Rs, n, nd)
+        q_fc = torch.matmul(qh.view(kv_heads, rows * group, head_dim), self._q_sel)  # (Hkv, Rs*g, nd)
+        logits = torch.baddbmm(plan.score_bias, q_fc.view(kv_heads * rows, group, -1), keys.transpose(1, 2))
+        votes = torch.softmax(logits, dim=-1).sum(1).view(kv_heads, rows, -1)  # (Hkv, Rs, n)
+        votes += plan.keep_bias
+        return votes.topk(self.settings.budget, dim=-1, sorted=False).indices
+
+    def _attend(self, qh, k_view, v_view, blk, off) -> torch.Tensor:
+        """Exact attention of ``qh (Hkv, Rs, g, D)`` fp32 over the cached rows ``(blk, off)``
+        ``(Hkv or 1, Rs, K)`` of each KV head, read in place from the paged views; ``(Hkv, Rs, g, D)`` fp32."""
+        kv_heads, rows, group, head_dim = qh.shape
+        head = torch.arange(kv_heads, device=qh.device)[:, None, None]
+        k = k_view[blk, head, off].float().view(kv_heads * rows, -1, head_dim)  # (Hkv*Rs, K, D)
+        v = v_view[blk, head, off].float().view(kv_heads * rows, -1, head_dim)
+        q3 = qh.reshape(kv_heads * rows, group, head_dim)
+        logits = torch.baddbmm(q3.new_empty(()), q3, k.transpose(1, 2), beta=0.0, alpha=self.scale)
+        return torch.bmm(torch.softmax(logits, dim=-1), v).view(kv_heads, rows, group, head_dim)
+
+    def _sparse_step(self, layer, query, key, kv_cache, attn_metadata, output) -> None:
+        """After vLLM's dense attention: write the side cache for this step's keys, then overwrite the output of
+        the step's sparse rows (``output (T, Hq, D)``) with the method's attention."""
+        if not self.active or attn_metadata is None:
             return
-        if self._side is None and self.settings.method != "streaming":
-            raise RuntimeError("tokprune: the side cache was never written (do_kv_cache_update not called)")
+        self._write_side(layer, key, kv_cache, attn_metadata)
+        plan = getattr(attn_metadata, "sparse", None)
+        if plan is None:
+            return
+        method = self.settings.method
+        if self._side is None and method != "streaming":
+            raise RuntimeError("tokprune: the side cache was never written")
         q = query.index_select(0, plan.tokens)  # (Rs, Hq, D)
         k_view, v_view = self._kv_views(kv_cache)
-        slots = self._sparse_slots(q, plan, k_view.shape[2])
-        out = paged_sparse_decode_attention(q, k_view, v_view, slots, self.scale, backend=self._ops_backend)
+        if method == "quest":
+            slots = self._quest_slots(q, plan, k_view.shape[2])
+            out = paged_sparse_decode_attention(q, k_view, v_view, slots, self.scale, backend=self._ops_backend)
+        else:
+            rows, heads, head_dim = q.shape
+            kv_heads = self.num_kv_heads
+            qh = q.view(rows, kv_heads, heads // kv_heads, head_dim).transpose(0, 1).to(
+                torch.float32, memory_format=torch.contiguous_format)  # (Hkv, Rs, g, D)
+            if method == "fasa":
+                token = self._fasa_tokens(qh, plan)  # (Hkv, Rs, K)
+                blk, off = torch.gather(plan.blk[None].expand(kv_heads, -1, -1), 2, token), \
+                    torch.gather(plan.off[None].expand(kv_heads, -1, -1), 2, token)
+            else:  # streaming: the same tokens for every head
+                blk, off = plan.blk[None], plan.off[None]
+            out = self._attend(qh, k_view, v_view, blk, off).transpose(0, 1).reshape(rows, heads, head_dim)
         output.view(-1, self.num_heads, self.head_size)[plan.tokens] = out.to(output.dtype)
 
 
 class TokpruneCPUAttentionImpl(SparseDecodeMixin, CPUAttentionBackendImpl):
-    """vLLM's CPU attention impl plus the side-cache writes and the sparse decode rows of tokprune."""
+    """vLLM's CPU attention impl plus tokprune's side caches and sparse decode rows."""
 
     _ops_backend = "torch"
 
@@ -330,23 +420,19 @@ class TokpruneCPUAttentionImpl(SparseDecodeMixin, CPUAttentionBackendImpl):
                          logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
         self._init_sparse(attn_type == AttentionType.DECODER and self.sliding_window == -1
                           and self.alibi_slopes is None and not self.logits_soft_cap and self.sinks is None
-                          and not self.is_fp8_kv_cache)
+                          and not self.is_fp8_kv_cache and kv_sharing_target_layer_name is None)
 
     def _kv_views(self, kv_cache):
         return vllm_cpu_kv_views(kv_cache, self.head_size)
 
-    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        """vLLM's own K/V write, then the method's side cache for the same tokens (FASA, Quest)."""
-        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        self._write_side(layer, key, kv_cache, slot_mapping)
-
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
-        """vLLM's dense CPU attention for all rows (sparse rows read one token there), then the sparse rows'
-        output from the method. Shapes as in vLLM: ``query (T, Hq, D)``, ``output (T, Hq, D)``."""
+        """vLLM's dense CPU attention for all rows (sparse rows read one token there), then tokprune's side
+        cache write and sparse rows. Shapes as in vLLM: ``query (T, Hq, D)``, ``key (T, Hkv, D)``,
+        ``output (T, Hq, D)``; vLLM wrote ``key``/``value`` into ``kv_cache`` before (``do_kv_cache_update``)."""
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                  output_block_scale)
-        self._sparse_rows(query, kv_cache, attn_metadata, output)
+        self._sparse_step(layer, query, key, kv_cache, attn_metadata, output)
         return output
 
 

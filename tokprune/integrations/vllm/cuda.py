@@ -29,10 +29,12 @@ from vllm.v1.attention.backends.triton_attn import (
 )
 
 from tokprune.integrations.vllm.backend import (
+    SideWrite,
     SparseDecodeMixin,
     SparsePlan,
     _settings_from_config,
     dense_rows_only,
+    plan_side_write,
     plan_sparse_rows,
 )
 from tokprune.integrations.vllm.config import TokpruneConfigError, check_model
@@ -45,6 +47,7 @@ class TokpruneTritonMetadata(TritonAttentionMetadata):
     """vLLM's Triton metadata (sparse rows' ``seq_lens`` set to 1) plus the step's :class:`SparsePlan`."""
 
     sparse: Optional[SparsePlan] = None
+    side_write: Optional[SideWrite] = None
 
 
 class TokpruneTritonMetadataBuilder(TritonAttentionMetadataBuilder):
@@ -55,6 +58,7 @@ class TokpruneTritonMetadataBuilder(TritonAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.settings = _settings_from_config(vllm_config)
+        self.kv_cache_spec = kv_cache_spec
         self.block_size = kv_cache_spec.block_size
         self.active = self.settings is not None and getattr(kv_cache_spec, "sliding_window", None) is None
         if self.active:
@@ -64,12 +68,18 @@ class TokpruneTritonMetadataBuilder(TritonAttentionMetadataBuilder):
                         self.settings.method, self.settings.budget, len(layer_names))
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
-        plan = plan_sparse_rows(common_attn_metadata, self.settings, self.block_size) if self.active else None
+        plan = side_write = None
+        if self.active:
+            plan = plan_sparse_rows(common_attn_metadata, self.settings, self.block_size,
+                                    self.kv_cache_spec.num_kv_heads)
+            if self.settings.method == "fasa":
+                side_write = plan_side_write(common_attn_metadata.slot_mapping[:common_attn_metadata.num_actual_tokens],
+                                             self.block_size)
         if plan is not None:
             common_attn_metadata = dense_rows_only(common_attn_metadata, plan)
         meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
         fields = {f.name: getattr(meta, f.name) for f in dataclasses.fields(TritonAttentionMetadata)}
-        return TokpruneTritonMetadata(**fields, sparse=plan)
+        return TokpruneTritonMetadata(**fields, sparse=plan, side_write=side_write)
 
 
 class TokpruneTritonAttentionImpl(SparseDecodeMixin, TritonAttentionImpl):
@@ -89,13 +99,9 @@ class TokpruneTritonAttentionImpl(SparseDecodeMixin, TritonAttentionImpl):
             raise TokpruneConfigError(f"tokprune: unexpected vLLM Triton KV-cache shape {tuple(kv_cache.shape)}")
         return kv_cache[..., : self.head_size], kv_cache[..., self.head_size:]
 
-    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
-        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        self._write_side(layer, key, kv_cache, slot_mapping)
-
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output=None, *args, **kwargs):
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
-        self._sparse_rows(query, kv_cache, attn_metadata, output)
+        self._sparse_step(layer, query, key, kv_cache, attn_metadata, output)
         return output
 
 
