@@ -187,6 +187,8 @@ def tiny_qwen2_5_vl(attn="sdpa"):
 
 
 def build(kind, attn="sdpa"):
+    """``(model, inputs, images per row)``; the builders take the attention implementation, which the
+    conftest fixtures (used where the default suffices) do not."""
     if kind == "llava":
         return tiny.tiny_llava(attn), llava_batch(), (2, 2)
     if kind == "qwen2_5_vl":
@@ -252,12 +254,13 @@ def test_keep_all_visual_tokens_equals_unpruned(kind):
 
 
 @pytest.mark.parametrize("kind", ["llava", "qwen2_vl"])
-def test_rows_with_different_image_counts_match_rows_alone(kind):
+def test_rows_with_different_image_counts_match_rows_alone(kind, request):
+    model = request.getfixturevalue(f"tiny_{kind}")  # conftest fixtures
     if kind == "llava":
-        model, per_row = tiny.tiny_llava(), (2, 1)
+        per_row = (2, 1)
         inputs, patches = llava_batch(images_per_row=per_row, pad=(0, 0)), None
     else:
-        model, per_row = tiny.tiny_qwen2_vl(), (1, 2)
+        per_row = (1, 2)
         inputs, patches = qwen_batch(images_per_row=per_row), QWEN_GRID[0] * QWEN_GRID[1] * QWEN_GRID[2]
     policy = EntropyPrune(keep=6, layer=1)
     with prune_visual_tokens(model, policy) as handle:

@@ -98,7 +98,8 @@ def evaluate(model, tokenizer, *, context: int, continuation: int, segments: int
             kl = torch.nn.functional.kl_div(cont.log_softmax(-1), dense_cont.log_softmax(-1), log_target=True,
                                             reduction="batchmean").item()
             kept = sum(kept_counts) / max(len(kept_counts), 1)
-            row = dict(layers=mode, keep=keep, tau=value if kind == "tau" else None, kept_fraction=kept, top1=(cont.argmax(-1) == dense_cont.argmax(-1)).float().mean().item(),
+            row = dict(layers=mode, keep=keep, tau=value if kind == "tau" else None, kept_fraction=kept,
+                       top1=(cont.argmax(-1) == dense_cont.argmax(-1)).float().mean().item(),
                        kl=kl, ppl=math.exp(nll), dense_ppl=math.exp(dense_nll),
                        ppl_change=math.exp(nll - dense_nll) - 1.0,
                        top1_window=(win.argmax(-1) == dense_win.argmax(-1)).float().mean().item(),
