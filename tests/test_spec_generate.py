@@ -16,7 +16,9 @@ DRAFTERS = {
     "layerskip_rsd": lambda m: LayerSkipDrafter(m, 2, tree="rsd", branching=(3, 2, 1)),
     "draftmodel_specinfer": lambda m: DraftModelDrafter(tiny.tiny_llama(num_hidden_layers=1), tree="specinfer",
                                                         branching=(2, 2)),
-    "layerskip_topk_width1": lambda m: LayerSkipDrafter(m, 2, tree="dyspec", budget=6, width=1),
+    "layerskip_dyspec_exact": lambda m: LayerSkipDrafter(m, 2, tree="dyspec", budget=6, exact=True),
+    "layerskip_rsd_s": lambda m: LayerSkipDrafter(m, 2, tree="rsd_s", beam_width=3, depth=2),
+    "token_recycling_paper": lambda m: TokenRecyclingDrafter(k=8, template="paper"),
 }
 MODELS = {"llama": tiny.tiny_llama, "qwen2": tiny.tiny_qwen2}
 
@@ -98,12 +100,13 @@ def test_self_draft_is_always_accepted():
     assert min(stats.accept_lens) >= 2
 
 
-def test_self_draft_sampling_accepts_everything_with_rsd_and_specinfer():
+def test_self_draft_sampling_accepts_everything_with_rsd_rsd_s_and_specinfer():
     """With q == p, the stochastic rules accept the first child of every node: accept_len = depth."""
     model = tiny.tiny_llama()
     ids, mask = prompts(2)
-    for tree in ("rsd", "specinfer"):
-        drafter = LayerSkipDrafter(model, 3, tree=tree, branching=(2, 1, 1))
+    for tree in ("rsd", "specinfer", "rsd_s"):
+        # rsd_s: the path of each level's maximum survives the stochastic beam (it inherits the top value)
+        drafter = LayerSkipDrafter(model, 3, tree=tree, branching=(2, 1, 1), beam_width=2, depth=3)
         out, stats = generate(model, ids, attention_mask=mask, drafter=drafter, max_new_tokens=13, do_sample=True,
                               temperature=0.8, eos_token_id=None, generator=torch.Generator().manual_seed(0),
                               return_stats=True)
