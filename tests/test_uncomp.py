@@ -7,7 +7,6 @@ import torch
 
 from tests.helpers import assert_close
 from tokprune.hf.attention import patch_attention
-from tokprune.methods import uncomp as uncomp_mod
 from tokprune.methods.uncomp import UNComp, split_budget
 
 

@@ -22,11 +22,7 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
