@@ -28,9 +28,9 @@ The policy declines (returns ``None`` so SDPA runs, exactly dense) when
 
 * the call is a decode step (``q_len == 1``) or a prefill chunk on top of a cache (``q_len != kv_len``);
 * the layer is not a sparse layer;
-* the sequence is shorter than ``min_tokens`` (default :data:`MIN_TOKENS`, the measured point below
-  which token sparse prefill does not beat dense SDPA on this CPU, see README), or the budget keeps
-  every token;
+* the sequence is shorter than ``min_tokens`` (default :data:`MIN_TOKENS`: the shortest measured length
+  at which one layer's token sparse attention beats dense SDPA on a CPU, see README), or the budget
+  keeps every token;
 * the attention mask is not "causal + key padding" (e.g. sliding window or packed sequences), or the
   model uses attention sinks (``s_aux``).
 """
@@ -50,10 +50,12 @@ from tokprune.ops.token_sparse import resolve_keep, token_sparse_attention
 
 PROFILE_FORMAT = "tokprune-token-sparse-profile-v1"
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-# Prompt length below which the policy declines (dense SDPA). Measured with `tokprune bench token-sparse`
-# on SmolLM2-135M, 1 thread: the whole-model prefill with keep=0.25 is slower than dense below 1024
-# tokens and faster from 1024 on (README, "Token sparse attention").
-MIN_TOKENS = 1024
+# Prompt length below which the policy declines (dense SDPA). Measured rule: the whole model differs from
+# dense only in the sparse layers' attention, so the model is never slower than dense where one layer's
+# token sparse attention (scores + selection + gathers + SDPA on the kept tokens + scatter, keep=0.25,
+# window 128, SmolLM2 head shapes) is faster than dense SDPA. `tokprune bench token-sparse --tokens ...
+# --rounds 7 --threads 1` (interleaved CPU-time medians): 1.83x at 512 tokens and more above (README).
+MIN_TOKENS = 512
 PAPER_TAU = 0.005
 _MATCH_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads")
 
