@@ -6,7 +6,8 @@
 One layer, SmolLM2-135M attention shape by default (9 query heads, 3 KV heads, head_dim 64), vLLM CPU
 cache layout (``[num_blocks, kv_heads, 128, 2*D]``, K transposed, read through
 :func:`tokprune.ops.vllm_cpu_kv_views`), physical blocks shuffled, every request ``--tokens`` long.
-Providers, timed in the same run with interleaved rounds (median over rounds of each round's median):
+Providers, timed in the same run with interleaved rounds (median over rounds; CPU time of the process by
+default, ``--clock wall`` for elapsed time):
 
   dense paged          paged_decode_attention over all cached tokens (the exact path)
   SDPA contiguous      torch SDPA on a contiguous (batch, kv_heads, T, D) cache: dense without paging,
@@ -57,11 +58,15 @@ def build(batch, n_tokens, heads, kv_heads, head_dim, block_size, num_fcs, dtype
     return q, k, v, fc_cache, fc_index, table, seq_lens
 
 
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+_clock = CLOCKS["cpu"]
+
+
 def timed(fn, iters):
-    start = time.perf_counter()
+    start = _clock()
     for _ in range(iters):
         fn()
-    return (time.perf_counter() - start) / iters * 1e3
+    return (_clock() - start) / iters * 1e3
 
 
 def interleaved(providers, rounds, min_time):
@@ -96,13 +101,18 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--min-time", type=float, default=0.1, help="seconds per provider and round")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
+                        help="cpu: CPU time of this process (with 1 thread, the ops' own work: robust on a shared "
+                             "machine where wall time includes waiting for a core); wall: elapsed time")
     args = parser.parse_args(argv)
+    global _clock
+    _clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     scale = args.head_dim ** -0.5
     print(f"paged decode, 1 layer: heads={args.heads} kv_heads={args.kv_heads} head_dim={args.head_dim} "
           f"block_size={args.block_size} budget={args.budget} F={args.num_fcs} {args.dtype} "
-          f"threads={torch.get_num_threads()} rounds={args.rounds} backend=torch")
+          f"threads={torch.get_num_threads()} rounds={args.rounds} clock={args.clock} backend=torch")
     for n_tokens in args.tokens:
         for batch in args.batch:
             q, k, v, fc_cache, fc_index, table, seq_lens = build(batch, n_tokens, args.heads, args.kv_heads,

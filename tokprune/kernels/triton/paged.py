@@ -2,7 +2,7 @@
 a block table or a physical slot, ``address = block * stride_block + head * stride_head + offset *
 stride_token + dim * stride_dim`` in int64, so strided views (vLLM's transposed CPU K) work unchanged.
 
-* ``_write_fc_kernel``: one program per new token; copies its FC dimensions into the side cache slot.
+* ``_write_fc_kernel``: one program per (new token, KV head); copies its FC dimensions into the side cache.
 * ``_paged_fc_scores_kernel``: one program per (request * head, block of logical tokens); translates the
   tokens through the block table and reads only the FC dimensions; ``-inf`` past the request's length.
 * ``_tokens_to_slots_kernel``: logical token ids -> physical slots through the block table.
@@ -20,64 +20,64 @@ import torch
 import triton
 import triton.language as tl
 
-from tokprune.kernels.triton.aot import LaunchConfig, register_aot
+from tokprune.kernels.triton._launch import launch
+from tokprune.kernels.triton.aot import LaunchConfig, register_aot, type_variants
 from tokprune.kernels.triton.fasa import _combine_config, _sparse_decode_combine_kernel, split_plan
 
 
 @triton.jit
 def _write_fc_kernel(
     key_ptr, slot_ptr, dims_ptr, fc_ptr,
-    n_heads, n_dims, block_size,
+    n_dims, block_size,
     stride_kt, stride_kh, stride_kd,
     stride_fb, stride_fh, stride_ft, stride_fd,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_n = tl.arange(0, BLOCK_N)
-    slot = tl.load(slot_ptr + t + offs_h * 0).to(tl.int64)  # the token's slot, broadcast over heads
-    mask = ((offs_h < n_heads) & (slot >= 0))[:, None] & (offs_n[None, :] < n_dims)
-    dims = tl.load(dims_ptr + offs_h[:, None] * n_dims + offs_n[None, :], mask=mask, other=0)
-    k = tl.load(key_ptr + t.to(tl.int64) * stride_kt + offs_h[:, None] * stride_kh + dims * stride_kd, mask=mask,
-                other=0.0)
-    safe = tl.where(slot >= 0, slot, 0)
-    blk = safe // block_size
-    off = safe % block_size
-    dst = fc_ptr + (blk * stride_fb + off * stride_ft + offs_h * stride_fh)[:, None] + offs_n[None, :] * stride_fd
-    tl.store(dst, k.to(fc_ptr.dtype.element_ty), mask=mask)
+    # grid (tokens, kv heads)
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+    slot = tl.load(slot_ptr + t + offs_n * 0).to(tl.int64)  # the token's slot, broadcast over the dims
+    mask = (offs_n < n_dims) & (slot >= 0)
+    dims = tl.load(dims_ptr + h * n_dims + offs_n, mask=mask, other=0).to(tl.int64)
+    k = tl.load(key_ptr + t * stride_kt + h * stride_kh + dims * stride_kd, mask=mask, other=0.0)
+    safe = tl.where(slot >= 0, slot, 0).to(tl.int32)  # slots < 2**31: 32-bit division (64-bit uses a stack)
+    dst = fc_ptr + (safe // block_size).to(tl.int64) * stride_fb + h * stride_fh + \
+        (safe % block_size).to(tl.int64) * stride_ft
+    tl.store(dst + offs_n * stride_fd, k.to(fc_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _paged_fc_scores_kernel(
     q_ptr, k_ptr, qdims_ptr, kdims_ptr, table_ptr, lens_ptr, out_ptr,
-    n_heads, max_len, n_dims, group, block_size,
+    max_len, n_dims, group, block_size,
     stride_qr, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_tr, stride_tc,
     stride_or, stride_oh, stride_ot,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_rh = tl.program_id(0)
-    pid_t = tl.program_id(1)
-    r = pid_rh // n_heads
-    h = pid_rh % n_heads
-    length = tl.load(lens_ptr + r)
+    # grid (token blocks, heads, requests): the axis that grows with the context is axis 0
+    pid_t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    r = tl.program_id(2).to(tl.int64)
+    length = tl.load(lens_ptr + r).to(tl.int32)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_dims
-    qd = tl.load(qdims_ptr + h * n_dims + offs_n, mask=mask_n, other=0)
-    kd = tl.load(kdims_ptr + h * n_dims + offs_n, mask=mask_n, other=0)
+    qd = tl.load(qdims_ptr + h * n_dims + offs_n, mask=mask_n, other=0).to(tl.int64)
+    kd = tl.load(kdims_ptr + h * n_dims + offs_n, mask=mask_n, other=0).to(tl.int64)
     q = tl.load(q_ptr + r * stride_qr + h * stride_qh + qd * stride_qd, mask=mask_n, other=0.0).to(tl.float32)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t = pid_t.to(tl.int32) * BLOCK_T + tl.arange(0, BLOCK_T)  # token ids < 2**31: 32-bit division
     in_len = offs_t < length
-    blk = tl.load(table_ptr + r.to(tl.int64) * stride_tr + (offs_t // block_size) * stride_tc, mask=in_len,
+    blk = tl.load(table_ptr + r * stride_tr + (offs_t // block_size).to(tl.int64) * stride_tc, mask=in_len,
                   other=0).to(tl.int64)
     off = (offs_t % block_size).to(tl.int64)
-    base = k_ptr + (h // group).to(tl.int64) * stride_kh
+    base = k_ptr + (tl.program_id(1) // group).to(tl.int64) * stride_kh  # 32-bit division
     k = tl.load(base + (blk * stride_kb + off * stride_kt)[:, None] + kd[None, :] * stride_kd,
                 mask=in_len[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
     s = tl.sum(k * q[None, :], axis=1)
     s = tl.where(in_len, s, float("-inf"))
-    tl.store(out_ptr + r.to(tl.int64) * stride_or + h * stride_oh + offs_t * stride_ot, s, mask=offs_t < max_len)
+    tl.store(out_ptr + r * stride_or + h * stride_oh + offs_t.to(tl.int64) * stride_ot, s, mask=offs_t < max_len)
 
 
 @triton.jit
@@ -88,15 +88,15 @@ def _tokens_to_slots_kernel(
     BLOCK_K: tl.constexpr,
 ):
     pid_rh = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    r = pid_rh // n_heads
-    offs = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    pid_k = tl.program_id(1).to(tl.int64)
+    r = (pid_rh // n_heads).to(tl.int64)  # divisions in 32 bits (a 64-bit one compiles to a call)
+    offs = pid_k * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
     mask = offs < n_keep
     row = pid_rh.to(tl.int64) * n_keep
     tok = tl.load(tok_ptr + row + offs, mask=mask, other=-1)
     ok = tok >= 0
-    t = tl.where(ok, tok, 0)
-    blk = tl.load(table_ptr + r.to(tl.int64) * stride_tr + (t // block_size) * stride_tc, mask=mask & ok,
+    t = tl.where(ok, tok, 0).to(tl.int32)  # token ids < 2**31: 32-bit division
+    blk = tl.load(table_ptr + r * stride_tr + (t // block_size).to(tl.int64) * stride_tc, mask=mask & ok,
                   other=0).to(tl.int64)
     slot = tl.where(ok, blk * block_size + t % block_size, -1)
     tl.store(out_ptr + row + offs, slot, mask=mask)
@@ -115,12 +115,15 @@ def _paged_decode_split_kernel(
 ):
     pid_rh = tl.program_id(0)
     sp = tl.program_id(1)
-    r = pid_rh // n_heads
-    h = pid_rh % n_heads
-    kvh = (h // group).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
+    # divisions in 32 bits (a 64-bit division compiles to a call with a stack frame), offsets in 64
+    r = (pid_rh // n_heads).to(tl.int64)
+    h32 = pid_rh % n_heads
+    h = h32.to(tl.int64)
+    kvh = (h32 // group).to(tl.int64)
+    ih = (h32 // idx_div).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     mask_d = offs_d < head_dim
-    q = tl.load(q_ptr + r.to(tl.int64) * stride_qr + h * stride_qh + offs_d * stride_qd, mask=mask_d,
+    q = tl.load(q_ptr + r * stride_qr + h * stride_qh + offs_d * stride_qd, mask=mask_d,
                 other=0.0).to(tl.float32)
     m_i = tl.full([1], float("-inf"), tl.float32)
     l_i = tl.zeros([1], dtype=tl.float32)
@@ -128,25 +131,26 @@ def _paged_decode_split_kernel(
     start = sp * split_size
     end = tl.minimum(start + split_size, n_keep)
     if DENSE:
-        end = tl.minimum(end, tl.load(lens_ptr + r))
+        end = tl.minimum(end, tl.load(lens_ptr + r).to(tl.int32))
     k_base = k_ptr + kvh * stride_kh
     v_base = v_ptr + kvh * stride_vh
     for k0 in range(start, end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < end
+        # token ids and slots < 2**31: 32-bit division (a 64-bit one compiles to a call with a stack frame)
         if DENSE:
             ok = mask_k
             t = tl.where(ok, offs_k, 0)
-            blk = tl.load(table_ptr + r.to(tl.int64) * stride_tr + (t // block_size) * stride_tc, mask=ok,
+            blk = tl.load(table_ptr + r * stride_tr + (t // block_size).to(tl.int64) * stride_tc, mask=ok,
                           other=0).to(tl.int64)
             off = (t % block_size).to(tl.int64)
         else:
-            slot = tl.load(slots_ptr + r.to(tl.int64) * stride_sr + (h // idx_div) * stride_sh + offs_k * stride_sk,
-                           mask=mask_k, other=-1).to(tl.int64)
+            slot = tl.load(slots_ptr + r * stride_sr + ih * stride_sh + offs_k.to(tl.int64) * stride_sk,
+                           mask=mask_k, other=-1)
             ok = mask_k & (slot >= 0)
-            safe = tl.where(ok, slot, 0)
-            blk = safe // block_size
-            off = safe % block_size
+            safe = tl.where(ok, slot, 0).to(tl.int32)
+            blk = (safe // block_size).to(tl.int64)
+            off = (safe % block_size).to(tl.int64)
         tile_mask = ok[:, None] & mask_d[None, :]
         kt = tl.load(k_base + (blk * stride_kb + off * stride_kt)[:, None] + offs_d[None, :] * stride_kd,
                      mask=tile_mask, other=0.0).to(tl.float32)
@@ -161,31 +165,30 @@ def _paged_decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=0)
         acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
         m_i = m_new
-    out_row = pid_rh * n_splits + sp
+    out_row = pid_rh.to(tl.int64) * n_splits + sp
     one = tl.arange(0, 1)
     tl.store(m_ptr + out_row + one, m_i)
     tl.store(l_ptr + out_row + one, l_i)
-    tl.store(acc_ptr + out_row.to(tl.int64) * head_dim + offs_d, acc, mask=mask_d)
+    tl.store(acc_ptr + out_row * head_dim + offs_d, acc, mask=mask_d)
 
 
 @triton.jit
 def _reset_pages_kernel(
     slot_ptr, kmin_ptr, kmax_ptr,
     n_heads, head_dim, page_size, pages_per_block,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    slot = tl.load(slot_ptr + t + offs_h * 0).to(tl.int64)  # broadcast over heads
-    fresh = (slot >= 0) & (slot % page_size == 0) & (offs_h < n_heads)
+    # grid (tokens, kv heads); bounds rows: ((block * n_heads + head) * pages_per_block + page) * head_dim
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    slot = tl.load(slot_ptr + t + offs_d * 0).to(tl.int32)  # slots < 2**31: 32-bit division
+    fresh = (slot >= 0) & (slot % page_size == 0)
     page = tl.where(fresh, slot, 0) // page_size  # = block * pages_per_block + page in block
-    blk = page // pages_per_block
-    row = (blk * n_heads + offs_h) * pages_per_block + page % pages_per_block
-    mask = fresh[:, None] & (offs_d[None, :] < head_dim)
-    ptrs = row[:, None] * head_dim + offs_d[None, :]
-    tl.store(kmin_ptr + ptrs, tl.full([BLOCK_H, BLOCK_D], float("inf"), tl.float32), mask=mask)
-    tl.store(kmax_ptr + ptrs, tl.full([BLOCK_H, BLOCK_D], float("-inf"), tl.float32), mask=mask)
+    row = ((page // pages_per_block).to(tl.int64) * n_heads + h) * pages_per_block + page % pages_per_block
+    mask = fresh & (offs_d < head_dim)
+    tl.store(kmin_ptr + row * head_dim + offs_d, tl.full([BLOCK_D], float("inf"), tl.float32), mask=mask)
+    tl.store(kmax_ptr + row * head_dim + offs_d, tl.full([BLOCK_D], float("-inf"), tl.float32), mask=mask)
 
 
 @triton.jit
@@ -193,66 +196,62 @@ def _fold_pages_kernel(
     key_ptr, slot_ptr, kmin_ptr, kmax_ptr,
     n_heads, head_dim, page_size, pages_per_block,
     stride_kt, stride_kh, stride_kd,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    slot = tl.load(slot_ptr + t + offs_h * 0).to(tl.int64)
-    ok = (slot >= 0) & (offs_h < n_heads)
-    page = tl.where(ok, slot, 0) // page_size
-    blk = page // pages_per_block
-    row = (blk * n_heads + offs_h) * pages_per_block + page % pages_per_block
-    mask = ok[:, None] & (offs_d[None, :] < head_dim)
-    k = tl.load(key_ptr + t.to(tl.int64) * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd,
-                mask=mask, other=0.0).to(tl.float32)
-    ptrs = row[:, None] * head_dim + offs_d[None, :]
-    tl.atomic_min(kmin_ptr + ptrs, k, mask=mask)
-    tl.atomic_max(kmax_ptr + ptrs, k, mask=mask)
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    slot = tl.load(slot_ptr + t + offs_d * 0).to(tl.int32)  # slots < 2**31: 32-bit division
+    mask = (slot >= 0) & (offs_d < head_dim)
+    page = tl.where(slot >= 0, slot, 0) // page_size
+    row = ((page // pages_per_block).to(tl.int64) * n_heads + h) * pages_per_block + page % pages_per_block
+    k = tl.load(key_ptr + t * stride_kt + h * stride_kh + offs_d * stride_kd, mask=mask, other=0.0).to(tl.float32)
+    tl.atomic_min(kmin_ptr + row * head_dim + offs_d, k, mask=mask)
+    tl.atomic_max(kmax_ptr + row * head_dim + offs_d, k, mask=mask)
 
 
 @triton.jit
 def _paged_quest_scores_kernel(
     q_ptr, kmin_ptr, kmax_ptr, table_ptr, lens_ptr, out_ptr,
-    n_heads, kv_heads, width, head_dim, group, page_size, pages_per_block,
+    kv_heads, width, head_dim, group, page_size, pages_per_block,
     stride_qr, stride_qh, stride_qd,
     stride_tr, stride_tc,
     stride_or, stride_oh, stride_op,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_rh = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    r = pid_rh // n_heads
-    h = pid_rh % n_heads
-    length = tl.load(lens_ptr + r)
+    # grid (page blocks, heads, requests): the axis that grows with the context is axis 0
+    pid_p = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    r = tl.program_id(2).to(tl.int64)
+    length = tl.load(lens_ptr + r).to(tl.int32)
     n_pages = (length + page_size - 1) // page_size
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     mask_d = offs_d < head_dim
-    q = tl.load(q_ptr + r.to(tl.int64) * stride_qr + h * stride_qh + offs_d * stride_qd, mask=mask_d,
+    q = tl.load(q_ptr + r * stride_qr + h * stride_qh + offs_d * stride_qd, mask=mask_d,
                 other=0.0).to(tl.float32)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p = pid_p.to(tl.int32) * BLOCK_P + tl.arange(0, BLOCK_P)  # page ids < 2**31: 32-bit division
     live = offs_p < n_pages
     block_size = page_size * pages_per_block
     token0 = offs_p * page_size
-    blk = tl.load(table_ptr + r.to(tl.int64) * stride_tr + (token0 // block_size) * stride_tc, mask=live,
+    blk = tl.load(table_ptr + r * stride_tr + (token0 // block_size).to(tl.int64) * stride_tc, mask=live,
                   other=0).to(tl.int64)
-    row = (blk * kv_heads + h // group) * pages_per_block + offs_p % pages_per_block
+    kvh = (tl.program_id(1) // group).to(tl.int64)  # 32-bit division
+    row = (blk * kv_heads + kvh) * pages_per_block + offs_p % pages_per_block
     ptrs = row[:, None] * head_dim + offs_d[None, :]
     mask = live[:, None] & mask_d[None, :]
     lo = tl.load(kmin_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
     hi = tl.load(kmax_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
     bound = tl.sum(tl.maximum(lo * q[None, :], hi * q[None, :]), axis=1)
     bound = tl.where(live, bound, float("-inf"))
-    tl.store(out_ptr + r.to(tl.int64) * stride_or + h * stride_oh + offs_p * stride_op, bound, mask=offs_p < width)
+    tl.store(out_ptr + r * stride_or + h * stride_oh + offs_p.to(tl.int64) * stride_op, bound, mask=offs_p < width)
 
 
 # ----------------------------------------------------------------------------------------------------
 # launch configurations and launchers (inputs validated in tokprune.ops.paged)
 # ----------------------------------------------------------------------------------------------------
 
-def _write_config(kv_heads: int, n_dims: int) -> LaunchConfig:
-    return LaunchConfig({"BLOCK_H": max(1, triton.next_power_of_2(kv_heads)),
-                         "BLOCK_N": max(16, triton.next_power_of_2(n_dims))}, num_warps=1, num_stages=1)
+def _write_config(n_dims: int) -> LaunchConfig:
+    return LaunchConfig({"BLOCK_N": max(16, triton.next_power_of_2(n_dims))}, num_warps=1, num_stages=1)
 
 
 def _scores_config(n_dims: int) -> LaunchConfig:
@@ -266,22 +265,34 @@ _SLOTS_CONFIG = LaunchConfig({"BLOCK_K": 128}, num_warps=4, num_stages=1)
 
 def _split_config(head_dim: int, dense: bool) -> LaunchConfig:
     block_d = max(16, triton.next_power_of_2(head_dim))
-    # DENSE with BLOCK_K=32, BLOCK_D=64 spills 24 B on sm_90 (AOT check); 16 tokens per step do not.
-    block_k = 32 if block_d <= 128 and not dense else 16
+    # 32 tokens per step only where the AOT check shows no spill (DENSE at D=64, and the sparse kernel at
+    # D=32 with 64-bit strides, spilled 8-24 B on sm_80/sm_90)
+    block_k = 32 if 64 <= block_d <= 128 and not dense else 16
     return LaunchConfig({"DENSE": dense, "BLOCK_K": block_k, "BLOCK_D": block_d}, num_warps=4, num_stages=1)
+
+
+def _bounds_config(head_dim: int) -> LaunchConfig:
+    return LaunchConfig({"BLOCK_D": max(16, triton.next_power_of_2(head_dim))}, num_warps=1, num_stages=1)
+
+
+def _quest_config(head_dim: int) -> LaunchConfig:
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    # BLOCK_P=64 at D=32 spilled 8 B on sm_90 (AOT check)
+    return LaunchConfig({"BLOCK_P": max(4, min(32, 2048 // block_d)), "BLOCK_D": block_d}, num_warps=4,
+                        num_stages=1)
+
+
+def _run(kernel, grid, device, cfg: LaunchConfig, *args) -> None:
+    launch(kernel, grid, device, *args, **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def write_paged_fc_keys_triton(fc_cache, key, slot_mapping, dims) -> None:
     """Launcher for :func:`tokprune.ops.write_paged_fc_keys` (``dims (Hkv, nd)`` from ``fc_dims``)."""
     n_tokens, kv_heads, _ = key.shape
     n_dims = dims.shape[1]
-    cfg = _write_config(kv_heads, n_dims)
-    _write_fc_kernel[(n_tokens,)](
-        key, slot_mapping, dims.to(torch.int32).contiguous(), fc_cache,
-        kv_heads, n_dims, fc_cache.shape[2],
-        *key.stride(), *fc_cache.stride(),
-        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    _run(_write_fc_kernel, (n_tokens, kv_heads), key.device, _write_config(n_dims),
+         key, slot_mapping, dims.to(torch.int32).contiguous(), fc_cache,
+         n_dims, fc_cache.shape[2], *key.stride(), *fc_cache.stride())
 
 
 def paged_fc_scores_triton(q, cache, block_table, seq_lens, dims, packed: bool, max_len: int) -> torch.Tensor:
@@ -298,13 +309,11 @@ def paged_fc_scores_triton(q, cache, block_table, seq_lens, dims, packed: bool, 
         past = torch.arange(max_len, device=q.device)[None, :] >= seq_lens.long()[:, None]
         return out.zero_().masked_fill_(past[:, None, :], float("-inf"))
     cfg = _scores_config(n_dims)
-    grid = (rows * heads, triton.cdiv(max_len, cfg.constexprs["BLOCK_T"]))
-    _paged_fc_scores_kernel[grid](
-        q, cache, qdims, kdims, block_table, seq_lens, out,
-        heads, max_len, n_dims, group, cache.shape[2],
-        *q.stride(), *cache.stride(), *block_table.stride(), *out.stride(),
-        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    grid = (triton.cdiv(max_len, cfg.constexprs["BLOCK_T"]), heads, rows)
+    _run(_paged_fc_scores_kernel, grid, q.device, cfg,
+         q, cache, qdims, kdims, block_table, seq_lens, out,
+         max_len, n_dims, group, cache.shape[2],
+         *q.stride(), *cache.stride(), *block_table.stride(), *out.stride())
     return out
 
 
@@ -315,12 +324,9 @@ def tokens_to_slots_triton(token, block_table, block_size: int) -> torch.Tensor:
     if token.numel() == 0:
         return out
     token = token.contiguous()
-    cfg = _SLOTS_CONFIG
-    grid = (rows * heads, triton.cdiv(n_keep, cfg.constexprs["BLOCK_K"]))
-    _tokens_to_slots_kernel[grid](
-        token, block_table, out, heads, n_keep, block_size, *block_table.stride(),
-        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    grid = (rows * heads, triton.cdiv(n_keep, _SLOTS_CONFIG.constexprs["BLOCK_K"]))
+    _run(_tokens_to_slots_kernel, grid, token.device, _SLOTS_CONFIG,
+         token, block_table, out, heads, n_keep, block_size, *block_table.stride())
     return out
 
 
@@ -339,18 +345,13 @@ def _decode(q, k_cache, v_cache, slots, block_table, seq_lens, scale, n_keep, de
     slots = dummy if dense else slots
     table = block_table if dense else dummy[0]
     lens = seq_lens if dense else dummy[0, 0]
-    _paged_decode_split_kernel[(n_rows, n_splits)](
-        q, k_cache, v_cache, slots, table, lens, m, lse, acc,
-        heads, n_keep, head_dim, group, idx_div, block_size, split_size, n_splits, scale,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *slots.stride(), *table.stride(),
-        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    _run(_paged_decode_split_kernel, (n_rows, n_splits), q.device, cfg,
+         q, k_cache, v_cache, slots, table, lens, m, lse, acc,
+         heads, n_keep, head_dim, group, idx_div, block_size, split_size, n_splits, scale,
+         *q.stride(), *k_cache.stride(), *v_cache.stride(), *slots.stride(), *table.stride())
     out = torch.empty(n_rows, head_dim, device=q.device, dtype=torch.float32)
-    ccfg = _combine_config(head_dim)
-    _sparse_decode_combine_kernel[(n_rows,)](
-        m, lse, acc, out, n_splits, head_dim,
-        **ccfg.constexprs, num_warps=ccfg.num_warps, num_stages=ccfg.num_stages,
-    )
+    _run(_sparse_decode_combine_kernel, (n_rows,), q.device, _combine_config(head_dim),
+         m, lse, acc, out, n_splits, head_dim)
     return out.view(rows, heads, head_dim).to(q.dtype)
 
 
@@ -364,19 +365,6 @@ def paged_decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale: float
     return _decode(q, k_cache, v_cache, None, block_table, seq_lens, scale, max_len, dense=True)
 
 
-def _bounds_config(kv_heads: int, head_dim: int) -> LaunchConfig:
-    block_h, block_d = max(1, triton.next_power_of_2(kv_heads)), max(16, triton.next_power_of_2(head_dim))
-    # one warp holds up to 256 elements of the tile without spilling (AOT check: 16 x 256 on 1 warp spills)
-    warps = max(1, min(8, block_h * block_d // 256))
-    return LaunchConfig({"BLOCK_H": block_h, "BLOCK_D": block_d}, num_warps=warps, num_stages=1)
-
-
-def _quest_config(head_dim: int) -> LaunchConfig:
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    return LaunchConfig({"BLOCK_P": max(4, min(64, 4096 // block_d)), "BLOCK_D": block_d}, num_warps=4,
-                        num_stages=1)
-
-
 def update_page_bounds_triton(kmin, kmax, key, slot_mapping, page_size: int) -> None:
     """Launcher for :func:`tokprune.ops.update_paged_page_bounds`: a reset pass for the pages whose first
     token is written, then atomic min/max of every written key (stream-ordered). fp32 bounds only (Triton
@@ -388,12 +376,11 @@ def update_page_bounds_triton(kmin, kmax, key, slot_mapping, page_size: int) -> 
         return
     n_tokens, kv_heads, head_dim = key.shape
     pages_per_block = kmin.shape[2]
-    cfg = _bounds_config(kv_heads, head_dim)
-    common = dict(**cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _reset_pages_kernel[(n_tokens,)](slot_mapping, kmin, kmax, kv_heads, head_dim, page_size, pages_per_block,
-                                     **common)
-    _fold_pages_kernel[(n_tokens,)](key, slot_mapping, kmin, kmax, kv_heads, head_dim, page_size, pages_per_block,
-                                    *key.stride(), **common)
+    cfg = _bounds_config(head_dim)
+    _run(_reset_pages_kernel, (n_tokens, kv_heads), key.device, cfg,
+         slot_mapping, kmin, kmax, kv_heads, head_dim, page_size, pages_per_block)
+    _run(_fold_pages_kernel, (n_tokens, kv_heads), key.device, cfg,
+         key, slot_mapping, kmin, kmax, kv_heads, head_dim, page_size, pages_per_block, *key.stride())
 
 
 def paged_quest_scores_triton(q, kmin, kmax, block_table, seq_lens, page_size: int, width: int) -> torch.Tensor:
@@ -402,13 +389,11 @@ def paged_quest_scores_triton(q, kmin, kmax, block_table, seq_lens, page_size: i
     kv_heads, pages_per_block = kmin.shape[1], kmin.shape[2]
     out = torch.empty(rows, heads, width, device=q.device, dtype=torch.float32)
     cfg = _quest_config(head_dim)
-    grid = (rows * heads, triton.cdiv(width, cfg.constexprs["BLOCK_P"]))
-    _paged_quest_scores_kernel[grid](
-        q, kmin, kmax, block_table, seq_lens, out,
-        heads, kv_heads, width, head_dim, heads // kv_heads, page_size, pages_per_block,
-        *q.stride(), *block_table.stride(), *out.stride(),
-        **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    grid = (triton.cdiv(width, cfg.constexprs["BLOCK_P"]), heads, rows)
+    _run(_paged_quest_scores_kernel, grid, q.device, cfg,
+         q, kmin, kmax, block_table, seq_lens, out,
+         kv_heads, width, head_dim, heads // kv_heads, page_size, pages_per_block,
+         *q.stride(), *block_table.stride(), *out.stride())
     return out
 
 
@@ -417,46 +402,51 @@ _HEAD_DIMS = (16, 32, 64, 128, 256)
 
 def _register() -> None:
     strides = lambda *names: {f"stride_{n}": "i64" for n in names}  # noqa: E731
-    for elem in ("fp32", "bf16"):
-        sig = {"key_ptr": f"*{elem}", "slot_ptr": "*i64", "dims_ptr": "*i32", "fc_ptr": f"*{elem}",
-               "n_heads": "i32", "n_dims": "i32", "block_size": "i32"}
-        sig.update(strides("kt", "kh", "kd", "fb", "fh", "ft", "fd"))
-        configs = {c.label(): c for c in (_write_config(h, n) for h in (1, 2, 4, 8, 16) for n in (2, 16, 32, 64))}
-        register_aot("paged", _write_fc_kernel, sig, list(configs.values()))
+    ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
+    write_configs = [_write_config(n) for n in (16, 32, 64, 128, 256)]
+    score_configs = list({c.label(): c for c in (_scores_config(n) for n in (2, 32, 64, 128, 256))}.values())
+    split_configs = [_split_config(d, dense) for d in _HEAD_DIMS for dense in (False, True)]
+    bounds_configs = [_bounds_config(d) for d in _HEAD_DIMS]
+    for elem, index, modes in type_variants(with_index=True, wide=("bf16",)):
+        # index = the dtype of slot_mapping / slots / block_table / seq_lens (int32 or int64 in the ops)
+        sig = {"key_ptr": f"*{elem}", "slot_ptr": f"*{index}", "dims_ptr": "*i32", "fc_ptr": f"*{elem}",
+               **ints("n_dims", "block_size"), **strides("kt", "kh", "kd", "fb", "fh", "ft", "fd")}
+        register_aot("paged", _write_fc_kernel, sig, write_configs, strides=modes,
+                     unit=("stride_kd", "stride_fd"), variant=f"{elem},idx {index}")
         sig = {"q_ptr": f"*{elem}", "k_ptr": f"*{elem}", "qdims_ptr": "*i32", "kdims_ptr": "*i32",
-               "table_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": "*fp32"}
-        sig.update({n: "i32" for n in ("n_heads", "max_len", "n_dims", "group", "block_size")})
-        sig.update(strides("qr", "qh", "qd", "kb", "kh", "kt", "kd", "tr", "tc", "or", "oh", "ot"))
-        configs = {c.label(): c for c in (_scores_config(n) for n in (2, 32, 64, 128, 256))}
-        register_aot("paged", _paged_fc_scores_kernel, sig, list(configs.values()))
+               "table_ptr": f"*{index}", "lens_ptr": f"*{index}", "out_ptr": "*fp32",
+               **ints("max_len", "n_dims", "group", "block_size"),
+               **strides("qr", "qh", "qd", "kb", "kh", "kt", "kd", "tr", "tc", "or", "oh", "ot")}
+        register_aot("paged", _paged_fc_scores_kernel, sig, score_configs, strides=modes,
+                     unit=("stride_qd", "stride_kd", "stride_tc", "stride_ot"), variant=f"{elem},idx {index}")
         sig = {"q_ptr": f"*{elem}", "k_ptr": f"*{elem}", "v_ptr": f"*{elem}", "slots_ptr": "*i64",
-               "table_ptr": "*i32", "lens_ptr": "*i32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32"}
-        sig.update({n: "i32" for n in ("n_heads", "n_keep", "head_dim", "group", "idx_div", "block_size",
-                                       "split_size", "n_splits")})
-        sig["scale"] = "fp32"
-        sig.update(strides("qr", "qh", "qd", "kb", "kh", "kt", "kd", "vb", "vh", "vt", "vd", "sr", "sh", "sk",
-                           "tr", "tc"))
-        register_aot("paged", _paged_decode_split_kernel, sig,
-                     [_split_config(d, dense) for d in _HEAD_DIMS for dense in (False, True)])
-    sig = {"slot_ptr": "*i64", "kmin_ptr": "*fp32", "kmax_ptr": "*fp32", "n_heads": "i32", "head_dim": "i32",
-           "page_size": "i32", "pages_per_block": "i32"}
-    bounds_configs = list({c.label(): c for c in (_bounds_config(h, d) for h in (1, 2, 4, 8, 16)
-                                                   for d in _HEAD_DIMS)}.values())
-    register_aot("paged", _reset_pages_kernel, sig, bounds_configs)
-    sig = {"key_ptr": "*fp32", **sig}
-    sig.update(strides("kt", "kh", "kd"))
-    register_aot("paged", _fold_pages_kernel, sig, bounds_configs)
-    for elem in ("fp32", "bf16"):
-        sig = {"q_ptr": f"*{elem}", "kmin_ptr": "*fp32", "kmax_ptr": "*fp32", "table_ptr": "*i32",
-               "lens_ptr": "*i32", "out_ptr": "*fp32"}
-        sig.update({n: "i32" for n in ("n_heads", "kv_heads", "width", "head_dim", "group", "page_size",
-                                       "pages_per_block")})
-        sig.update(strides("qr", "qh", "qd", "tr", "tc", "or", "oh", "op"))
-        register_aot("paged", _paged_quest_scores_kernel, sig, [_quest_config(d) for d in _HEAD_DIMS])
-    sig = {"tok_ptr": "*i64", "table_ptr": "*i32", "out_ptr": "*i64", "n_heads": "i32", "n_keep": "i32",
-           "block_size": "i32"}
-    sig.update(strides("tr", "tc"))
-    register_aot("paged", _tokens_to_slots_kernel, sig, [_SLOTS_CONFIG])
+               "table_ptr": f"*{index}", "lens_ptr": f"*{index}", "m_ptr": "*fp32", "l_ptr": "*fp32",
+               "acc_ptr": "*fp32",
+               **ints("n_heads", "n_keep", "head_dim", "group", "idx_div", "block_size", "split_size", "n_splits"),
+               "scale": "fp32",
+               **strides("qr", "qh", "qd", "kb", "kh", "kt", "kd", "vb", "vh", "vt", "vd", "sr", "sh", "sk",
+                         "tr", "tc")}
+        register_aot("paged", _paged_decode_split_kernel, sig, split_configs, strides=modes,
+                     unit=("stride_qd", "stride_kd", "stride_vd", "stride_sk", "stride_tc"),
+                     variant=f"{elem},idx {index}")
+        sig = {"q_ptr": f"*{elem}", "kmin_ptr": "*fp32", "kmax_ptr": "*fp32", "table_ptr": f"*{index}",
+               "lens_ptr": f"*{index}", "out_ptr": "*fp32",
+               **ints("kv_heads", "width", "head_dim", "group", "page_size", "pages_per_block"),
+               **strides("qr", "qh", "qd", "tr", "tc", "or", "oh", "op")}
+        register_aot("paged", _paged_quest_scores_kernel, sig, [_quest_config(d) for d in _HEAD_DIMS],
+                     strides=modes, unit=("stride_qd", "stride_tc", "stride_op"), variant=f"{elem},idx {index}")
+        sig = {"key_ptr": f"*{elem}", "slot_ptr": f"*{index}", "kmin_ptr": "*fp32", "kmax_ptr": "*fp32",
+               **ints("n_heads", "head_dim", "page_size", "pages_per_block"), **strides("kt", "kh", "kd")}
+        register_aot("paged", _fold_pages_kernel, sig, bounds_configs, strides=modes, unit=("stride_kd",),
+                     variant=f"{elem},idx {index}")
+    for index in ("i32", "i64"):
+        sig = {"slot_ptr": f"*{index}", "kmin_ptr": "*fp32", "kmax_ptr": "*fp32",
+               **ints("n_heads", "head_dim", "page_size", "pages_per_block")}
+        register_aot("paged", _reset_pages_kernel, sig, bounds_configs, variant=f"idx {index}")
+        sig = {"tok_ptr": "*i64", "table_ptr": f"*{index}", "out_ptr": "*i64",
+               **ints("n_heads", "n_keep", "block_size"), **strides("tr", "tc")}
+        register_aot("paged", _tokens_to_slots_kernel, sig, [_SLOTS_CONFIG], strides=("i32", "i64"),
+                     unit=("stride_tc",), variant=f"idx {index}")
 
 
 _register()
