@@ -24,6 +24,7 @@ EVALS: Dict[str, str] = {
 CALIBRATIONS: Dict[str, str] = {
     "fasa": "tokprune.methods.fasa_calibration:calibrate_main",
     "token-sparse": "tokprune.methods.token_sparse:calibrate_main",
+    "uncomp": "tokprune.methods.uncomp_prefill:calibrate_main",
 }
 
 

@@ -100,6 +100,13 @@ class UNComp(Policy):
         layer_budgets: ``False`` gives every layer the same total and splits only across heads.
         source: ``"query"`` (post-RoPE queries, averaged over the query heads of a KV head; as the
             reference) or ``"key"`` (post-RoPE keys).
+        layer_groups: ``"split"`` (tokprune: the two entropy groups above, ``high_to_low`` : 1) or
+            ``"stages"`` (the authors' offline stage division, :mod:`tokprune.methods.uncomp_prefill`).
+        stages: stage labels per layer, a ``tokprune calibrate uncomp`` JSON, or ``None`` (shipped file).
+        prefill_compression: also drop low-attention tokens' hidden states during the prefill, stage by
+            stage (the authors' prefill speed-up; batch 1 without padding; see
+            :mod:`tokprune.methods.uncomp_prefill`).
+        prefill_min_keep: fraction of the prompt the last stage runs on (prefill compression).
 
     Run-time results of the last compression: :attr:`budget` ``(layers, batch, kv_heads)`` int64,
     :attr:`selected` (per layer ``(batch, kv_heads, L)`` kept prompt positions, ``-1`` = empty slot) and
@@ -114,6 +121,10 @@ class UNComp(Policy):
     high_to_low: float = 2.0
     layer_budgets: bool = True
     source: str = "query"
+    layer_groups: str = "split"
+    stages: Any = None
+    prefill_compression: bool = False
+    prefill_min_keep: float = 0.375
     _state: Dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     role = "decode"
@@ -128,27 +139,44 @@ class UNComp(Policy):
             raise ValueError("high_fraction must be in [0, 1] and high_to_low > 0")
         if self.source not in ("query", "key"):
             raise ValueError(f"source must be 'query' or 'key', got {self.source!r}")
+        from tokprune.methods.uncomp_prefill import validate_options
 
-    def budgets(self, head_entropy: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+        validate_options(self)
+
+    def bind(self, model) -> None:
+        """Resolve the stage division for ``model`` when ``layer_groups="stages"`` or prefill compression."""
+        if self.layer_groups == "stages" or self.prefill_compression:
+            from tokprune.methods.uncomp_prefill import resolve_stages
+
+            self._state["stages"] = resolve_stages(model, self.stages)
+
+    def budgets(self, head_entropy: torch.Tensor, n_valid: torch.Tensor,
+                lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Integer budgets ``(layers, batch, kv_heads)`` from ``head_entropy (layers, batch, kv_heads)``
         and the valid prompt length ``n_valid (batch,)`` of each row.
 
         Row ``b`` receives ``min(round(ratio * n_valid[b] * layers * kv_heads), layers * kv_heads * n)``
         slots in total, split over layers and then heads (see :func:`split_budget`); each head's budget
-        is at most ``n_valid[b]``.
+        is at most ``n_valid[b]``. ``lengths (layers, batch)``: tokens each layer holds when fewer than
+        ``n_valid`` (prefill compression); caps layer and head budgets.
         """
         n_layers, batch, heads = head_entropy.shape
         out = torch.zeros(n_layers, batch, heads, dtype=torch.long)
         for b in range(batch):
             n = int(n_valid[b])
             total = int(round(self.ratio * n * n_layers * heads))
-            if self.layer_budgets:
+            caps = [n] * n_layers if lengths is None else [min(n, int(x)) for x in lengths[:, b]]
+            if self.layer_groups == "stages" or lengths is not None:
+                from tokprune.methods.uncomp_prefill import layer_budgets
+
+                per_layer = layer_budgets(self, head_entropy[:, b].mean(-1), total, heads * torch.tensor(caps))
+            elif self.layer_budgets:
                 per_layer = split_budget(head_entropy[:, b].mean(-1), total, heads * n,
                                          self.high_fraction, self.high_to_low)
             else:
                 per_layer = split_budget(torch.zeros(n_layers), total, heads * n, 0.0, 1.0)
             for layer in range(n_layers):
-                out[layer, b] = split_budget(head_entropy[layer, b], int(per_layer[layer]), n,
+                out[layer, b] = split_budget(head_entropy[layer, b], int(per_layer[layer]), caps[layer],
                                              self.high_fraction, self.high_to_low)
         return out
 
@@ -188,6 +216,10 @@ class UNComp(Policy):
         hook = model.register_forward_hook(_after_forward, with_kwargs=True)
         handle.on_remove(hook.remove)
         handle.on_remove(lambda: [self._state.pop(k, None) for k in ("stats", "slots", "valid")])
+        if self.prefill_compression:
+            from tokprune.methods.uncomp_prefill import install_prefill_compression
+
+            install_prefill_compression(model, self, handle)
 
     def prefill(self, module, query, key, value, attention_mask, scale) -> None:
         """Record the head entropies and window scores of one layer's prompt (a fresh prefill only)."""
@@ -207,6 +239,8 @@ class UNComp(Policy):
                 raise ValueError("UNComp needs left padding: each attention_mask row must be 0...0 1...1")
             state["valid"] = valid
         valid = state["valid"]
+        if valid.shape[1] != n:  # a layer after prefill compression (batch 1, no padding): all tokens valid
+            valid = torch.ones(batch, n, dtype=torch.bool, device=query.device)
         kv_heads = key.shape[1]
         if self.source == "query":
             ent = truncated_matrix_entropy(query, self.truncate, mask=valid).view(batch, kv_heads, -1).mean(-1)
@@ -220,7 +254,8 @@ class UNComp(Policy):
         layers = sorted(stats)
         entropy = torch.stack([stats[i][0] for i in layers])  # (L, B, Hkv)
         n_valid = valid.sum(1).cpu()
-        budget = self.budgets(entropy, n_valid)
+        lengths = torch.tensor([[stats[i][1].shape[-1]] * valid.shape[0] for i in layers])
+        budget = self.budgets(entropy, n_valid, None if bool((lengths == valid.shape[1]).all()) else lengths)
         selected, slots = [], {}
         full = allocated = kept = 0
         for li, layer in enumerate(layers):
@@ -246,7 +281,7 @@ class UNComp(Policy):
             slots[layer] = keep
             selected.append(idx)
             per_slot = keys.shape[-1] * keys.element_size() + values.shape[-1] * values.element_size()
-            full += batch * kv_heads * n * per_slot
+            full += batch * kv_heads * valid.shape[1] * per_slot
             allocated += batch * kv_heads * width * per_slot
             kept += int(keep.sum()) * per_slot
         self._state.update(budget=budget, selected=selected, slots=slots,
