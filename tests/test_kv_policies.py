@@ -196,3 +196,14 @@ def test_fasa_dense_layers_decline(tiny_llama):
     ref = tiny_llama.generate(ids, max_new_tokens=4, do_sample=False)
     with FASA(budget=4, decline_ratio=0, dense_layers=(0, 1, 2)).patch(tiny_llama):
         assert torch.equal(tiny_llama.generate(ids, max_new_tokens=4, do_sample=False), ref)
+
+
+@pytest.mark.parametrize("cls", [StreamingLLM, Quest, SnapKV, FASA])
+def test_decline_rule_from_shapes(cls):
+    policy = cls(budget=16, decline_ratio=3)
+    assert policy.declines(47) and not policy.declines(48)  # dense below 3 x budget
+    assert cls(budget=16, decline_ratio=0).declines(16) and not cls(budget=16, decline_ratio=0).declines(17)
+    default = cls(budget=16)
+    assert default.declines(int(cls.DECLINE_RATIO * 16) - 1) and not default.declines(int(cls.DECLINE_RATIO * 16) + 17)
+    with pytest.raises(ValueError, match="decline_ratio must be a float >= 0"):
+        cls(budget=16, decline_ratio=-1)
