@@ -7,11 +7,13 @@ Model: SmolLM2-135M-Instruct, real weights offline (:func:`tokprune.models.load_
 thread by default. Every provider of a case is measured in the same run, in interleaved rounds (the order
 rotates each round), after a warm-up; the reported number is the median over rounds.
 
-**Decode** (contexts ``--contexts``, batches ``--batches``): the prompt is prefilled once (untimed, real
-text) and its keys/values copied into a fresh cache for every run, then ``model.generate`` continues from
-that cache for ``--new-tokens`` tokens, exactly as a user's ``model.generate`` after a prefill. A logits
-processor stamps the clock after every forward; the step time is the median interval between stamps
-(the first forward, which may build per-sequence state, is excluded). Providers:
+**Decode** (contexts ``--contexts``, batches ``--batches``): the prompt (held-out real text) is prefilled
+once, untimed (stored under ``benchmarks/results/prefill_kv/`` and re-used; ``--prepare`` only does this,
+so that it can run outside the timing lock), and its keys/values are copied into a fresh cache for every
+run; ``model.generate`` then continues from that cache for ``--new-tokens`` tokens, exactly as a user's
+``model.generate`` after a prefill. A logits processor stamps the clock after every forward; the step
+time of a run is the median interval between stamps (the first forward, which may build per-sequence
+state, is excluded). Each case starts with a 2-token warm-up run of every provider. Providers:
 
 * ``unpatched``: the model as loaded, on transformers' ``DynamicCache`` (appends with ``torch.cat``);
 * ``cache``: full attention on the tokprune cache (:func:`tokprune.hf.kv_cache.use_tokprune_cache`);
