@@ -130,7 +130,7 @@ def _policies(model, budget: int, quick: bool) -> Dict[str, Callable[[], object]
     from tokprune.hf.kv_cache import use_tokprune_cache
     from tokprune.methods import FASA, Quest, StreamingLLM
 
-    fcs = None
+    fcs = "uncalibrated"  # quick: tiny random model (no calibration)
     if not quick:
         from tokprune.demo import SMOLLM2_FCS
 

@@ -40,7 +40,7 @@ def _policy(method: str, budget: int):
     from tokprune.methods import FASA, Quest, StreamingLLM
 
     if method == "fasa":
-        return FASA(budget=budget, sink=4, window=budget // 4, num_fcs=8, decline_ratio=0)
+        return FASA(fcs="uncalibrated", budget=budget, sink=4, window=budget // 4, num_fcs=8, decline_ratio=0)
     if method == "quest":
         return Quest(budget=budget, page_size=16, decline_ratio=0)
     return StreamingLLM(budget=budget, sink=4, decline_ratio=0)

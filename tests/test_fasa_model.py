@@ -70,7 +70,7 @@ def test_budget_at_least_sequence_equals_full_attention(build, cache, request):
     model = request.getfixturevalue(build)
     ids, mask = _batch()
     ref_seq, ref_logits = _generate(model, ids, mask)
-    with FASA(budget=10_000).patch(model, cache=cache):
+    with FASA(fcs="uncalibrated", budget=10_000).patch(model, cache=cache):
         seq, logits = _generate(model, ids, mask)
     assert torch.equal(seq, ref_seq)
     assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4, name="FASA budget>=T")
@@ -88,7 +88,7 @@ def test_budget_at_least_sequence_equals_full_attention(build, cache, request):
 def test_padding_never_selected_and_padded_row_matches_unpadded(build, request):
     model = request.getfixturevalue(build)
     ids, mask = _batch(1)
-    policy = _Recording(budget=12, sink=2, window=4, decline_ratio=0, seen=[])
+    policy = _Recording(fcs="uncalibrated", budget=12, sink=2, window=4, decline_ratio=0, seen=[])
     with policy.patch(model):
         seq, _ = _generate(model, ids, mask)
     assert policy.seen
@@ -99,7 +99,7 @@ def test_padding_never_selected_and_padded_row_matches_unpadded(build, request):
         assert {7, 8} <= set(row[0].tolist())  # sinks = first real tokens
         n_tokens = valid.shape[1]
         assert set(range(n_tokens - 4, n_tokens)) <= set(row[0].tolist())
-    alone = FASA(budget=12, sink=2, window=4, decline_ratio=0)
+    alone = FASA(fcs="uncalibrated", budget=12, sink=2, window=4, decline_ratio=0)
     with alone.patch(model):
         seq_alone, _ = _generate(model, ids[1:, 7:], mask[1:, 7:])
     assert torch.equal(seq[1, 7:], seq_alone[0])
@@ -129,8 +129,8 @@ def test_packed_side_buffer_equals_strided_scoring_across_sequences(tiny_llama):
     same tokens and logits as scoring the FC dims of the keys in place, on two different sequences."""
     model = tiny_llama
     ids, mask = _batch(3)
-    a = FASA(budget=12, sink=2, window=4, packed=True, decline_ratio=0)
-    b = FASA(budget=12, sink=2, window=4, packed=False, decline_ratio=0)
+    a = FASA(fcs="uncalibrated", budget=12, sink=2, window=4, packed=True, decline_ratio=0)
+    b = FASA(fcs="uncalibrated", budget=12, sink=2, window=4, packed=False, decline_ratio=0)
     with a.patch(model):
         seq_a, logits_a = _generate(model, ids, mask)
         seq_a2, _ = _generate(model, ids[:, :40], mask[:, :40])  # new sequence with the same policy

@@ -58,13 +58,13 @@ def test_new_method_is_one_dataclass_and_one_score(tiny_llama):
 
 def test_attend_decode_equals_reference_over_selected_tokens():
     ctx = _ctx(n_tokens=64)
-    policy = FASA(budget=16, sink=2, window=4, decline_ratio=0)
+    policy = FASA(fcs="uncalibrated", budget=16, sink=2, window=4, decline_ratio=0)
     index = policy.select(policy.score(ctx), ctx)
     out = policy.attend_decode(ctx)
     assert_close(out, sparse_decode_attention_reference(ctx.query, ctx.key, ctx.value, index, ctx.scale))
     assert FASA(budget=64).attend_decode(ctx) is None  # budget covers the cache: dense
     assert FASA(budget=16, decline_ratio=4.5).attend_decode(ctx) is None  # 64 < 4.5 * 16: dense wins
-    assert FASA(budget=16, decline_ratio=3.5).attend_decode(ctx) is not None
+    assert FASA(fcs="uncalibrated", budget=16, decline_ratio=3.5).attend_decode(ctx) is not None
 
 
 def test_quest_bounds_and_selection():
@@ -166,7 +166,7 @@ def test_fasa_head_selection_takes_each_heads_top_partial_logits():
     from tokprune.reference.fasa import fc_scores_reference
 
     ctx = _ctx(batch=1, n_tokens=80)
-    policy = FASA(budget=10, sink=0, window=0, num_fcs=2, selection="head", decline_ratio=0)
+    policy = FASA(fcs="uncalibrated", budget=10, sink=0, window=0, num_fcs=2, selection="head", decline_ratio=0)
     index = policy.select(policy.score(ctx), ctx)
     assert index.shape == (1, 4, 10)
     partial = fc_scores_reference(ctx.query, ctx.key, policy.fc_index(0, 2, 16, "cpu"))
@@ -184,7 +184,7 @@ def test_fasa_dense_layers_decline(tiny_llama):
         layer_idx = 1
 
     ctx = _ctx(n_tokens=80)
-    policy = FASA(budget=10, dense_layers=[1], decline_ratio=0)
+    policy = FASA(fcs="uncalibrated", budget=10, dense_layers=[1], decline_ratio=0)
     assert policy.dense_layers == (1,)
     assert policy.attend_decode(ctx) is not None  # layer 0: sparse
     ctx.module = _Layer1()
@@ -194,7 +194,7 @@ def test_fasa_dense_layers_decline(tiny_llama):
     # through generate: every layer dense == the unpatched model
     ids = torch.randint(3, 150, (1, 40))
     ref = tiny_llama.generate(ids, max_new_tokens=4, do_sample=False)
-    with FASA(budget=4, decline_ratio=0, dense_layers=(0, 1, 2)).patch(tiny_llama):
+    with FASA(fcs="uncalibrated", budget=4, decline_ratio=0, dense_layers=(0, 1, 2)).patch(tiny_llama):
         assert torch.equal(tiny_llama.generate(ids, max_new_tokens=4, do_sample=False), ref)
 
 

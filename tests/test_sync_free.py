@@ -47,7 +47,7 @@ def no_debug():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("policy", [FASA(budget=24, sink=2, window=8, decline_ratio=0),
+@pytest.mark.parametrize("policy", [FASA(fcs="uncalibrated", budget=24, sink=2, window=8, decline_ratio=0),
                                     Quest(budget=32, page_size=8),
                                     StreamingLLM(budget=24, sink=4)], ids=lambda p: type(p).__name__)
 def test_decode_attention_compiles_fullgraph_and_equals_eager(policy, no_debug):
@@ -73,7 +73,7 @@ def test_decode_attention_compiles_fullgraph_and_equals_eager(policy, no_debug):
 def test_a_host_sync_is_caught(no_debug):
     """Negative control: with debug checks on (they read index ranges on the host), the same compile fails."""
     layer = _layer()
-    fn = _decode_fn(FASA(budget=24, sink=2, window=8, decline_ratio=0), layer)
+    fn = _decode_fn(FASA(fcs="uncalibrated", budget=24, sink=2, window=8, decline_ratio=0), layer)
     query = torch.randn(2, 4, 1, 16)
     fn(query, None)
     _debug.set_debug(True)

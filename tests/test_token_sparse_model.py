@@ -193,7 +193,7 @@ def test_composes_with_fasa_decode(tiny_llama):
     model = tiny_llama
     ids = torch.randint(0, 100, (1, 60))
     prefill = TokenSparseAttention(keep=0.25, window=4, min_tokens=8)
-    with patch_attention(model, prefill=prefill, decode=fasa.FASA(budget=16)):
+    with patch_attention(model, prefill=prefill, decode=fasa.FASA(fcs="uncalibrated", budget=16)):
         out = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 65) and torch.equal(out[:, :60], ids)
     assert prefill.calls == 2  # prefill only, second half of 3 layers

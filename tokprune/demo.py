@@ -152,7 +152,7 @@ def scene_kv_decode(model, tokenizer, *, context: int, batch: int, budget: int, 
                  f"decode timings)")
     kv = [(layer.keys, layer.values) for layer in prefill.layers]
     del prefill
-    fcs = None if tiny else SMOLLM2_FCS
+    fcs = "uncalibrated" if tiny else SMOLLM2_FCS
     patches = {
         "unpatched": None,
         "tokprune cache": lambda: use_tokprune_cache(model),

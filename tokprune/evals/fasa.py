@@ -36,7 +36,7 @@ def _policies(name: str, budget: int, fcs, num_fcs: int, snap_scores):
         return FASA(budget=budget, sink=0, window=0, fcs=fcs, num_fcs=num_fcs, decline_ratio=0, selection="head",
                     dense_layers=(0,))
     if name == "fasa-uncal":
-        return FASA(budget=budget, sink=4, window=window, fcs=None, num_fcs=num_fcs, decline_ratio=0)
+        return FASA(budget=budget, sink=4, window=window, fcs="uncalibrated", num_fcs=num_fcs, decline_ratio=0)
     if name == "quest":
         return Quest(budget=budget, sink=0, window=0, page_size=16, decline_ratio=0)
     if name == "snapkv":

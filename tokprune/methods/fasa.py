@@ -32,7 +32,8 @@ from tokprune.ops.fasa import fc_scores
 from tokprune.reference.fasa import fc_dims
 
 from tokprune.methods.fasa_calibration import (  # noqa: E402,F401  (re-exported)
-    FORMAT, FCCalibration, _Recorder, calibrate, calibrate_main, calibration_text, fc_agreement)
+    FORMAT, UNCALIBRATED, FCCalibration, _Recorder, calibrate, calibrate_main, calibration_text, fc_agreement,
+    find_calibration, missing_calibration_error)
 
 
 @dataclass
@@ -42,8 +43,10 @@ class FASA(KVPolicy):
     Args:
         budget: tokens attended per KV head and step (sinks and window included).
         sink, window: first / most recent valid tokens always kept.
-        fcs: calibration (path to a ``tokprune calibrate fasa`` file, :class:`FCCalibration` or its dict),
-            or ``None`` for an uncalibrated fallback: the ``num_fcs`` lowest-frequency pairs.
+        fcs: calibration (path to a ``tokprune calibrate fasa`` file, :class:`FCCalibration` or its dict);
+            ``None``: the calibration shipped for the patched model (found by config fingerprint, see
+            :func:`tokprune.methods.fasa_calibration.find_calibration`), an error if there is none;
+            ``"uncalibrated"``: explicitly the ``num_fcs`` lowest-frequency pairs (not FASA's selection).
         num_fcs: FCs per KV head (default: a quarter of the head's FCs).
         chunk: pairs per FC (must match the calibration).
         aggregate: how the query heads of a KV group vote: ``"softmax"`` (sum of each head's softmax over
@@ -87,7 +90,7 @@ class FASA(KVPolicy):
         if self.num_fcs is not None and (isinstance(self.num_fcs, bool) or not isinstance(self.num_fcs, int)
                                          or self.num_fcs < 1):
             raise ValueError(f"FASA: num_fcs must be a positive int, got {self.num_fcs!r}")
-        if self.fcs is not None:
+        if self.fcs is not None and not (isinstance(self.fcs, str) and self.fcs == UNCALIBRATED):
             self._calibration = FCCalibration.load(self.fcs)
             if self._calibration.chunk != self.chunk:
                 raise ValueError(f"FASA: chunk={self.chunk} but the calibration used chunk={self._calibration.chunk}")
@@ -96,7 +99,13 @@ class FASA(KVPolicy):
         """Check the calibration against ``model`` (layers, KV heads, head dim) before anything is patched."""
         cal = self._calibration
         if cal is None:
-            return
+            if self.fcs is not None:  # "uncalibrated"
+                return
+            path = find_calibration(model, chunk=self.chunk)
+            if path is None:
+                raise missing_calibration_error(model)
+            self._calibration = cal = FCCalibration.load(path)
+            self._fc_cache.clear()
         config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -130,6 +139,8 @@ class FASA(KVPolicy):
         num = min(self.num_fcs or max(1, n_fc // 4), n_fc)
         cal = self._calibration
         if cal is None:
+            if self.fcs is None:
+                raise missing_calibration_error()
             index = torch.arange(n_fc - num, n_fc).expand(kv_heads, -1)
         else:
             if cal.head_dim != head_dim or cal.ranking.shape[1] != kv_heads:
