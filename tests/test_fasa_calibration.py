@@ -181,3 +181,26 @@ def test_shipped_calibration_is_found_by_fingerprint():
     with pytest.raises(ValueError, match="rope_theta"):
         FASA(budget=8).bind(other)
     assert math.isclose(model_fingerprint(model)["rope_theta"], 100000.0)
+
+
+def test_split_keys_fasa_c_layout_scores_gathers_and_holds_exactly_the_keys():
+    from tokprune.methods.fasa_calibration import SplitKeys, fasa_key_bytes
+    from tokprune.reference.fasa import fc_scores_reference
+
+    gen = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 2, 20, 16, generator=gen)
+    fc = torch.tensor([[1, 6], [3, 0]])
+    split = SplitKeys(keys[:, :, :15], fc)
+    split.append(keys[:, :, 15:])
+    assert torch.equal(split.keys(), keys)
+    assert split.resident_bytes() == keys.numel() * keys.element_size()  # no duplicated FC dims
+    assert split.dom.shape[-1] + split.rest.shape[-1] == 16
+    q = torch.randn(2, 4, 1, 16, generator=gen)
+    assert torch.allclose(split.scores(q, backend="torch"), fc_scores_reference(q, keys, fc), atol=1e-5)
+    index = torch.randint(0, 20, (2, 2, 5), generator=gen)
+    assert torch.equal(split.gather(index), torch.gather(keys, 2, index[..., None].expand(-1, -1, -1, 16)))
+    b = fasa_key_bytes(1000, 100, 64, 16)
+    assert b["fasa_c"]["resident"] == b["dense"]["resident"] < b["packed"]["resident"]
+    assert b["fasa_c"]["read"] == b["packed"]["read"] < b["dense"]["read"]
+    with pytest.raises(ValueError, match="fc_index must be"):
+        SplitKeys(keys, torch.tensor([[1, 2]]))

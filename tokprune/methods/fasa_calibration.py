@@ -391,3 +391,87 @@ def calibrate_main(argv=None) -> int:
           f"of the {f}th best: {cal.agreement[..., f - 1].mean():.3f}, of the median FC: "
           f"{cal.agreement[..., n_fc // 2].mean():.3f}")
     return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FASA-C layout: keys split into dominant and non-dominant dims (no duplicated FC copy)
+
+
+class SplitKeys:
+    """FASA-C key layout: the keys of one layer stored as two disjoint parts per KV head, the dominant FC
+    dims ``dom (B, Hkv, T, nd)`` (contiguous, what scoring reads for every token) and the rest
+    ``rest (B, Hkv, T, D - nd)`` (read only for the selected tokens). Together they hold exactly the bytes of
+    the keys, unlike the packed copy (keys + ``2F/D`` of them).
+
+    Args:
+        keys: ``(B, Hkv, T, D)`` post-RoPE keys (fp32/fp16/bf16).
+        fc_index: ``(Hkv, F)`` int64 FC ids per KV head.
+        chunk: pairs per FC.
+    """
+
+    def __init__(self, keys: torch.Tensor, fc_index: torch.Tensor, chunk: int = 1):
+        from tokprune.reference.fasa import fc_dims
+
+        if keys.dim() != 4:
+            raise ValueError(f"SplitKeys: keys must be (batch, kv_heads, n_tokens, head_dim), got {tuple(keys.shape)}")
+        if fc_index.dim() != 2 or fc_index.shape[0] != keys.shape[1]:
+            raise ValueError(f"SplitKeys: fc_index must be ({keys.shape[1]}, F) per KV head, got {tuple(fc_index.shape)}")
+        batch, kv_heads, _, head_dim = keys.shape
+        self.fc_index, self.chunk, self.head_dim = fc_index.long(), chunk, head_dim
+        self.dims = fc_dims(self.fc_index, head_dim, chunk).to(keys.device)  # (Hkv, nd)
+        mask = torch.ones(kv_heads, head_dim, dtype=torch.bool, device=keys.device)
+        mask.scatter_(1, self.dims, False)
+        self.rest_dims = torch.arange(head_dim, device=keys.device).expand(kv_heads, -1)[mask].view(kv_heads, -1)
+        self.dom = self._take(keys, self.dims)
+        self.rest = self._take(keys, self.rest_dims)
+
+    @staticmethod
+    def _take(keys, dims):
+        return torch.gather(keys, 3, dims[None, :, None, :].expand(keys.shape[0], -1, keys.shape[2], -1)).contiguous()
+
+    def append(self, keys: torch.Tensor) -> None:
+        """Append ``(B, Hkv, n, D)`` new keys (split on the way in)."""
+        self.dom = torch.cat([self.dom, self._take(keys, self.dims)], dim=2)
+        self.rest = torch.cat([self.rest, self._take(keys, self.rest_dims)], dim=2)
+
+    def scores(self, q: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+        """``(B, H, T)`` fp32 partial logits of the ``(B, H, 1, D)`` query from the dominant dims only."""
+        from tokprune.ops.fasa import fc_scores
+
+        return fc_scores(q, self.dom, self.fc_index, chunk=self.chunk, packed=True, backend=backend,
+                         dims=self.dims.to(q.device))
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """Full keys ``(B, Hkv, K, D)`` of the tokens ``index (B, Hkv, K)`` (both parts read for those only)."""
+        batch, kv_heads, k = index.shape
+        out = torch.empty(batch, kv_heads, k, self.head_dim, dtype=self.dom.dtype, device=self.dom.device)
+        for part, dims in ((self.dom, self.dims), (self.rest, self.rest_dims)):
+            rows = torch.gather(part, 2, index[..., None].expand(-1, -1, -1, part.shape[-1]))
+            out.scatter_(3, dims[None, :, None, :].expand(batch, -1, k, -1), rows)
+        return out
+
+    def keys(self) -> torch.Tensor:
+        """The full ``(B, Hkv, T, D)`` keys (reassembled)."""
+        index = torch.arange(self.dom.shape[2], device=self.dom.device).expand(*self.dom.shape[:2], -1)
+        return self.gather(index)
+
+    def resident_bytes(self) -> int:
+        """Bytes held: exactly the keys' bytes (``dom`` + ``rest``)."""
+        return self.dom.numel() * self.dom.element_size() + self.rest.numel() * self.rest.element_size()
+
+
+def fasa_key_bytes(n_tokens: int, budget: int, head_dim: int, n_dims: int, *, batch: int = 1, kv_heads: int = 1,
+                   elem: int = 2) -> Dict[str, Dict[str, int]]:
+    """Resident key bytes and key bytes read per decode step (one layer), per layout.
+
+    ``packed``: full keys + a packed copy of the ``n_dims`` FC dims; ``fasa_c``: :class:`SplitKeys`;
+    ``dense``: full keys read every step. Scoring reads ``n_dims`` per token, attention the ``head_dim``
+    dims of ``min(budget, T)`` tokens (values not counted: the same in every sparse layout).
+    """
+    rows, k = batch * kv_heads, min(budget, n_tokens)
+    full = rows * n_tokens * head_dim * elem
+    score = rows * n_tokens * n_dims * elem
+    attend = rows * k * head_dim * elem
+    return dict(dense=dict(resident=full, read=full),
+                packed=dict(resident=full + score, read=score + attend),
+                fasa_c=dict(resident=full, read=score + attend))
