@@ -21,6 +21,10 @@ A decode step of FASA on a paged cache::
     slots = paged_select(scores, budget, sink, window, seq_lens, block_table, block_size)
     out = paged_sparse_decode_attention(q, k_cache, v_cache, slots, scale)
 
+Quest on the same layout: :func:`update_paged_page_bounds` (per-page key min/max, pages of 16 inside
+blocks, updated for the written slots only), :func:`paged_quest_scores`, :func:`paged_select_pages`.
+The exact dense path: :func:`paged_decode_attention`.
+
 Ragged batches: decode ops take one query per request; :func:`split_decode_rows` separates the decode
 rows (query length 1) of a mixed prefill + decode batch from the others, which the caller runs densely.
 The contiguous tokprune cache ``(B, Hkv, capacity, D)`` is the special case ``block_size = capacity``,
