@@ -222,7 +222,8 @@ def test_verify_tree_greedy_rejects_bad_input():
     nt = torch.tensor([[1, -1, -1], [2, -1, -1]])
     ns = torch.full((2, 3), -1)
     tp = torch.zeros(2, 3, dtype=torch.int64)
-    pred, ai, an = torch.zeros(6, dtype=torch.int32), torch.full((2, 3), -1, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
+    pred, ai = torch.zeros(6, dtype=torch.int32), torch.full((2, 3), -1, dtype=torch.int32)
+    an = torch.zeros(2, dtype=torch.int32)
     with pytest.raises(TypeError, match="predicts must have dtype in \\(int32\\)"):
         verify_tree_greedy(pred.long(), ai, an, cand, ri, nt, ns, tp)
     with pytest.raises(TypeError, match="target_predict must have dtype in \\(int64\\)"):
@@ -233,7 +234,8 @@ def test_verify_tree_greedy_rejects_bad_input():
         verify_tree_greedy(pred, ai[:, :0], an, cand, ri, nt, ns, tp)
     with pytest.raises(IndexError, match="retrive_next_token values must be -1 or local node indices in \\[0, N=3\\)"):
         verify_tree_greedy(pred, ai, an, cand, ri, torch.tensor([[3, -1, -1], [1, -1, -1]]), ns, tp)
-    with pytest.raises(IndexError, match="retrive_index values must be global indices in \\[0, predicts.numel\\(\\)=6\\)"):
+    with pytest.raises(IndexError, match="retrive_index values must be global indices in \\[0, "
+                                         "predicts.numel\\(\\)=6\\)"):
         verify_tree_greedy(pred, ai, an, cand, ri + 1, nt, ns, tp)
     with pytest.raises(ValueError, match="retrive_next_sibling has a cycle"):
         verify_tree_greedy(pred, ai, an, cand, ri, torch.tensor([[1, -1, -1], [-1, -1, -1]]),
@@ -282,7 +284,8 @@ def test_target_only_sampling_rejects_bad_input():
     u = torch.rand(1, 2)
     uf = torch.rand(1)
     probs = torch.full((1, 2, 3), 1 / 3)
-    outs = (torch.zeros(2, dtype=torch.int32), torch.full((1, 2), -1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32))
+    outs = (torch.zeros(2, dtype=torch.int32), torch.full((1, 2), -1, dtype=torch.int32),
+            torch.zeros(1, dtype=torch.int32))
     with pytest.raises(ValueError, match="threshold_acc must be a float in \\[0, 1\\]"):
         tree_speculative_sampling_target_only(*outs, cand, ri, nt, ns, u, uf, probs, 1.0, 1.5)
     with pytest.raises(TypeError, match="target_probs must have dtype in \\(float32\\)"):

@@ -54,7 +54,8 @@ def _check_tree(predicts, accept_index, accept_token_num, candidates, retrive_in
     if accept_token_num.shape[0] != bsz:
         raise ValueError(f"accept_token_num must be (B={bsz},), got {tuple(accept_token_num.shape)}")
     if bsz and n == 0:
-        raise ValueError(f"candidates must have at least one node (the root) per request, got {tuple(candidates.shape)}")
+        raise ValueError(f"candidates must have at least one node (the root) per request, got "
+                         f"{tuple(candidates.shape)}")
     for name, t in (("retrive_next_token", retrive_next_token), ("retrive_next_sibling", retrive_next_sibling)):
         if t.numel() and (int(t.min()) < -1 or int(t.max()) >= n):
             raise IndexError(f"{name} values must be -1 or local node indices in [0, N={n}), got range "
@@ -62,7 +63,8 @@ def _check_tree(predicts, accept_index, accept_token_num, candidates, retrive_in
     if retrive_index.numel():
         lo, hi = int(retrive_index.min()), int(retrive_index.max())
         if lo < 0 or hi >= predicts.numel():
-            raise IndexError(f"retrive_index values must be global indices in [0, predicts.numel()={predicts.numel()}), "
+            raise IndexError(f"retrive_index values must be global indices in [0, predicts.numel()="
+                             f"{predicts.numel()}), "
                              f"got range [{lo}, {hi}]")
     return bsz, n, accept_index.shape[1]
 

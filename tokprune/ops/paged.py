@@ -676,7 +676,8 @@ def _check_bounds(kmin, kmax, page_size, device=None):
 
 
 def update_paged_page_bounds(kmin: torch.Tensor, kmax: torch.Tensor, key: torch.Tensor, slot_mapping: torch.Tensor,
-                             page_size: int = 16, *, backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                             page_size: int = 16, *,
+                             backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Quest's per-page key bounds on a paged cache, updated in place for the written slots only.
 
     Pages of ``page_size`` tokens tile each block (``block_size % page_size == 0``); page ``p`` of block
