@@ -494,3 +494,33 @@ def test_quest_rejects_bad_input():
     with pytest.raises(ValueError, match="q heads \\(3\\) must be a multiple of kmin kv_heads \\(2\\)"):
         paged_quest_scores(torch.randn(1, 3, 8), torch.zeros(2, 2, 4, 8), torch.zeros(2, 2, 4, 8),
                            torch.zeros(1, 1, dtype=torch.int32), torch.tensor([3]))
+
+
+def test_fasa_decode_step_traces_without_graph_breaks():
+    """Out of debug mode and with ``max_len`` given, the paged FASA decode step (scores, selection,
+    attention) never reads a tensor on the host: ``torch.compile(fullgraph=True)`` traces it whole (a
+    host sync would be a graph break, the CPU-side proof of a CUDA-graph-capturable step) and the traced
+    step equals eager."""
+    gen = torch.Generator().manual_seed(8)
+    hkv, heads, d, bs, n_fc, budget = 2, 4, 16, 4, 2, 6
+    lens = [13, 6, 9]
+    table, nb = random_table(lens, bs, gen=gen)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    _, k, v = vllm_style_cache(nb, hkv, bs, d)
+    fc_index = fc_setup(hkv, d, n_fc)
+    q = torch.randn(len(lens), heads, d)
+
+    def step(q, k, v, table, seq_lens):
+        scores = paged_fc_scores(q, k, table, seq_lens, fc_index, packed=False, reduce="max", max_len=16,
+                                 backend="torch")
+        slots = paged_select(scores, budget, 1, 2, seq_lens, table, bs, backend="torch")
+        return paged_sparse_decode_attention(q, k, v, slots, 0.25, backend="torch")
+
+    previous = set_debug(False)
+    try:
+        eager = step(q, k, v, table, seq_lens)
+        torch._dynamo.reset()
+        traced = torch.compile(step, fullgraph=True, backend="eager")(q, k, v, table, seq_lens)
+    finally:
+        set_debug(previous)
+    assert_close(traced, eager, name="traced step")

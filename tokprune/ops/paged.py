@@ -464,7 +464,6 @@ def paged_select(scores: torch.Tensor, budget: int, sink: int, window: int, seq_
 def _select_logical(scores, budget, sink, window, seq_lens):
     """Logical token ids ``(R, H, budget)`` chosen per row (ascending, ``-1`` padded)."""
     from tokprune.ops.fasa import _select_top_cpu
-    from tokprune.ops.selection import select_tokens
 
     rows, heads, n_tokens = scores.shape
     sink = min(sink, budget)
@@ -475,12 +474,14 @@ def _select_logical(scores, budget, sink, window, seq_lens):
     forced = valid & ((pos < sink) | (pos >= lens - window))
     work = scores.float().masked_fill(~valid[:, None, :], float("-inf"))
     keep = min(budget, n_tokens)
+    work = work.masked_fill(forced[:, None, :], float("inf"))
     if keep == 0 or rows * heads == 0:
         index = torch.zeros(rows, heads, keep, dtype=torch.long, device=scores.device)
-    elif work.device.type == "cpu":
-        index = _select_top_cpu(work.masked_fill(forced[:, None, :], float("inf")), keep)
-    else:
-        index = select_tokens(work, keep, keep_mask=forced[:, None, :].expand_as(work))
+    elif work.device.type == "cpu" and not torch.compiler.is_compiling():
+        index = _select_top_cpu(work, keep)  # top-k + threshold: fast, reads one flag on the host
+    else:  # stable sort (ties to the lower token, as select_tokens): no host synchronisation
+        order = torch.sort(work, dim=-1, descending=True, stable=True).indices[..., :keep]
+        index = torch.sort(order, dim=-1).values
     index = index.masked_fill(index >= lens[:, :, None], -1)  # chosen past the length: padding
     if keep < budget:
         index = torch.nn.functional.pad(index, (0, budget - keep), value=-1)
