@@ -49,7 +49,7 @@ from tokprune.integrations.vllm.config import (
 from tokprune.ops.paged import paged_sparse_decode_attention, vllm_cpu_kv_views
 from tokprune.reference.fasa import fc_dims
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.tokprune")  # a child of vLLM's logger, so vLLM's handlers print it
 
 
 @dataclass

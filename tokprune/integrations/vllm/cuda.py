@@ -39,7 +39,7 @@ from tokprune.integrations.vllm.backend import (
 )
 from tokprune.integrations.vllm.config import TokpruneConfigError, check_model
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.tokprune")  # a child of vLLM's logger, so vLLM's handlers print it
 
 
 @dataclass
