@@ -71,6 +71,8 @@ def main(argv=None) -> int:
     parser.add_argument("--passkey-depths", type=float, nargs="*", default=[0.2, 0.5, 0.8])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--save-dir", default=None, help="write the calibrations there (json)")
+    parser.add_argument("--load-dir", default=None, help="read the calibrations written by --save-dir")
+    parser.add_argument("--variants", nargs="*", default=None, help="only these variant names")
     parser.add_argument("--out", default=None, help="write the results table as json")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -80,7 +82,17 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     model, tokenizer = load_smollm2()
-    variants = _variants(model, tokenizer, args.budgets, args)
+    if args.load_dir:
+        from tokprune.methods.fasa_calibration import FCCalibration, per_kv_view
+
+        names = ["prefill k=32 kv", "prefill k=32 head-union", "decode k=32 kv", "decode k=32 head-union",
+                 "decode k=budget kv", "decode k=budget head-union", "decode k=budget head-unpacked"]
+        variants = {n: {b: FCCalibration.load(os.path.join(args.load_dir, n.replace(" ", "_").replace("=", "")
+                                                           + f"_b{b}.json")) for b in args.budgets} for n in names}
+    else:
+        variants = _variants(model, tokenizer, args.budgets, args)
+    if args.variants:
+        variants = {n: v for n, v in variants.items() if n in args.variants}
     if args.save_dir:
         os.makedirs(args.save_dir, exist_ok=True)
         for name, by_b in variants.items():

@@ -1,12 +1,24 @@
-"""FASA calibration: ranking the dominant frequency chunks (FCs) of a model.
+"""FASA calibration: ranking the dominant frequency chunks (FCs) of a model, and the FASA-C key layout.
 
-One prefill over a calibration text records post-RoPE queries and keys of every layer; for the last
-``n_queries`` positions and every head, each FC's partial logits ``q_c . k_c`` are compared with the full
-logits ``q . k`` by *top-k agreement* ``|top_k(partial) ∩ top_k(full)| / k`` over the causal keys. Agreement
-is averaged over the query heads of a KV group (one FC set per KV head, which the packed key layout needs)
-and the FCs are ranked per (layer, KV head). ``FASA(num_fcs=F)`` uses the first ``F`` of that ranking.
+:func:`calibrate` records post-RoPE queries and keys of every layer (:func:`record_queries`) and compares,
+for every query and head, each FC's partial logits ``q_c . k_c`` with the full logits ``q . k`` by *top-k
+agreement* ``|top_k(partial) ∩ top_k(full)| / k`` over the causal keys (:func:`fc_agreement`,
+:func:`rank_fcs`). Choices:
 
-``tokprune.methods.fasa`` re-exports everything public here.
+* ``source``: ``"prefill"`` (the last ``n_queries`` positions of the text) or ``"decode"`` (``n_queries``
+  greedy decode steps after the text, as the FASA reference records them).
+* ``topk``: ``k`` of the agreement; the reference measures it at ``k`` = the token budget.
+* ``per_head``: keep a ranking per query head (``head_ranking (layers, heads, n_fc)``). FASA's packed key
+  layout needs one FC set per KV head: it is served the union per KV group (:func:`union_per_group`);
+  :meth:`FCCalibration.head_fc_index` gives the per-head sets for unpacked scoring. Without it the FCs are
+  ranked per KV head by the mean agreement of the group's query heads.
+
+``FASA(fcs=None)`` finds a shipped calibration (``tokprune/data/fasa_*.json`` with ``meta.auto``) by the
+model's :func:`model_fingerprint`; otherwise it raises (:func:`missing_calibration_error`) unless
+``fcs="uncalibrated"``. :class:`SplitKeys` is the FASA-C key layout (dominant / non-dominant dims, no
+duplicated FC copy) and :func:`fasa_key_bytes` its resident vs read bytes.
+
+``tokprune.methods.fasa`` re-exports the calibration API.
 """
 
 from __future__ import annotations
