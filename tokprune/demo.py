@@ -209,7 +209,7 @@ def scene_kv_decode(model, tokenizer, *, context: int, batch: int, budget: int, 
         lines.append(f"  {name:<22} {med[name] * 1e3:8.1f} {batch / med[name]:7.1f} {'x%.2f' % ratio:>9}   "
                      f"{_short(text, 28):<32} {quality}")
         if name != "unpatched":
-            results.append(SceneResult(f"decode {n // 1024}K x{batch}: {name}", med["unpatched"], med[name],
+            results.append(SceneResult(f"decode {n / 1024:.1f}K x{batch}: {name}", med["unpatched"], med[name],
                                        "s/step", quality))
     return lines, results
 
@@ -253,7 +253,7 @@ def scene_prefill(model, tokenizer, *, tokens: int, keep: float, repeats: int):
     lines = [f"held-out text (Python stdlib source), {ids.shape[1]} tokens, keep {keep} in the {layers}",
              f"  dense prefill (before)         {med['dense']:7.2f} s",
              f"  token sparse (after)           {med['sparse']:7.2f} s   x{ratio:.2f}   {quality}"]
-    return lines, [SceneResult(f"prefill {ids.shape[1] // 1024}K: token sparse {keep}", med["dense"],
+    return lines, [SceneResult(f"prefill {ids.shape[1] / 1024:.1f}K: token sparse {keep}", med["dense"],
                                med["sparse"], "s", quality)]
 
 
