@@ -193,7 +193,7 @@ def scene_kv_decode(model, tokenizer, *, context: int, batch: int, budget: int, 
         return statistics.median(steps)
 
     for name in patches:  # warm-up of every path (short)
-        run(name, 3)
+        run(name, 2)
     times = median_times({name: (lambda name=name: run(name, new_tokens)) for name in patches}, repeats)
     med = {name: statistics.median(v) for name, v in times.items()}
     reference = outputs["unpatched"]
@@ -339,11 +339,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--context", type=int, default=2048, help="decode scene prompt length (tokens)")
     parser.add_argument("--batch", type=int, default=4, help="decode scene batch size")
     parser.add_argument("--budget", type=int, default=256, help="KV tokens attended per decode step")
-    parser.add_argument("--decode-tokens", type=int, default=12, help="new tokens per decode run")
+    parser.add_argument("--decode-tokens", type=int, default=8, help="new tokens per decode run")
     parser.add_argument("--prefill-tokens", type=int, default=2048, help="prefill scene prompt length")
-    parser.add_argument("--new-tokens", type=int, default=48, help="speculative scene new tokens")
+    parser.add_argument("--new-tokens", type=int, default=32, help="speculative scene new tokens")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per path (median), after a warm-up")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a small shared CPU one thread per process times best)")
     args = parser.parse_args(argv)
 
     import torch
