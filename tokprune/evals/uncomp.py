@@ -1,6 +1,12 @@
 """UNComp on the real SmolLM2-135M: KV bytes kept and next-token agreement with the full cache.
 
     tokprune eval uncomp [--prompt-len 512] [--steps 24] [--samples 2] [--ratios 0.5 0.25 0.1]
+    tokprune eval uncomp --configs split stages split+prefill stages+prefill [--timing-rounds 5] [--threads 1]
+
+``--configs`` compares layer groupings (``split``: tokprune's 2:1 entropy split; ``stages``: the offline
+stage division) with and without prefill hidden-state compression (``+prefill``); ``--timing-rounds``
+adds prefill time (median over interleaved rounds, after one warm-up round, of the prompt forward incl.
+UNComp's cache compression) and its ratio to the unpatched full prefill timed in the same rounds.
 
 Held-out real text (Python standard-library sources, :func:`tokprune.models.held_out_text`) is cut
 into ``samples`` windows of ``prompt_len + steps`` tokens. Each window's prompt is prefilled, the
@@ -13,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Dict
+import statistics
+from contextlib import nullcontext
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -65,12 +73,57 @@ def next_token_agreement(model, ids: torch.Tensor, *, prompt_len: int, steps: in
     if ids.shape[1] < prompt_len + steps:
         raise ValueError(f"ids needs prompt_len + steps = {prompt_len + steps} tokens, has {ids.shape[1]}")
     full = _full_cache_logits(model, ids, prompt_len, steps) if reference is None else reference
-    comp, sizes = _uncomp_logits(model, ids, prompt_len, steps, UNComp(ratio=ratio, **uncomp_kwargs))
+    if uncomp_kwargs.get("prefill_compression"):  # batch 1 only: one row at a time
+        rows = [_uncomp_logits(model, ids[i:i + 1], prompt_len, steps, UNComp(ratio=ratio, **uncomp_kwargs))
+                for i in range(ids.shape[0])]
+        comp = torch.cat([r[0] for r in rows])
+        sizes = {k: sum(r[1][k] for r in rows) for k in ("kept", "allocated", "full")}
+    else:
+        comp, sizes = _uncomp_logits(model, ids, prompt_len, steps, UNComp(ratio=ratio, **uncomp_kwargs))
     target = ids[:, prompt_len:prompt_len + steps]
     return dict(agreement=float((comp.argmax(-1) == full.argmax(-1)).float().mean()),
                 accuracy=float((comp.argmax(-1) == target).float().mean()),
                 accuracy_full=float((full.argmax(-1) == target).float().mean()),
                 kept_bytes=sizes["kept"], allocated_bytes=sizes["allocated"], full_bytes=sizes["full"])
+
+
+CONFIGS = {
+    "split": dict(layer_groups="split"),
+    "stages": dict(layer_groups="stages"),
+    "split+prefill": dict(layer_groups="split", prefill_compression=True),
+    "stages+prefill": dict(layer_groups="stages", prefill_compression=True),
+}
+
+
+@torch.no_grad()
+def prefill_times(model, prompt: torch.Tensor, configs: Dict[str, dict], *, ratio: float,
+                  rounds: int) -> Dict[str, float]:
+    """Median seconds of one prompt forward ``prompt (1, n)`` per config (``"full"``: unpatched), the
+    configs interleaved in every round (order rotated), one warm-up round discarded."""
+    names = ["full"] + list(configs)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(rounds + 1):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            policy = None if name == "full" else UNComp(ratio=ratio, **configs[name])
+            with (policy.patch(model) if policy is not None else nullcontext()):
+                t0 = time.perf_counter()
+                model(prompt, use_cache=True)
+                elapsed = time.perf_counter() - t0
+            if r:
+                times[name].append(elapsed)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def _prefill_lengths(model, prompt: torch.Tensor, config: dict, ratio: float) -> Tuple[int, float]:
+    """(layers running on fewer tokens, mean fraction of tokens per layer) of one compressed prefill."""
+    policy = UNComp(ratio=ratio, **config)
+    with policy.patch(model) as handle, torch.no_grad():
+        model(prompt, use_cache=True)
+        info = handle.info.get("prefill")
+    if not info:
+        return 0, 1.0
+    n = info["tokens"]
+    return sum(m < n for m in info["lengths"]), sum(info["lengths"]) / (n * len(info["lengths"]))
 
 
 def main(argv=None) -> int:
@@ -81,7 +134,15 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25, 0.1])
     parser.add_argument("--source", choices=("query", "key"), default="query")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None,
+                        help="layer groupings x prefill compression to compare (default: tokprune's split only)")
+    parser.add_argument("--prefill-min-keep", type=float, default=0.375)
+    parser.add_argument("--timing-rounds", type=int, default=0, help="prefill timing rounds (0: none)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--timing-only", action="store_true", help="with --configs: prefill timing only")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from tokprune.models import load_smollm2, smollm2_available
 
@@ -96,6 +157,8 @@ def main(argv=None) -> int:
     reference = _full_cache_logits(model, ids, args.prompt_len, args.steps)
     print(f"SmolLM2-135M, {args.samples} windows x ({args.prompt_len} prompt + {args.steps} teacher-forced) "
           f"tokens of held-out stdlib source; full cache {time.perf_counter() - t0:.1f} s")
+    if args.configs:
+        return _compare_configs(model, ids, reference, args)
     print(f"{'ratio':>6} {'KV kept':>10} {'KV alloc':>10} {'KV full':>10} {'kept %':>7} "
           f"{'agree':>6} {'acc':>6} {'acc full':>8} {'time s':>7}")
     for ratio in args.ratios:
@@ -106,6 +169,34 @@ def main(argv=None) -> int:
         print(f"{ratio:6.2f} {r['kept_bytes'] * mib:8.2f}Mi {r['allocated_bytes'] * mib:8.2f}Mi "
               f"{r['full_bytes'] * mib:8.2f}Mi {100 * r['kept_bytes'] / r['full_bytes']:6.1f}% "
               f"{r['agreement']:6.3f} {r['accuracy']:6.3f} {r['accuracy_full']:8.3f} {time.perf_counter() - t0:7.1f}")
+    return 0
+
+
+
+def _compare_configs(model, ids, reference, args) -> int:
+    configs = {name: dict(CONFIGS[name], source=args.source,
+                          **({"prefill_min_keep": args.prefill_min_keep} if "prefill" in name else {}))
+               for name in args.configs}
+    prompt = ids[:1, :args.prompt_len]
+    for name, config in configs.items():
+        if args.timing_only:
+            break
+        cut, frac = _prefill_lengths(model, prompt, config, args.ratios[0])
+        print(f"{name}: {cut} layers run on fewer tokens; mean tokens per layer {100 * frac:.1f}% of the prompt")
+    if not args.timing_only:
+        print(f"{'config':>15} {'ratio':>6} {'kept %':>7} {'agree':>6} {'acc':>6} {'acc full':>8}")
+    for name, config in configs.items():
+        for ratio in args.ratios if not args.timing_only else ():
+            r = next_token_agreement(model, ids, prompt_len=args.prompt_len, steps=args.steps, ratio=ratio,
+                                     reference=reference, **config)
+            print(f"{name:>15} {ratio:6.2f} {100 * r['kept_bytes'] / r['full_bytes']:6.1f}% {r['agreement']:6.3f} "
+                  f"{r['accuracy']:6.3f} {r['accuracy_full']:8.3f}")
+    if args.timing_rounds:
+        times = prefill_times(model, prompt, configs, ratio=args.ratios[0], rounds=args.timing_rounds)
+        print(f"prefill of {args.prompt_len} tokens, ratio {args.ratios[0]}, median of {args.timing_rounds} "
+              f"interleaved rounds, {torch.get_num_threads()} thread(s):")
+        for name, t in times.items():
+            print(f"{name:>15} {1000 * t:9.1f} ms  speed-up vs full {times['full'] / t:5.2f}x")
     return 0
 
 
