@@ -24,6 +24,11 @@ the fraction ``min_keep`` of the prompt (``prefill_min_keep``, default 0.375 = 1
 UNComp's KV compression then runs on each layer's (shorter) cache as usual; its total stays
 ``ratio * n * heads * layers``, capped per layer at what the layer holds.
 
+After a prefill, ``handle.info["prefill"]`` (the patch handle) holds the tokens each layer ran on and, per
+layer, their original positions (``slots``); :attr:`UNComp.selected` then indexes each layer's
+prefill-compressed sequence (``slots[l][selected[l]]`` are original positions). The logits of a compressed
+prefill cover the kept tokens of the last layer only (the last token is always among them).
+
 Batches: one row without padding (``ValueError`` naming ``input_ids`` / ``attention_mask`` otherwise).
 """
 
