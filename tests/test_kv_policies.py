@@ -130,9 +130,9 @@ def test_run_time_state_is_not_an_init_repr_or_compare_field():
     with pytest.raises(TypeError):
         SnapKV(budget=8, prompt_scores={})
     assert b.set_prompt_scores(a.prompt_scores).prompt_scores.keys() == a.prompt_scores.keys()
-    f = FASA(budget=8)
+    f = FASA(fcs="uncalibrated", budget=8)
     f.fc_index(0, 2, 16, "cpu")
-    assert f == FASA(budget=8) and "_fc_cache" not in repr(f)
+    assert f == FASA(fcs="uncalibrated", budget=8) and "_fc_cache" not in repr(f)
 
 
 def test_decode_valid_mask_bool_float_ragged():
