@@ -1,11 +1,9 @@
 """CPU tree forwards with pre-packed weights (private to :mod:`tokprune.spec`).
 
 A tree forward multiplies ``M = B x N`` rows (N = tree nodes) by every weight matrix. On the CPU the
-default fp32 GEMM re-packs the weight matrix on every call, which for ``M`` between 2 and ~100 costs
-about as much as reading it: measured on SmolLM2-135M (1 thread, AVX-512 EPYC), a 24-node forward took
-3.1x a 1-token forward with ``F.linear`` and 1.8x with oneDNN weights packed once
-(``torch.ops.mkldnn._reorder_linear_weight`` + ``_linear_pointwise``), while a 1-token forward is the
-same either way. :func:`packed_linears` swaps every fp32 ``nn.Linear`` of a model to the packed path for
+default fp32 GEMM (MKL) re-packs the weight matrix on every call, which for small ``M`` > 1 costs about
+as much as reading it; oneDNN weights packed once (``torch.ops.mkldnn._reorder_linear_weight`` +
+``_linear_pointwise``) avoid that, while a 1-token forward costs the same either way. :func:`packed_linears` swaps every fp32 ``nn.Linear`` of a model to the packed path for
 the duration of a ``with`` block. The packed copies are kept on the module (one extra copy of the
 weights in memory, rebuilt when a weight changes) until :func:`release_packed` or the model goes away.
 Results differ from ``F.linear`` by float rounding only (different summation order).

@@ -4,8 +4,7 @@ One target forward per step on the whole draft tree (``tree_attention_mask`` + `
 a ``DynamicCache`` with preallocated, in-place layers), then lossless verification
 (``verify_tree_greedy`` or ``verify_tree_stochastic``) and in-place compaction of the cache to the
 accepted path. On the CPU (fp32), tree forwards run every ``nn.Linear`` on weights packed once for
-oneDNN (see ``tokprune/spec/_linear.py``: a 24-node forward costs ~1.8x a 1-token forward instead of
-~3x); the prefill runs the model unchanged.
+oneDNN (see ``tokprune/spec/_linear.py``); the prefill runs the model unchanged.
 
 Batches: every row advances by its OWN accepted length. The cache stays rectangular: a step appends
 ``max_b(accept_len[b]) + 1`` slots to every row; the slots a row did not accept are holes that later
