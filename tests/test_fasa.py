@@ -249,3 +249,26 @@ def test_calibration_roundtrip_and_fasa_loads_it(tmp_path, suffix):
         policy.fc_index(0, 2, 32, "cpu")
     with pytest.raises(ValueError, match="not a FASA calibration"):
         FCCalibration.load({"ranking": [1]})
+
+
+def test_sparse_decode_reads_strided_cache_views_in_place():
+    """The torch path gathers rows from a view of a preallocated buffer (capacity > length, a storage offset,
+    batch 1 / one KV head) without copying the cache; a layout whose strides do not allow it falls back."""
+    from tokprune.ops.fasa import _row_gather
+    from tokprune.reference.fasa import sparse_decode_attention_reference
+
+    for shape, length in [((2, 3, 100, 16), None), ((1, 3, 100, 16), 70), ((2, 1, 100, 16), 33), ((3, 2, 64, 16), 50)]:
+        buf = torch.randn(*shape)
+        k = (buf if length is None else buf[:, :, :length])[-2:] if shape[0] == 3 else \
+            (buf if length is None else buf[:, :, :length])
+        idx = torch.randint(0, k.shape[2], (k.shape[0], k.shape[1], 9))
+        assert torch.equal(_row_gather(k, idx), torch.gather(k, 2, idx[..., None].expand(-1, -1, -1, 16))), shape
+    moved = torch.randn(2, 50, 3, 16).transpose(1, 2)  # (B, Hkv, T, D) with tokens outermost: fallback
+    idx = torch.randint(0, 50, (2, 3, 7))
+    assert torch.equal(_row_gather(moved, idx), torch.gather(moved, 2, idx[..., None].expand(-1, -1, -1, 16)))
+    kbuf, vbuf = torch.randn(2, 2, 96, 16), torch.randn(2, 2, 96, 16)
+    q = torch.randn(2, 4, 1, 16)
+    k, v = kbuf[:, :, :61], vbuf[:, :, :61]
+    index = torch.randint(-1, 61, (2, 4, 12))
+    assert_close(sparse_decode_attention(q, k, v, index, 0.25, backend="torch"),
+                 sparse_decode_attention_reference(q, k, v, index, 0.25))

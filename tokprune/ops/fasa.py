@@ -295,10 +295,38 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return _sparse_decode_torch(q, k_cache, v_cache, indices, float(scale))
 
 
+def _row_gather(cache: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``cache[b, h, idx[b, h, r]]`` -> ``(B, Hkv, R, D)`` for ``idx (B, Hkv, R)`` int64 in range.
+
+    One ``index_select`` over a 2-D row view of the cache's storage (a strided view of a preallocated
+    buffer is read in place: no copy of the cache, and row copies instead of the element-wise
+    ``torch.gather``, about 7x faster on the CPU); ``torch.gather`` when the strides do not allow it."""
+    batch, heads, n_tokens, dim = cache.shape
+    s0, s1, s2, s3 = cache.stride()
+    sb = s0 // s2 if s2 and s0 % s2 == 0 else None
+    sh = s1 // s2 if s2 and s1 % s2 == 0 else None
+    if s3 != 1 or s2 < dim or (batch > 1 and sb is None) or (heads > 1 and sh is None):
+        return torch.gather(cache, 2, idx[..., None].expand(-1, -1, -1, dim))
+    sb = sb if batch > 1 else 0
+    sh = sh if heads > 1 else 0
+    n_rows = (batch - 1) * sb + (heads - 1) * sh + n_tokens
+    rows_view = cache.as_strided((n_rows, dim), (s2, 1))
+    if batch == 1 or sb == heads * sh:  # one arange: head-major rows
+        step = sh if heads > 1 else sb
+        offsets = torch.arange(0, batch * heads * step, step, device=idx.device) if step else \
+            torch.zeros(batch * heads, dtype=torch.long, device=idx.device)
+        offsets = offsets.view(batch, heads, 1)
+    else:
+        offsets = (torch.arange(batch, device=idx.device)[:, None] * sb
+                   + torch.arange(heads, device=idx.device)[None, :] * sh)[..., None]
+    rows = (idx + offsets).reshape(-1)
+    return rows_view.index_select(0, rows).view(batch, heads, idx.shape[2], dim)
+
+
 def _sparse_decode_torch(q, k_cache, v_cache, indices, scale):
-    """Gather the selected rows per KV head with one ``torch.gather`` each for K and V (the query heads of a
-    group laid onto their KV head, as the dense decode op), masked softmax in fp32. Few dispatcher calls:
-    on the CPU the per-call overhead, not the arithmetic, is what a 256-token attention costs."""
+    """Gather the selected rows per KV head (the query heads of a group laid onto their KV head, as the dense
+    decode op), masked softmax in fp32. Few dispatcher calls: on the CPU the per-call overhead, not the
+    arithmetic, is what a 256-token attention costs."""
     batch, heads, _, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
@@ -306,12 +334,12 @@ def _sparse_decode_torch(q, k_cache, v_cache, indices, scale):
     if n_keep == 0:
         return torch.zeros_like(q)
     per_query_head = n_idx_heads != kv_heads
-    # (B, Hkv, R, 1): rows of each KV head; per query head the g heads' lists are concatenated
+    # (B, Hkv, R): rows of each KV head; per query head the g heads' lists are concatenated
     idx = indices.reshape(batch, kv_heads, -1) if per_query_head else indices
     valid = idx >= 0
-    rows = idx.clamp(min=0).to(torch.long)[..., None]
-    k = torch.gather(k_cache, 2, rows.expand(-1, -1, -1, head_dim)).float()  # (B, Hkv, R, D)
-    v = torch.gather(v_cache, 2, rows.expand(-1, -1, -1, v_cache.shape[-1])).float()
+    rows = idx.clamp(min=0).to(torch.long)
+    k = _row_gather(k_cache, rows).float()  # (B, Hkv, R, D)
+    v = _row_gather(v_cache, rows).float()
     qg = q.float().view(batch, kv_heads, group, head_dim) * scale
     if per_query_head:  # (B, Hkv, g, 1, D) x (B, Hkv, g, K, D): each head reads its own K rows
         k = k.view(batch, kv_heads, group, n_keep, head_dim)
