@@ -39,6 +39,31 @@ def _variants(model, tokenizer, budgets, args):
     return out
 
 
+def fc_set_recall(record, cal, num_fcs: int, k: int, per_head: bool = False) -> float:
+    """Mean over layers, query heads and recorded queries of ``|top_k(partial) ∩ top_k(full)| / k``, where
+    ``partial`` sums the logits of the calibration's first ``num_fcs`` FCs (per KV head, or per query head
+    with ``per_head``): how well the FC set FASA scores with ranks the keys full attention ranks top."""
+    from tokprune.reference.fasa import fc_dims
+
+    total = []
+    for layer in sorted(record["keys"]):
+        q, keys = record["queries"][layer], record["keys"][layer]  # (H, P, D), (Hkv, T, D)
+        heads, n_q, head_dim = q.shape
+        n_tokens, group = keys.shape[1], heads // keys.shape[0]
+        fc = cal.head_fc_index(layer, num_fcs) if per_head else cal.fc_index(layer, num_fcs).repeat_interleave(group, 0)
+        dims = fc_dims(fc, head_dim, cal.chunk)  # (H, nd)
+        kk = keys.repeat_interleave(group, 0)
+        visible = torch.arange(n_tokens)[None, :] <= torch.arange(n_tokens - n_q, n_tokens)[:, None]
+        full = torch.einsum("hpd,htd->hpt", q, kk).masked_fill(~visible, float("-inf"))
+        qd = torch.gather(q, 2, dims[:, None, :].expand(-1, n_q, -1))
+        kd = torch.gather(kk, 2, dims[:, None, :].expand(-1, n_tokens, -1))
+        part = torch.einsum("hpd,htd->hpt", qd, kd).masked_fill(~visible, float("-inf"))
+        kk_ = min(k, n_tokens - n_q + 1)
+        top = torch.zeros_like(full, dtype=torch.bool).scatter_(-1, full.topk(kk_, -1).indices, True)
+        total.append(torch.gather(top, -1, part.topk(kk_, -1).indices).float().mean())
+    return torch.stack(total).mean().item()
+
+
 def _policy(name, cal, budget, num_fcs):
     from tokprune.methods import FASA
 
@@ -73,6 +98,9 @@ def main(argv=None) -> int:
     parser.add_argument("--save-dir", default=None, help="write the calibrations there (json)")
     parser.add_argument("--load-dir", default=None, help="read the calibrations written by --save-dir")
     parser.add_argument("--variants", nargs="*", default=None, help="only these variant names")
+    parser.add_argument("--passkey-only", action="store_true", help="skip the language-modelling table")
+    parser.add_argument("--recall-only", action="store_true",
+                        help="only the FC-set recall on held-out decode queries (no decoding with FASA)")
     parser.add_argument("--out", default=None, help="write the results table as json")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -101,6 +129,22 @@ def main(argv=None) -> int:
     print(f"calibrations ready in {time.time() - t0:.0f}s", flush=True)
 
     text = held_out_text(min_chars=8 * (args.tokens + args.steps + 16))
+    if args.recall_only:
+        from tokprune.methods.fasa_calibration import record_queries
+
+        rec = record_queries(model, tokenizer, text, n_tokens=args.tokens, n_queries=args.steps, source="decode")
+        print(f"FC-set recall (top-k of {args.num_fcs} FCs vs full logits, k = budget) on {args.steps} held-out "
+              f"greedy decode queries after {args.tokens} tokens:", flush=True)
+        results = {}
+        for name, by_b in variants.items():
+            cells = {b: fc_set_recall(rec, by_b[b], args.num_fcs, b, per_head=name.endswith("unpacked"))
+                     for b in args.budgets}
+            results[name] = dict(recall=cells)
+            print(f"  {name:<28}" + "".join(f"  b={b}: {r:.3f}" for b, r in cells.items()), flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(dict(args=vars(args), results=results), f, indent=1)
+        return 0
     ids = tokenizer(text, return_tensors="pt").input_ids[:, : args.tokens + args.steps + 1]
     prompt, targets = ids[:, : args.tokens], ids[0, args.tokens:]
     cache, _, _ = _prefill(model, prompt)
@@ -110,7 +154,7 @@ def main(argv=None) -> int:
     results = {}
     print(f"prompt {args.tokens} tokens, {args.steps} teacher-forced steps, full ppl {math.exp(nll_full):.3f}; "
           f"cells: top-1 agreement / dppl", flush=True)
-    for name, by_b in variants.items():
+    for name, by_b in ({} if args.passkey_only else variants).items():
         cells = {}
         for b in args.budgets:
             logits = _decode(model, cache, inputs[0], args.steps, policy=_policy(name, by_b[b], b, args.num_fcs),
@@ -131,7 +175,7 @@ def main(argv=None) -> int:
             pcache, last, _ = _prefill(model, p_ids)
             first = last.argmax(-1)[0]
 
-            def answer(policy, pcache=pcache, first=first):
+            def answer(policy, pcache=pcache, first=first, key=key):
                 out = _decode(model, pcache, first, 7, policy=policy)
                 return key in tokenizer.decode([int(first)] + out.argmax(-1).tolist()).replace(" ", "")
 
