@@ -54,7 +54,8 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 # dense only in the sparse layers' attention, so the model is never slower than dense where one layer's
 # token sparse attention (scores + selection + gathers + SDPA on the kept tokens + scatter, keep=0.25,
 # window 128, SmolLM2 head shapes) is faster than dense SDPA. `tokprune bench token-sparse --tokens ...
-# --rounds 7 --threads 1` (interleaved CPU-time medians): 1.83x at 512 tokens and more above (README).
+# --rounds 7 --threads 1` (interleaved CPU-time medians): 0.47x at 256 tokens, 1.18x at 384, 1.83x at 512
+# and more above (README); 512 keeps a margin over the crossover.
 MIN_TOKENS = 512
 PAPER_TAU = 0.005
 _MATCH_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads")
