@@ -28,6 +28,7 @@ cost-model bound by more than 25%. Every greedy provider's output is checked aga
 Usage::
 
     tokprune bench spec [--new-tokens 64] [--prompts 2] [--rounds 3] [--threads 1] [--all]
+                        [--providers hf_prompt_lookup,tr_auto] [--rank-probs 0.47,0.1,0.02]
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--all", action="store_true", help="also the draft-model and sampling providers")
     parser.add_argument("--refresh-cost", action="store_true", help="re-measure the cost table")
+    parser.add_argument("--providers", default=None, help="comma-separated subset (hf_greedy is always run)")
+    parser.add_argument("--rank-probs", default=None,
+                        help="comma-separated per-rank acceptance for the cost model (default: DEFAULT_RANK_PROBS)")
     parser.add_argument("--no-csv", action="store_true")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -107,7 +111,8 @@ def main(argv=None) -> int:
     n_new = args.new_tokens
     t0 = time.perf_counter()
     cost = forward_cost(model, refresh=args.refresh_cost)
-    auto = choose_recycling_template(model, k=8)
+    rank_probs = DEFAULT_RANK_PROBS if not args.rank_probs else tuple(float(x) for x in args.rank_probs.split(","))
+    auto = choose_recycling_template(model, k=8, rank_probs=rank_probs)
     paper = paper_template()
     print(f"cost table (ms per target forward, {torch.get_num_threads()} thread(s); "
           f"{time.perf_counter() - t0:.1f}s incl. measuring if not cached): "
@@ -122,7 +127,12 @@ def main(argv=None) -> int:
     # warm (hot-start) matrices: paper's mode, run on the warm-up windows only
     hot: Dict[str, torch.Tensor] = {}
     recorders = {"tr_paper": _RankRecorder(paper), "tr_auto": _RankRecorder(auto)}
+    warm_names = {"tr_paper"} if not args.providers or "tr_paper" in args.providers.split(",") else set()
+    warm_names |= {"tr_auto"} if not args.providers or "tr_auto" in args.providers else set()
     for name, template in (("tr_paper", paper), ("tr_auto", auto)):
+        if name not in warm_names:
+            hot[name] = None
+            continue
         d = TokenRecyclingDrafter(k=8, template=template)
         for ids in warm:
             generate(model, ids, drafter=d, **common)
@@ -173,6 +183,13 @@ def main(argv=None) -> int:
              "tr_auto_cold_fill": auto.num_nodes, "tp_dyspec_layerskip": 8, "tp_dyspec_exact_layerskip": 8,
              "tp_rsd_c_layerskip_sample": 1 + 3 + 6 + 6, "tp_rsd_s_layerskip_sample": 10}
 
+    if args.providers:
+        wanted = set(args.providers.split(",")) | {"hf_greedy"}
+        unknown = wanted - set(hf_kwargs) - set(tp_makers)
+        if unknown:
+            raise SystemExit(f"unknown providers {sorted(unknown)}; known: {list(hf_kwargs) + list(tp_makers)}")
+        hf_kwargs = {k: v for k, v in hf_kwargs.items() if k in wanted}
+        tp_makers = {k: v for k, v in tp_makers.items() if k in wanted}
     names = list(hf_kwargs) + list(tp_makers)
     times: Dict[str, List[float]] = {n: [] for n in names}  # per prompt: median seconds
     tokens_fwd: Dict[str, List[int]] = {n: [0, 0] for n in tp_makers}  # (row tokens, forwards)
@@ -244,8 +261,9 @@ def main(argv=None) -> int:
         print(line)
         rows.append(dict(provider=name, median_s=total, ratio=speed, metrics=metrics))
     for name, rec in recorders.items():
-        print(f"  per-rank acceptance {name}: {rec.probs()}  (cost-model assumption: "
-              f"{[round(p, 3) for p in DEFAULT_RANK_PROBS]})")
+        if sum(rec.trials):
+            print(f"  per-rank acceptance {name}: {rec.probs()}  (cost-model assumption: "
+                  f"{[round(p, 3) for p in rank_probs]})")
     if not args.no_csv:
         from benchmarks.runner import append_rows, device_name
         import datetime as _dt
