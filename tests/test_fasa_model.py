@@ -105,8 +105,9 @@ def test_padding_never_selected_and_padded_row_matches_unpadded(build, request):
     assert torch.equal(seq[1, 7:], seq_alone[0])
 
 
-@pytest.mark.parametrize("policy", [Quest(budget=16, page_size=8), SnapKV(budget=16, window=4, obs_window=8),
-                                    StreamingLLM(budget=16, sink=2)], ids=lambda p: type(p).__name__)
+@pytest.mark.parametrize("policy", [Quest(budget=16, page_size=8, decline_ratio=0),
+                                    SnapKV(budget=16, window=4, obs_window=8, decline_ratio=0),
+                                    StreamingLLM(budget=16, sink=2, decline_ratio=0)], ids=lambda p: type(p).__name__)
 def test_baselines_generate_with_padding_same_on_both_caches(policy, tiny_llama):
     model = tiny_llama
     ids, mask = _batch(2)
@@ -172,7 +173,7 @@ def test_smollm2_fasa_keeps_top1_agreement(smollm2):
     fasa = _decode(model, cache, targets[0], steps, policy=FASA(budget=128, sink=4, window=32, fcs=cal, num_fcs=8),
                    teacher=targets[1:])
     agree = (fasa.argmax(-1) == full.argmax(-1)).float().mean().item()
-    stream = _decode(model, cache, targets[0], steps, policy=StreamingLLM(budget=128, sink=4), teacher=targets[1:])
+    stream = _decode(model, cache, targets[0], steps, policy=StreamingLLM(budget=128, sink=4, decline_ratio=0), teacher=targets[1:])
     agree_stream = (stream.argmax(-1) == full.argmax(-1)).float().mean().item()
     print(f"\nSmolLM2 T=1000 budget=128: FASA top-1 agreement {agree:.3f}, StreamingLLM {agree_stream:.3f}")
     assert agree >= 0.85

@@ -100,7 +100,7 @@ def test_ragged_call_routes_each_request(tiny_llama):
     """One varlen call with two decode requests and one prompt: decode rows go through the policy, the prompt
     through SDPA, each exactly as if it were alone."""
     module = tiny_llama.model.layers[0].self_attn
-    policy = _Spy(budget=6, sink=1, calls=[])
+    policy = _Spy(budget=6, sink=1, decline_ratio=0, calls=[])
     q_lens, k_lens = [1, 7, 1], [20, 7, 13]
     q = torch.randn(1, 4, sum(q_lens), 16)
     k = torch.randn(1, 2, sum(k_lens), 16)
@@ -139,7 +139,7 @@ def test_generate_batch_routes_decode_steps_per_request(tiny_llama):
     config = GenerationConfig(max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
     cb = ContinuousBatchingConfig(num_blocks=8, max_batch_tokens=256, use_async_batching=False)
     original = AttentionInterface._global_mapping["paged|eager"]
-    policy = _Spy(budget=8, sink=2, calls=[])
+    policy = _Spy(budget=8, sink=2, decline_ratio=0, calls=[])
     with patch_attention(model, decode=policy, cache=False) as handle:
         out = model.generate_batch(prompts, generation_config=config, continuous_batching_config=cb,
                                    progress_bar=False, warmup=False)

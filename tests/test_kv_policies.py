@@ -48,7 +48,7 @@ def test_new_method_is_one_dataclass_and_one_score(tiny_llama):
 
     ids = torch.randint(3, 150, (1, 40))
     runs = []
-    for policy in (RecentOnly(budget=12, sink=0, window=12), StreamingLLM(budget=12, sink=0)):
+    for policy in (RecentOnly(budget=12, sink=0, window=12, decline_ratio=0), StreamingLLM(budget=12, sink=0, decline_ratio=0)):
         with policy.patch(tiny_llama):
             runs.append(tiny_llama.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True,
                                             return_dict_in_generate=True))

@@ -48,8 +48,8 @@ def no_debug():
 
 
 @pytest.mark.parametrize("policy", [FASA(fcs="uncalibrated", budget=24, sink=2, window=8, decline_ratio=0),
-                                    Quest(budget=32, page_size=8),
-                                    StreamingLLM(budget=24, sink=4)], ids=lambda p: type(p).__name__)
+                                    Quest(budget=32, page_size=8, decline_ratio=0),
+                                    StreamingLLM(budget=24, sink=4, decline_ratio=0)], ids=lambda p: type(p).__name__)
 def test_decode_attention_compiles_fullgraph_and_equals_eager(policy, no_debug):
     layer = _layer()
     query = torch.randn(2, 4, 1, 16)

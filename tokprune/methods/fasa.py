@@ -74,8 +74,10 @@ class FASA(KVPolicy):
     _calibration: Optional[FCCalibration] = field(default=None, init=False, repr=False, compare=False)
     _fc_cache: Dict[tuple, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    #: dense attention while ``n_tokens < DECLINE_RATIO * budget``, fitted from measured step times
-    DECLINE_RATIO = 4.0
+    #: dense attention while ``n_tokens < DECLINE_RATIO * budget``: the largest break-even T*/budget printed by
+    #: ``python -m benchmarks.bench_fasa_decline --budgets 256 --batches 1 4 --ratios 2 3 4 6 8 12 16 32``
+    #: (2026-11-26, shared 2-core CPU: 23.9 at batch 1, 17.8 at batch 4)
+    DECLINE_RATIO = 24.0
 
     def __post_init__(self):
         super().__post_init__()

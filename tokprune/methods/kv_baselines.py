@@ -33,6 +33,8 @@ from tokprune.ops.window import window_attention_scores
 class StreamingLLM(KVPolicy):
     """Attention sinks plus a recent window: the ``sink`` first tokens and the ``budget - sink`` newest."""
 
+    DECLINE_RATIO = 10.5  # measured break-even (benchmarks/bench_fasa_decline.py; 10.5 at batch 1, 6.7 at 4)
+
     def score(self, ctx: DecodeContext) -> torch.Tensor:
         recency = torch.arange(ctx.n_tokens, device=ctx.key.device, dtype=torch.float32)
         return recency.expand(ctx.batch, ctx.kv_heads, -1)  # newer = better; sinks are forced by the base
@@ -116,6 +118,7 @@ class Quest(KVPolicy):
     page_size: int = 16
 
     per_head = True
+    DECLINE_RATIO = 26.0  # measured break-even (benchmarks/bench_fasa_decline.py; 25.7 at batch 1, 22.4 at 4)
 
     def __post_init__(self):
         super().__post_init__()
@@ -177,6 +180,7 @@ class SnapKV(KVPolicy):
     _prompt_scores: Dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     observes_prefill = True
+    DECLINE_RATIO = StreamingLLM.DECLINE_RATIO  # same step as StreamingLLM: a stored score vector + top-k
 
     def __post_init__(self):
         super().__post_init__()
