@@ -185,7 +185,7 @@ def main(argv=None) -> int:
           f"{len(args.passkey_lengths) * len(args.passkey_depths)} cases", flush=True)
     for name, by_b in variants.items():
         hits = {b: sum(c[3](_policy(name, by_b[b], b, args.num_fcs)) for c in cases) for b in args.budgets}
-        results[name]["passkey"] = dict(hits=hits, cases=len(cases))
+        results.setdefault(name, {})["passkey"] = dict(hits=hits, cases=len(cases))
         print(f"  {name:<28}" + "".join(f"  b={b}: {h}/{len(cases)}" for b, h in hits.items()), flush=True)
     print(f"total {time.time() - t0:.0f}s")
     if args.out:
