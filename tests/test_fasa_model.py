@@ -170,10 +170,12 @@ def test_smollm2_fasa_keeps_top1_agreement(smollm2):
     prompt, targets = ids[:, :1000], ids[0, 1000:]
     cache, _, _ = _prefill(model, prompt)
     full = _decode(model, cache, targets[0], steps, teacher=targets[1:])
-    fasa = _decode(model, cache, targets[0], steps, policy=FASA(budget=128, sink=4, window=32, fcs=cal, num_fcs=8),
+    policy = FASA(budget=128, sink=4, window=32, fcs=cal, num_fcs=8, decline_ratio=0)  # never the dense fallback
+    fasa = _decode(model, cache, targets[0], steps, policy=policy,
                    teacher=targets[1:])
     agree = (fasa.argmax(-1) == full.argmax(-1)).float().mean().item()
-    stream = _decode(model, cache, targets[0], steps, policy=StreamingLLM(budget=128, sink=4, decline_ratio=0), teacher=targets[1:])
+    stream = _decode(model, cache, targets[0], steps, policy=StreamingLLM(budget=128, sink=4, decline_ratio=0),
+                     teacher=targets[1:])
     agree_stream = (stream.argmax(-1) == full.argmax(-1)).float().mean().item()
     print(f"\nSmolLM2 T=1000 budget=128: FASA top-1 agreement {agree:.3f}, StreamingLLM {agree_stream:.3f}")
     assert agree >= 0.85
