@@ -6,12 +6,13 @@ interleaved runs, and every printed ratio is computed from the printed times (ch
 
 1. **Decode on a long prompt** (~2K tokens, a pass key hidden in the middle, a batch of 4 requests):
    the unpatched model (transformers' ``DynamicCache``) against tokprune's KV cache with full attention,
-   FASA (budget 256: 256 of ~2K cached tokens attended per step) and StreamingLLM (same budget).
-   Decode on this CPU is memory-bound: a step reads the 540 MB of weights plus the KV cache. The cache
-   part grows with context and batch (batch 4 at 2K: ~380 MB of K/V, ~3x that for ``DynamicCache``,
-   which copies the whole cache at every step), so that is where pruning pays; at batch 1 and short
-   prompts the weights dominate and FASA declines to dense attention by its own cost rule.
-   Quality: does the answer contain the pass key, and how many tokens match full attention.
+   FASA and StreamingLLM (budget 256). Decode on this CPU is memory-bound: a step reads the 540 MB of
+   weights plus the KV cache, and ``DynamicCache`` also copies the whole cache at every step (batch 4 at
+   2K: ~380 MB of K/V read, ~3x that moved by ``DynamicCache``): the tokprune cache removes the copy. At
+   2K the policies decline to dense attention by their measured cost rule (a policy's sparse step only
+   beats dense attention from ``DECLINE_RATIO x budget`` cached tokens, e.g. ~6K for FASA at budget 256;
+   each row says so): a 6-8K prompt, where they prune (``tokprune bench e2e``), costs a minute of prefill
+   on this CPU, too long for the demo. Quality: the pass key, and how many tokens match full attention.
 2. **Prefill sparsity** on a 2K-token prompt: token sparse attention (keep 0.25, profiled layers) vs
    dense. It pays once attention is a large share of the prefill (from ~1K tokens on this CPU); below
    that it declines. Quality: top-1 agreement with dense on the last 128 positions.
@@ -156,9 +157,10 @@ def scene_kv_decode(model, tokenizer, *, context: int, batch: int, budget: int, 
     patches = {
         "unpatched": None,
         "tokprune cache": lambda: use_tokprune_cache(model),
-        f"FASA {budget}": lambda: FASA(budget=budget, fcs=fcs).patch(model),
-        f"StreamingLLM {budget}": lambda: StreamingLLM(budget=budget).patch(model),
+        f"FASA {budget}": lambda: policies[f"FASA {budget}"].patch(model),
+        f"StreamingLLM {budget}": lambda: policies[f"StreamingLLM {budget}"].patch(model),
     }
+    policies = {f"FASA {budget}": FASA(budget=budget, fcs=fcs), f"StreamingLLM {budget}": StreamingLLM(budget=budget)}
     outputs: Dict[str, torch.Tensor] = {}
 
     class _Stamps:
@@ -206,6 +208,9 @@ def scene_kv_decode(model, tokenizer, *, context: int, batch: int, budget: int, 
         ratio = med["unpatched"] / med[name]
         _check_ratio(med["unpatched"], med[name], ratio)
         quality = (f"key {'found' if found else 'MISSED'}, {same:.0%} tokens = full attention")
+        declines = getattr(policies.get(name), "declines", None)
+        if callable(declines) and declines(n):
+            quality += " (declined to dense at this length)"
         lines.append(f"  {name:<22} {med[name] * 1e3:8.1f} {batch / med[name]:7.1f} {'x%.2f' % ratio:>9}   "
                      f"{_short(text, 28):<32} {quality}")
         if name != "unpatched":
