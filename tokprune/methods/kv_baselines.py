@@ -33,7 +33,7 @@ from tokprune.ops.window import window_attention_scores
 class StreamingLLM(KVPolicy):
     """Attention sinks plus a recent window: the ``sink`` first tokens and the ``budget - sink`` newest."""
 
-    DECLINE_RATIO = 10.5  # measured break-even (benchmarks/bench_fasa_decline.py; 10.5 at batch 1, 6.7 at 4)
+    DECLINE_RATIO = 8.5  # measured break-even (benchmarks/bench_fasa_decline.py; 8.5 at batch 1, 2.7 at 4)
 
     def score(self, ctx: DecodeContext) -> torch.Tensor:
         recency = torch.arange(ctx.n_tokens, device=ctx.key.device, dtype=torch.float32)
@@ -118,7 +118,7 @@ class Quest(KVPolicy):
     page_size: int = 16
 
     per_head = True
-    DECLINE_RATIO = 26.0  # measured break-even (benchmarks/bench_fasa_decline.py; 25.7 at batch 1, 22.4 at 4)
+    DECLINE_RATIO = 11.3  # measured break-even (benchmarks/bench_fasa_decline.py; 11.3 at batch 1, 5.9 at 4)
 
     def __post_init__(self):
         super().__post_init__()
