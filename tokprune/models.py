@@ -111,3 +111,28 @@ def held_out_text(min_chars: int = 20000) -> str:
         if sum(map(len, chunks)) >= min_chars:
             break
     return "\n".join(chunks)
+
+
+def load_smollm2_for_command(threads: Optional[int] = None) -> Optional[Tuple[object, object]]:
+    """For ``tokprune eval/calibrate`` commands: set ``torch.set_num_threads(threads)`` when given, then
+    ``(model, tokenizer)`` of SmolLM2-135M, or ``None`` after printing why the weights are unavailable
+    (the command then exits with status 2)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    reason = smollm2_available()
+    if reason is not None:
+        print(f"error: {reason}")
+        return None
+    return load_smollm2()
+
+
+def add_calibration_arguments(parser, *, tokens: int) -> None:
+    """The options every ``tokprune calibrate NAME`` shares: ``--model``, ``--text``, ``--tokens``, ``--out``,
+    ``--threads`` (``tokens``: default calibration prompt length)."""
+    parser.add_argument("--model", default="smollm2", choices=["smollm2"])
+    parser.add_argument("--text", default="stdlib", help="text file, or 'stdlib' (default; not the eval text)")
+    parser.add_argument("--tokens", type=int, default=tokens, help="calibration prompt length")
+    parser.add_argument("--out", default=None, help="output JSON (default: print only)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

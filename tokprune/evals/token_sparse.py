@@ -147,15 +147,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                         default=["second_half", "profile", "all"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from tokprune.models import load_smollm2, smollm2_available
+    from tokprune.models import load_smollm2_for_command
 
-    reason = smollm2_available()
-    if reason is not None:
-        print(f"error: {reason}")
+    loaded = load_smollm2_for_command(args.threads)
+    if loaded is None:
         return 2
-    model, tokenizer = load_smollm2()
+    model, tokenizer = loaded
     evaluate(model, tokenizer, context=args.context, continuation=args.continuation, segments=args.segments,
              keeps=args.keeps, window=args.window, layer_modes=args.layers, min_tokens=args.min_tokens, taus=args.taus)
     return 0

@@ -141,17 +141,13 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--timing-only", action="store_true", help="with --configs: prefill timing only")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from tokprune.models import load_smollm2_for_command
 
-    from tokprune.models import load_smollm2, smollm2_available
-
-    reason = smollm2_available()
-    if reason is not None:
-        print(f"cannot run: {reason}")
+    loaded = load_smollm2_for_command(args.threads)
+    if loaded is None:
         return 2
     torch.manual_seed(0)
-    model, tokenizer = load_smollm2()
+    model, tokenizer = loaded
     ids = prompt_ids(tokenizer, args.prompt_len + args.steps, samples=args.samples)
     t0 = time.perf_counter()
     reference = _full_cache_logits(model, ids, args.prompt_len, args.steps)

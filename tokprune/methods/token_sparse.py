@@ -337,23 +337,17 @@ def calibrate_main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tokprune calibrate token-sparse",
                                      description="Profile per-layer hidden-state drift and pick the sparse layers "
                                                  "(delta quantile rule of Token Sparse Attention).")
-    parser.add_argument("--model", default="smollm2", choices=["smollm2"])
-    parser.add_argument("--text", default="stdlib", help="text file, or 'stdlib' (default; not the eval text)")
-    parser.add_argument("--tokens", type=int, default=2048, help="calibration prompt length")
-    parser.add_argument("--delta", type=float, default=0.5, help="drift quantile (paper: 0.5)")
-    parser.add_argument("--out", default=None, help="output JSON (default: print only)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from tokprune.methods.fasa import calibration_text
-    from tokprune.models import load_smollm2, smollm2_available
+    from tokprune.models import add_calibration_arguments, load_smollm2_for_command
 
-    reason = smollm2_available()
-    if reason is not None:
-        print(f"error: {reason}")
+    add_calibration_arguments(parser, tokens=2048)
+    parser.add_argument("--delta", type=float, default=0.5, help="drift quantile (paper: 0.5)")
+    args = parser.parse_args(argv)
+    from tokprune.methods.fasa_calibration import calibration_text
+
+    loaded = load_smollm2_for_command(args.threads)
+    if loaded is None:
         return 2
-    model, tokenizer = load_smollm2()
+    model, tokenizer = loaded
     ids = tokenizer(calibration_text(args.text), return_tensors="pt").input_ids[:, :args.tokens]
     profile = calibrate_profile(model, ids, delta=args.delta, name="SmolLM2-135M-Instruct",
                                 meta=dict(text=args.text,

@@ -418,23 +418,17 @@ def calibrate_main(argv=None) -> int:
     """``tokprune calibrate uncomp --model smollm2 --text stdlib --tokens 1024 --threshold 1 --out s.json``."""
     parser = argparse.ArgumentParser(prog="tokprune calibrate uncomp",
                                      description="Per-layer hidden-state matrix entropy and UNComp's stage division.")
-    parser.add_argument("--model", default="smollm2", choices=["smollm2"])
-    parser.add_argument("--text", default="stdlib", help="text file, or 'stdlib' (default; not the eval text)")
-    parser.add_argument("--tokens", type=int, default=1024, help="calibration prompt length")
-    parser.add_argument("--threshold", type=float, default=1.0, help="profile drop opening a new stage (authors: 1)")
-    parser.add_argument("--out", default=None, help="output JSON (default: print only)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from tokprune.methods.fasa_calibration import calibration_text
-    from tokprune.models import load_smollm2, smollm2_available
+    from tokprune.models import add_calibration_arguments, load_smollm2_for_command
 
-    reason = smollm2_available()
-    if reason is not None:
-        print(f"error: {reason}")
+    add_calibration_arguments(parser, tokens=1024)
+    parser.add_argument("--threshold", type=float, default=1.0, help="profile drop opening a new stage (authors: 1)")
+    args = parser.parse_args(argv)
+    from tokprune.methods.fasa_calibration import calibration_text
+
+    loaded = load_smollm2_for_command(args.threads)
+    if loaded is None:
         return 2
-    model, tokenizer = load_smollm2()
+    model, tokenizer = loaded
     ids = tokenizer(calibration_text(args.text), return_tensors="pt").input_ids[:, :args.tokens]
     data = calibrate_stages(model, ids, threshold=args.threshold, name="SmolLM2-135M-Instruct",
                             meta=dict(text=args.text, command=f"tokprune calibrate uncomp --tokens {args.tokens} "
