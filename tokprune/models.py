@@ -128,6 +128,19 @@ def load_smollm2_for_command(threads: Optional[int] = None) -> Optional[Tuple[ob
     return load_smollm2()
 
 
+def load_calibration_inputs(args) -> Optional[Tuple[object, object]]:
+    """For ``tokprune calibrate NAME`` (options of :func:`add_calibration_arguments`): ``(model, ids)`` with
+    ``ids (1, <= args.tokens)`` int64 token ids of the calibration text ``args.text``, or ``None`` after
+    printing why SmolLM2 is unavailable."""
+    loaded = load_smollm2_for_command(args.threads)
+    if loaded is None:
+        return None
+    from tokprune.methods.fasa_calibration import calibration_text
+
+    model, tokenizer = loaded
+    return model, tokenizer(calibration_text(args.text), return_tensors="pt").input_ids[:, :args.tokens]
+
+
 def add_calibration_arguments(parser, *, tokens: int) -> None:
     """The options every ``tokprune calibrate NAME`` shares: ``--model``, ``--text``, ``--tokens``, ``--out``,
     ``--threads`` (``tokens``: default calibration prompt length)."""

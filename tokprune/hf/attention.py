@@ -230,20 +230,11 @@ def _unwrap_paged() -> None:
         AttentionInterface._global_mapping[PAGED_NAME] = _paged_original
 
 
-_registered = False
-
-
 def register() -> None:
     """Register the ``"tokprune"`` attention function and its mask builder (idempotent)."""
-    global _registered
-    if _registered:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from tokprune.hf.kv_cache import register_attention_function
 
-    AttentionInterface.register(ATTENTION_NAME, tokprune_attention_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
-    _registered = True
+    register_attention_function(ATTENTION_NAME, tokprune_attention_forward)
 
 
 def attention_modules(model: torch.nn.Module) -> List[torch.nn.Module]:

@@ -664,19 +664,25 @@ def tokprune_decode_attention(module, query, key, value, attention_mask, dropout
                                   **kwargs)
 
 
-_registered = False
+_registered_names: set = set()
 
 
-def _register() -> None:
-    global _registered
-    if _registered:
+def register_attention_function(name: str, forward) -> None:
+    """Register ``forward`` (HF attention-function signature) under ``name`` with transformers'
+    ``AttentionInterface``, with the sdpa mask builder (without which a custom name receives
+    ``attention_mask=None``); idempotent per name."""
+    if name in _registered_names:
         return
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(CACHE_ATTENTION_NAME, tokprune_decode_attention)
-    AttentionMaskInterface.register(CACHE_ATTENTION_NAME, sdpa_mask)
-    _registered = True
+    AttentionInterface.register(name, forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    _registered_names.add(name)
+
+
+def _register() -> None:
+    register_attention_function(CACHE_ATTENTION_NAME, tokprune_decode_attention)
 
 
 _STATE_ATTR = "_tokprune_cache_state"

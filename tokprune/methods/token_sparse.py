@@ -337,18 +337,15 @@ def calibrate_main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tokprune calibrate token-sparse",
                                      description="Profile per-layer hidden-state drift and pick the sparse layers "
                                                  "(delta quantile rule of Token Sparse Attention).")
-    from tokprune.models import add_calibration_arguments, load_smollm2_for_command
+    from tokprune.models import add_calibration_arguments, load_calibration_inputs
 
     add_calibration_arguments(parser, tokens=2048)
     parser.add_argument("--delta", type=float, default=0.5, help="drift quantile (paper: 0.5)")
     args = parser.parse_args(argv)
-    from tokprune.methods.fasa_calibration import calibration_text
-
-    loaded = load_smollm2_for_command(args.threads)
+    loaded = load_calibration_inputs(args)
     if loaded is None:
         return 2
-    model, tokenizer = loaded
-    ids = tokenizer(calibration_text(args.text), return_tensors="pt").input_ids[:, :args.tokens]
+    model, ids = loaded
     profile = calibrate_profile(model, ids, delta=args.delta, name="SmolLM2-135M-Instruct",
                                 meta=dict(text=args.text,
                                           command=f"tokprune calibrate token-sparse --tokens {args.tokens} "

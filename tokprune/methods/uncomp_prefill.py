@@ -418,18 +418,15 @@ def calibrate_main(argv=None) -> int:
     """``tokprune calibrate uncomp --model smollm2 --text stdlib --tokens 1024 --threshold 1 --out s.json``."""
     parser = argparse.ArgumentParser(prog="tokprune calibrate uncomp",
                                      description="Per-layer hidden-state matrix entropy and UNComp's stage division.")
-    from tokprune.models import add_calibration_arguments, load_smollm2_for_command
+    from tokprune.models import add_calibration_arguments, load_calibration_inputs
 
     add_calibration_arguments(parser, tokens=1024)
     parser.add_argument("--threshold", type=float, default=1.0, help="profile drop opening a new stage (authors: 1)")
     args = parser.parse_args(argv)
-    from tokprune.methods.fasa_calibration import calibration_text
-
-    loaded = load_smollm2_for_command(args.threads)
+    loaded = load_calibration_inputs(args)
     if loaded is None:
         return 2
-    model, tokenizer = loaded
-    ids = tokenizer(calibration_text(args.text), return_tensors="pt").input_ids[:, :args.tokens]
+    model, ids = loaded
     data = calibrate_stages(model, ids, threshold=args.threshold, name="SmolLM2-135M-Instruct",
                             meta=dict(text=args.text, command=f"tokprune calibrate uncomp --tokens {args.tokens} "
                                                               f"--threshold {args.threshold} --text {args.text}"))
