@@ -272,3 +272,34 @@ def test_sparse_decode_reads_strided_cache_views_in_place():
     index = torch.randint(-1, 61, (2, 4, 12))
     assert_close(sparse_decode_attention(q, k, v, index, 0.25, backend="torch"),
                  sparse_decode_attention_reference(q, k, v, index, 0.25))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_sparse_decode_unpadded_fast_path_equals_masked_path(dtype, index_dtype):
+    """padded=False (no -1 entries promised; one SDPA over the gathered rows) equals the masked torch path and
+    the oracle, on a strided view of a preallocated buffer with unsorted indices and duplicates."""
+    from tokprune.reference.fasa import sparse_decode_attention_reference
+
+    kbuf, vbuf = torch.randn(2, 3, 120, 24).to(dtype), torch.randn(2, 3, 120, 24).to(dtype)
+    k, v = kbuf[:, :, :101], vbuf[:, :, :101]
+    q = torch.randn(2, 9, 1, 24).to(dtype)
+    index = torch.randint(0, 101, (2, 3, 33)).to(index_dtype)
+    fast = sparse_decode_attention(q, k, v, index, 0.2, backend="torch", padded=False)
+    masked = sparse_decode_attention(q, k, v, index, 0.2, backend="torch")
+    assert fast.dtype == dtype and fast.shape == q.shape
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}[dtype]
+    assert_close(fast.double(), masked.double(), atol=tol, rtol=tol, name="unpadded vs masked")
+    assert_close(fast.double(), sparse_decode_attention_reference(q.double(), k.double(), v.double(), index, 0.2),
+                 atol=tol, rtol=tol, name="unpadded vs oracle")
+    empty = sparse_decode_attention(q, k, v, index[..., :0], 0.2, padded=False)
+    assert bool((empty == 0).all())
+
+
+def test_select_without_valid_leaves_scores_untouched_and_forces_sink_window():
+    scores = torch.randn(2, 3, 50)
+    before = scores.clone()
+    index = select_sparse_indices(scores, 12, sink=3, window=4)
+    assert torch.equal(scores, before)  # the forced slots are written into a copy
+    for row in index.reshape(-1, 12).tolist():
+        assert {0, 1, 2, 46, 47, 48, 49} <= set(row) and row == sorted(row)

@@ -179,6 +179,8 @@ def test_packed_key_dims_tracks_keys():
         k = torch.randn(2, kv_heads, n, head_dim)
         cache.update(k, torch.randn_like(k), 0)
         torch.testing.assert_close(packed.packed, pack_fc_keys(cache.layers[0].keys, fc))
+        assert packed.packed_t.stride(-1) == 1  # dims-major: each packed dim contiguous along the tokens
+        assert torch.equal(packed.packed_t, packed.packed.transpose(2, 3))
     cache.crop(-4)
     cache.update(torch.randn(2, kv_heads, 1, head_dim), torch.randn(2, kv_heads, 1, head_dim), 0)
     torch.testing.assert_close(packed.packed, pack_fc_keys(cache.layers[0].keys, fc))

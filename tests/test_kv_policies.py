@@ -37,6 +37,47 @@ def test_streaming_llm_selects_sink_and_recent():
     assert idx[1, 0].tolist() == [6, 7, 8] + list(range(33, 40))
 
 
+@pytest.mark.parametrize("budget,sink", [(10, 3), (10, 0), (40, 4), (64, 4), (5, 8)])
+def test_streaming_llm_static_selection_equals_the_ranked_one(budget, sink):
+    """Without padding StreamingLLM builds its indices from two aranges (no top-k): the same set as the shared
+    ranked selection (sink + window + newest by score)."""
+    ctx = _ctx()
+    policy = StreamingLLM(budget=budget, sink=sink)
+    fast = policy.select(policy.score(ctx), ctx)
+    ranked = KVPolicy.select(policy, policy.score(ctx), ctx)
+    assert torch.equal(fast.sort(-1).values, ranked.sort(-1).values)
+    assert not policy.select_pads(ctx)
+
+
+@pytest.mark.parametrize("padded_rows", [False, True])
+def test_fasa_group_vote_on_packed_keys_equals_softmax_of_fc_scores(padded_rows):
+    """The CPU vote from the dims-major packed FC keys equals fc_scores -> mask -> softmax(scale .) summed over
+    the group (the definition), with and without left padding."""
+    from tokprune.hf.kv_cache import TokpruneLayer
+    from tokprune.ops.fasa import fc_scores
+
+    torch.manual_seed(0)
+    layer = TokpruneLayer(capacity=16, layer_idx=0)
+    k, v = torch.randn(2, 2, 70, 16), torch.randn(2, 2, 70, 16)
+    layer.update(k[:, :, :-1], v[:, :, :-1])
+    layer.update(k[:, :, -1:], v[:, :, -1:])
+    valid = None
+    if padded_rows:
+        valid = torch.ones(2, 70, dtype=torch.bool)
+        valid[1, :9] = False
+    ctx = DecodeContext(_Module(), torch.randn(2, 4, 1, 16), layer.keys, layer.values, valid, 0.25, layer)
+    policy = FASA(fcs="uncalibrated", budget=12, num_fcs=3, decline_ratio=0)
+    vote = policy.score(ctx)
+    assert len(layer.side) == 1  # read from the packed side buffer
+    partial = fc_scores(ctx.query, ctx.key, policy.fc_index(0, 2, 16, "cpu"))
+    if valid is not None:
+        partial = partial.masked_fill(~valid[:, None, :], float("-inf"))
+    expected = torch.softmax(partial.view(2, 2, 2, 70) * 16 ** -0.5, dim=-1).sum(2)
+    assert_close(vote, expected, atol=1e-6, rtol=1e-5)
+    if padded_rows:
+        assert bool((vote[1, :, :9] == 0).all())
+
+
 def test_new_method_is_one_dataclass_and_one_score(tiny_llama):
     """A method written against the protocol (5 lines) runs through generate; keeping only the newest tokens
     by a zero score and a full window gives the same tokens as StreamingLLM without sinks."""

@@ -50,11 +50,14 @@ def no_debug():
 @pytest.mark.parametrize("policy", [FASA(fcs="uncalibrated", budget=24, sink=2, window=8, decline_ratio=0),
                                     Quest(budget=32, page_size=8, decline_ratio=0),
                                     StreamingLLM(budget=24, sink=4, decline_ratio=0)], ids=lambda p: type(p).__name__)
-def test_decode_attention_compiles_fullgraph_and_equals_eager(policy, no_debug):
+@pytest.mark.parametrize("padding", [True, False], ids=["left_padding", "no_mask"])
+def test_decode_attention_compiles_fullgraph_and_equals_eager(policy, padding, no_debug):
     layer = _layer()
     query = torch.randn(2, 4, 1, 16)
     mask = torch.ones(2, 1, 1, layer.length, dtype=torch.bool)
     mask[1, ..., :5] = False  # left padding in row 1
+    if not padding:  # what generate passes without padding: no mask (the unpadded fast paths)
+        mask = None
     fn = _decode_fn(policy, layer)
     eager = fn(query, mask)  # also creates the policy's side buffer on the cache layer
     assert eager is not None and eager.shape == (2, 4, 1, 16)
@@ -65,7 +68,7 @@ def test_decode_attention_compiles_fullgraph_and_equals_eager(policy, no_debug):
     # next decode step: one token appended (side buffers updated at append), still no graph break
     k = torch.randn(2, 2, 1, 16)
     layer.update(k, k)
-    mask = torch.nn.functional.pad(mask, (0, 1), value=True)
+    mask = None if mask is None else torch.nn.functional.pad(mask, (0, 1), value=True)
     query = torch.randn(2, 4, 1, 16)
     assert_close(compiled(query, mask), fn(query, mask))
 

@@ -99,8 +99,14 @@ class PackedKeyDims(SideBuffer):
             ``tokprune.reference.fasa.fc_dims(fc_index, head_dim, chunk)``), or ``(n_dims,)`` for all heads.
 
     Attributes:
-        storage: ``(batch, kv_heads, capacity, n_dims)`` in the cache dtype, allocated on first append.
-        packed: property, the view ``(batch, kv_heads, length, n_dims)`` of the valid slots.
+        storage: ``(batch, kv_heads, n_dims, capacity)`` in the cache dtype (dims-major: each packed
+            dimension is a contiguous row over the tokens), allocated on first append.
+        packed: property, the view ``(batch, kv_heads, length, n_dims)`` of the valid slots (token stride 1).
+        packed_t: property, the same slots as ``(batch, kv_heads, n_dims, length)`` (unit stride along tokens).
+
+    Why dims-major: scoring is ``q_fc (g, n_dims) @ K_fc^T (n_dims, T)``; with ``K_fc^T`` rows contiguous
+    along the tokens the matmul streams them (measured on the project's CPU, 1 thread, 3 KV heads, 8K tokens,
+    16 dims: 34 us vs 81 us for the token-major layout).
     """
 
     def __init__(self, dims: torch.Tensor):
@@ -129,7 +135,7 @@ class PackedKeyDims(SideBuffer):
         kb = layer.key_buffer
         batch, heads, capacity, _ = kb.shape
         n_dims = self.dims.shape[-1]
-        if (self.storage is None or self.storage.shape[0] != batch or self.storage.shape[2] < capacity
+        if (self.storage is None or self.storage.shape[0] != batch or self.storage.shape[3] < capacity
                 or self.storage.dtype != kb.dtype or self.storage.device != kb.device):
             if self.storage is None or self.storage.shape[0] != batch or self.storage.dtype != kb.dtype \
                     or self.storage.device != kb.device:
@@ -137,16 +143,16 @@ class PackedKeyDims(SideBuffer):
                 keep = 0
             else:
                 keep = min(self.length, start)
-            new = kb.new_zeros(batch, heads, capacity, n_dims)
+            new = kb.new_zeros(batch, heads, n_dims, capacity)
             if keep:
-                new[:, :, :keep] = self.storage[:, :, :keep]
+                new[..., :keep] = self.storage[..., :keep]
             self.storage = new
             dims = self.dims.to(kb.device)
             self._index = (dims if dims.dim() == 2 else dims.expand(heads, -1))[None, :, None, :]
         if end > start:
             src = kb[:, :, start:end]
             index = self._index.expand(batch, heads, end - start, n_dims)
-            self.storage[:, :, start:end] = torch.gather(src, 3, index)
+            self.storage[..., start:end] = torch.gather(src, 3, index).transpose(2, 3)
         self.length = end
 
     def reset(self) -> None:
@@ -160,7 +166,14 @@ class PackedKeyDims(SideBuffer):
         """``(batch, kv_heads, length, n_dims)`` view of the packed keys."""
         if self.storage is None:
             raise RuntimeError("PackedKeyDims: nothing appended yet")
-        return self.storage[:, :, : self.length]
+        return self.packed_t.transpose(2, 3)
+
+    @property
+    def packed_t(self) -> torch.Tensor:
+        """``(batch, kv_heads, n_dims, length)`` view of the packed keys (contiguous along the tokens)."""
+        if self.storage is None:
+            raise RuntimeError("PackedKeyDims: nothing appended yet")
+        return self.storage[..., : self.length]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -267,6 +267,12 @@ class KVPolicy(Policy):
 
         return select_sparse_indices(scores, self.budget, sink=self.sink, window=self.window, valid=ctx.valid)
 
+    def select_pads(self, ctx: DecodeContext) -> bool:
+        """Whether :meth:`select` may leave ``-1`` slots for ``ctx`` (decided from shapes, no data). The base
+        selection pads only rows with padding (``ctx.valid`` given); without it the attention skips masking. A
+        method that overrides :meth:`select` is assumed to pad unless it overrides this too."""
+        return ctx.valid is not None or type(self).select is not KVPolicy.select
+
     def attend_decode(self, ctx: DecodeContext) -> Optional[torch.Tensor]:
         """The shared decode path: ``None`` when :meth:`declines` (the router runs dense attention), else
         ``score -> select -> sparse_decode_attention``: ``(B, H, 1, D)`` in the query dtype.
@@ -278,7 +284,8 @@ class KVPolicy(Policy):
         from tokprune.ops.fasa import sparse_decode_attention
 
         index = self.select(self.score(ctx), ctx)
-        return sparse_decode_attention(ctx.query, ctx.key, ctx.value, index, ctx.scale, backend=self.backend)
+        return sparse_decode_attention(ctx.query, ctx.key, ctx.value, index, ctx.scale, backend=self.backend,
+                                       padded=self.select_pads(ctx))
 
     def prefill(self, module, query, key, value, attention_mask, scale) -> None:
         """Observe a multi-token call (only when ``observes_prefill``); SDPA computes it.

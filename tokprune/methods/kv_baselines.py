@@ -39,6 +39,21 @@ class StreamingLLM(KVPolicy):
         recency = torch.arange(ctx.n_tokens, device=ctx.key.device, dtype=torch.float32)
         return recency.expand(ctx.batch, ctx.kv_heads, -1)  # newer = better; sinks are forced by the base
 
+    def select(self, scores: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        """Without padding the selection is static (``sink`` first + newest ``budget - sink`` tokens): built
+        from two ``arange`` s, no top-k over the cache; with padding the base selection (ranks valid tokens)."""
+        if ctx.valid is not None:
+            return super().select(scores, ctx)
+        n = ctx.n_tokens
+        keep = min(self.budget, n)
+        sink = min(self.sink, keep)
+        device = ctx.key.device
+        index = torch.cat([torch.arange(sink, device=device), torch.arange(n - (keep - sink), n, device=device)])
+        return index.expand(ctx.batch, ctx.kv_heads, -1)
+
+    def select_pads(self, ctx: DecodeContext) -> bool:
+        return ctx.valid is not None  # the static selection never pads
+
 
 # ----------------------------------------------------------------------------------------------------- Quest
 class QuestPages:
@@ -162,6 +177,9 @@ class Quest(KVPolicy):
             safe = tokens.clamp(0, n_tokens - 1).flatten(2)
             ok &= torch.gather(ctx.valid[:, None, :].expand(-1, scores.shape[1], -1), 2, safe).view_as(ok)
         return tokens.masked_fill(~ok, -1).flatten(2)
+
+    def select_pads(self, ctx: DecodeContext) -> bool:
+        return True  # a page past the cache end leaves -1 slots
 
 
 # ---------------------------------------------------------------------------------------------------- SnapKV

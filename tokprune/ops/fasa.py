@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from tokprune._backend import resolve_backend
 from tokprune._debug import debug_checks
@@ -199,10 +200,12 @@ def select_sparse_indices(scores: torch.Tensor, budget: int, *, sink: int = 0, w
     keep = min(budget, n_tokens)
     sink = min(sink, budget)
     window = min(window, budget - sink)
-    if valid is None:
-        pos = torch.arange(n_tokens, device=scores.device)
-        forced = ((pos < sink) | (pos >= n_tokens - window))[None, None, :]
-        work = scores.float().masked_fill(forced, float("inf"))
+    if valid is None:  # forced slots are two static slices: one copy, two in-place fills (no full-size mask)
+        work = scores.to(torch.float32, copy=True)
+        if sink:
+            work[..., :sink] = float("inf")
+        if window:
+            work[..., n_tokens - window:] = float("inf")
     else:
         rank = valid.long().cumsum(-1)  # 1-based rank among valid tokens
         n_valid = rank[:, -1:]
@@ -238,7 +241,7 @@ def _select_top_cpu(work: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, indices: torch.Tensor,
-                            scale: float, *, backend: Optional[str] = None) -> torch.Tensor:
+                            scale: float, *, backend: Optional[str] = None, padded: bool = True) -> torch.Tensor:
     """Exact decode attention of one query per head over the cached tokens listed in ``indices``.
 
     ``out[b, h] = softmax(scale * q[b, h] . K[b, h // g, I]) @ V[b, h // g, I]`` with
@@ -254,6 +257,9 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             mode (``TOKPRUNE_DEBUG=1``): the decode hot path never reads index values on the host.
         scale: softmax scale (usually ``head_dim ** -0.5``).
         backend: ``"auto" | "torch" | "triton" | "cuda"``.
+        padded: ``False`` promises that no entry of ``indices`` is negative (e.g. what
+            :func:`select_sparse_indices` returns without ``valid``); the torch backend then skips the masking
+            and runs one fused SDPA call over the gathered rows. Not checked (that would read data).
 
     Returns:
         ``(batch, heads, 1, head_dim)`` in q's dtype.
@@ -292,7 +298,28 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         from tokprune.kernels.triton.fasa import sparse_decode_attention_triton
 
         return sparse_decode_attention_triton(q, k_cache, v_cache, indices, float(scale))
+    if not padded and indices.shape[1] == kv_heads:
+        return _sparse_decode_torch_dense(q, k_cache, v_cache, indices, float(scale))
     return _sparse_decode_torch(q, k_cache, v_cache, indices, float(scale))
+
+
+_OFFSETS: dict = {}
+
+
+def _row_offsets(batch: int, heads: int, sb: int, sh: int, device) -> torch.Tensor:
+    """``(batch, heads, 1)`` int64 first-row offsets of each (batch, head) in the 2-D row view, cached per shape
+    and strides (a decode step calls this once per layer with the same arguments)."""
+    key = (batch, heads, sb, sh, str(device))
+    offsets = None if torch.compiler.is_compiling() else _OFFSETS.get(key)
+    if offsets is None:
+        offsets = (torch.arange(batch, device=device)[:, None] * sb
+                   + torch.arange(heads, device=device)[None, :] * sh)[..., None]
+        if torch.compiler.is_compiling():  # traced: no tensor kept in module state
+            return offsets
+        if len(_OFFSETS) > 256:
+            _OFFSETS.clear()
+        _OFFSETS[key] = offsets
+    return offsets
 
 
 def _row_gather(cache: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -311,16 +338,26 @@ def _row_gather(cache: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     sh = sh if heads > 1 else 0
     n_rows = (batch - 1) * sb + (heads - 1) * sh + n_tokens
     rows_view = cache.as_strided((n_rows, dim), (s2, 1))
-    if batch == 1 or sb == heads * sh:  # one arange: head-major rows
-        step = sh if heads > 1 else sb
-        offsets = torch.arange(0, batch * heads * step, step, device=idx.device) if step else \
-            torch.zeros(batch * heads, dtype=torch.long, device=idx.device)
-        offsets = offsets.view(batch, heads, 1)
-    else:
-        offsets = (torch.arange(batch, device=idx.device)[:, None] * sb
-                   + torch.arange(heads, device=idx.device)[None, :] * sh)[..., None]
-    rows = (idx + offsets).reshape(-1)
+    rows = (idx + _row_offsets(batch, heads, sb, sh, idx.device)).reshape(-1)
     return rows_view.index_select(0, rows).view(batch, heads, idx.shape[2], dim)
+
+
+def _sparse_decode_torch_dense(q, k_cache, v_cache, indices, scale):
+    """No padding entries, one index list per KV head: gather the rows and run one fused SDPA call with the
+    group's query heads as query rows (as :func:`tokprune.ops.decode.dense_decode_attention`)."""
+    batch, heads, _, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    if indices.shape[2] == 0:
+        return torch.zeros_like(q)
+    rows = indices if indices.dtype == torch.long else indices.long()
+    k = _row_gather(k_cache, rows)  # (B, Hkv, K, D)
+    v = _row_gather(v_cache, rows)
+    qg = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+    if q.dtype != torch.float32 and q.device.type == "cpu":  # fp32 softmax and accumulation, as the masked path
+        out = F.scaled_dot_product_attention(qg.float(), k.float(), v.float(), scale=scale).to(q.dtype)
+    else:
+        out = F.scaled_dot_product_attention(qg, k, v, scale=scale)
+    return out.reshape(batch, heads, 1, v.shape[3])
 
 
 def _sparse_decode_torch(q, k_cache, v_cache, indices, scale):
