@@ -9,8 +9,11 @@
    answer with each method; reported only for the cases the full model gets right.
 
 The FCs come from ``--fcs`` (a ``tokprune calibrate fasa`` file) or are calibrated on the fly on a
-different text (``--calib-text stdlib``). Windows: FASA and SnapKV keep ``budget // 4`` recent tokens,
-StreamingLLM ``sink=4`` plus ``budget - 4`` recent tokens, Quest ``budget // 16`` pages of 16.
+different text (``--calib-text stdlib``). Every method gets the same sink / window (``--sink``, default 4;
+``--window``, default ``budget // 4``; ``--window -1``: ``budget // 4``) and fills the rest of its budget
+its own way: FASA by FC scores, SnapKV by its prefill ranking, Quest by whole pages of 16 ranked by their
+bounds (:class:`QuestSinkWindow`; the lowest-ranked page is cut to fit the budget), StreamingLLM by recency.
+``--sink 0 --window 0`` gives Quest the paper's pages only (the newest page always kept).
 """
 
 from __future__ import annotations
@@ -25,24 +28,69 @@ from typing import Dict, List
 import torch
 
 
-def _policies(name: str, budget: int, fcs, num_fcs: int, snap_scores):
-    from tokprune.methods import FASA, Quest, SnapKV, StreamingLLM
+def _quest_sink_window_class():
+    from tokprune.methods import Quest
+    from tokprune.ops import select_sparse_indices
 
-    window = max(1, budget // 4)
+    class QuestSinkWindow(Quest):
+        """Quest with the same ``sink`` / ``window`` as the other methods: the ``sink`` first and ``window``
+        newest valid tokens, then the other tokens of the pages ranked best by Quest's bounds, best page first,
+        until ``budget`` tokens are attended (the last page cut). With
+        ``sink == window == 0`` it is :class:`tokprune.methods.Quest` (pages only)."""
+
+        def select(self, scores: torch.Tensor, ctx) -> torch.Tensor:
+            if self.sink == 0 and self.window == 0:
+                return super().select(scores, ctx)
+            ps, n_tokens = self.page_size, ctx.n_tokens
+            batch, heads, n_pages = scores.shape
+            fixed_n = min(self.sink + self.window, self.budget, n_tokens)
+            fixed = select_sparse_indices(torch.zeros(batch, 1, n_tokens, device=scores.device), fixed_n,
+                                          sink=self.sink, window=self.window, valid=ctx.valid)[:, 0]  # (B, k)
+            covered = torch.zeros(batch, n_tokens + 1, dtype=torch.bool, device=scores.device)
+            covered.scatter_(1, fixed.masked_fill(fixed < 0, n_tokens), True)
+            covered = covered[:, :n_tokens]
+            if ctx.valid is not None:
+                covered |= ~ctx.valid  # padding never attended
+            pad = n_pages * ps - n_tokens
+            page_free = ~torch.nn.functional.pad(covered, (0, pad), value=True).view(batch, n_pages, ps).all(-1)
+            rest = max(0, self.budget - fixed_n)
+            # pages cut by the sink, the window or padding hold fewer free tokens: 3 spare pages cover them
+            keep_pages = min(n_pages, -(-rest // ps) + 3)
+            ranked = scores.float().masked_fill(~page_free[:, None, :], float("-inf"))
+            best, pages = ranked.topk(keep_pages, dim=-1, sorted=True)  # best first
+            tokens = pages[..., None] * ps + torch.arange(ps, device=scores.device)  # (B, H, kp, ps)
+            safe = tokens.clamp(max=n_tokens - 1).flatten(2)
+            ok = (best[..., None] > float("-inf")) & (tokens < n_tokens)
+            ok &= ~torch.gather(covered[:, None, :].expand(-1, heads, -1), 2, safe).view_as(ok)
+            # best pages first until `rest` free tokens are taken (the last one cut)
+            ok = ok.flatten(2)
+            ok &= ok.cumsum(-1) <= rest
+            page_tokens = tokens.flatten(2).masked_fill(~ok, -1)
+            return torch.cat([fixed[:, None, :].expand(-1, heads, -1), page_tokens], dim=-1)
+
+    return QuestSinkWindow
+
+
+def _policies(name: str, budget: int, fcs, num_fcs: int, snap_scores, sink: int = 4, window: int = -1):
+    """The policy ``name`` at ``budget``; every method gets ``sink`` first and ``window`` newest tokens
+    (``window < 0``: ``budget // 4``)."""
+    from tokprune.methods import FASA, SnapKV, StreamingLLM
+
+    window = max(1, budget // 4) if window < 0 else window
     if name == "fasa":
         # decline_ratio=0 (every method): the quality of the method itself, never the dense fallback
-        return FASA(budget=budget, sink=4, window=window, fcs=fcs, num_fcs=num_fcs, decline_ratio=0)
+        return FASA(budget=budget, sink=sink, window=window, fcs=fcs, num_fcs=num_fcs, decline_ratio=0)
     if name == "fasa-ref":  # the reference's selection: per query head, layer 0 dense, no sink / window
         return FASA(budget=budget, sink=0, window=0, fcs=fcs, num_fcs=num_fcs, decline_ratio=0, selection="head",
                     dense_layers=(0,))
     if name == "fasa-uncal":
-        return FASA(budget=budget, sink=4, window=window, fcs="uncalibrated", num_fcs=num_fcs, decline_ratio=0)
+        return FASA(budget=budget, sink=sink, window=window, fcs="uncalibrated", num_fcs=num_fcs, decline_ratio=0)
     if name == "quest":
-        return Quest(budget=budget, sink=0, window=0, page_size=16, decline_ratio=0)
+        return _quest_sink_window_class()(budget=budget, sink=sink, window=window, page_size=16, decline_ratio=0)
     if name == "snapkv":
-        return SnapKV(budget=budget, window=window, decline_ratio=0).set_prompt_scores(snap_scores)
-    if name == "streaming":
-        return StreamingLLM(budget=budget, sink=4, window=0, decline_ratio=0)
+        return SnapKV(budget=budget, sink=sink, window=window, decline_ratio=0).set_prompt_scores(snap_scores)
+    if name == "streaming":  # recency fills the rest: the window setting changes nothing
+        return StreamingLLM(budget=budget, sink=sink, window=window, decline_ratio=0)
     raise ValueError(f"unknown method {name!r}")
 
 
@@ -112,6 +160,9 @@ def main(argv=None) -> int:
     parser.add_argument("--num-fcs", type=int, default=8, help="dominant FCs per KV head (of 32 for SmolLM2)")
     parser.add_argument("--passkey-lengths", type=int, nargs="*", default=[1024, 2048])
     parser.add_argument("--passkey-depths", type=float, nargs="*", default=[0.2, 0.5, 0.8])
+    parser.add_argument("--sink", type=int, default=4, help="first tokens every method keeps")
+    parser.add_argument("--window", type=int, default=-1,
+                        help="newest tokens every method keeps (default -1: budget // 4)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is fastest on a shared 2-core machine)")
     args = parser.parse_args(argv)
@@ -127,7 +178,8 @@ def main(argv=None) -> int:
         fcs = FCCalibration.load(args.fcs)
     else:
         fcs = calibrate(model, tokenizer, calibration_text(args.calib_text), n_tokens=1024)
-    print(f"model loaded + FCs ready in {time.time() - t0:.1f}s; num_fcs={args.num_fcs} of {fcs.ranking.shape[-1]}")
+    print(f"model loaded + FCs ready in {time.time() - t0:.1f}s; num_fcs={args.num_fcs} of {fcs.ranking.shape[-1]}; "
+          f"every method: sink={args.sink}, window={'budget//4' if args.window < 0 else args.window}")
 
     # 1. language modelling
     text = held_out_text(min_chars=8 * (args.tokens + args.steps + 16))
@@ -149,7 +201,7 @@ def main(argv=None) -> int:
     for name in args.methods:
         cells = []
         for budget in args.budgets:
-            policy = _policies(name, budget, fcs, args.num_fcs, snap)
+            policy = _policies(name, budget, fcs, args.num_fcs, snap, args.sink, args.window)
             logits = _decode(model, cache, inputs[0], args.steps, policy=policy, teacher=inputs[1:])
             agree = (logits.argmax(-1) == full_top).float().mean().item()
             nll = torch.nn.functional.cross_entropy(logits, labels[: args.steps]).item()
@@ -179,7 +231,8 @@ def main(argv=None) -> int:
                 row = dict(case=f"T={p_ids.shape[1]},depth={depth}", full=ok_full, ans=full_ans.strip())
                 if ok_full:
                     for name in args.methods:
-                        row[name] = [key in answer(_policies(name, b, fcs, args.num_fcs, snap)).replace(" ", "")
+                        row[name] = [key in answer(_policies(name, b, fcs, args.num_fcs, snap, args.sink, args.window))
+                                     .replace(" ", "")
                                      for b in args.budgets]
                 rows.append(row)
                 shown = "  ".join(f"{n}:{''.join('Y' if x else '.' for x in row[n])}" for n in args.methods
