@@ -64,12 +64,13 @@ def measure_forward_cost(model, sizes: Sequence[int] = DEFAULT_SIZES, *, context
     cached tokens, for every ``n`` in ``sizes``; rounds interleave the sizes; one warm-up round.
 
     The forward is the one :func:`tokprune.spec.generate` runs (explicit 4D mask, preallocated cache,
-    packed weights on the CPU); the cache is cropped back to ``context`` after every forward.
+    packed weights on the CPU, folded-GQA tree attention on SDPA models); the cache is cropped back to ``context`` after every forward.
 
     Returns:
         ``{n: ms}``.
     """
     from tokprune.spec import _kv
+    from tokprune.spec._attention import tree_attention
     from tokprune.spec._linear import packed_linears
 
     sizes = sorted({int(n) for n in sizes})
@@ -83,7 +84,7 @@ def measure_forward_cost(model, sizes: Sequence[int] = DEFAULT_SIZES, *, context
     times: Dict[int, List[float]] = {n: [] for n in sizes}
     with torch.no_grad():
         _kv.forward_prompt(model, cache, prompt, torch.ones_like(prompt), logits_to_keep=1)
-        with packed_linears(model, enabled=packed_weights is not False):
+        with packed_linears(model, enabled=packed_weights is not False), tree_attention(model):
             for r in range(rounds + 1):
                 for n in sizes:
                     toks = torch.randint(0, vocab, (1, n), generator=g).to(p.device)

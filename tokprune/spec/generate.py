@@ -4,7 +4,8 @@ One target forward per step on the whole draft tree (``tree_attention_mask`` + `
 a ``DynamicCache`` with preallocated, in-place layers), then lossless verification
 (``verify_tree_greedy`` or ``verify_tree_stochastic``) and in-place compaction of the cache to the
 accepted path. On the CPU (fp32), tree forwards run every ``nn.Linear`` on weights packed once for
-oneDNN (see ``tokprune/spec/_linear.py``); the prefill runs the model unchanged.
+oneDNN (see ``tokprune/spec/_linear.py``), and a model on SDPA attends without copying the cache into
+repeated KV heads (``tokprune/spec/_attention.py``); the prefill runs the model unchanged.
 
 Batches: every row advances by its OWN accepted length. The cache stays rectangular: a step appends
 ``max_b(accept_len[b]) + 1`` slots to every row; the slots a row did not accept are holes that later
@@ -94,6 +95,7 @@ def generate(
     generator: Optional[torch.Generator] = None,
     return_stats: bool = False,
     packed_weights: Optional[bool] = None,
+    fold_gqa: bool = True,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, SpecStats]]:
     """Speculative decoding of a Hugging Face causal LM with a draft token tree per step.
 
@@ -117,6 +119,9 @@ def generate(
         packed_weights: run tree forwards on oneDNN-packed weights (one extra copy of the model's linear
             weights, kept until ``tokprune.spec.release_packed(model)``). ``None`` (default): on when the
             model is fp32 on the CPU. Outputs differ from the unpacked path by float rounding only.
+        fold_gqa: when the model's attention is ``"sdpa"``, tree forwards fold the query heads of each KV
+            head into the query dimension instead of copying the cache into repeated heads
+            (``tokprune/spec/_attention.py``); the prefill is unchanged. Float rounding only.
 
     Returns:
         ``[B, L + T]`` int64 (``T`` = new tokens of the longest row), or ``(ids, stats)``.
@@ -167,10 +172,11 @@ def generate(
                        top_k=top_k, top_p=top_p, generator=generator)
     del logits
     drafter.begin(ctx)
+    from tokprune.spec._attention import tree_attention
     from tokprune.spec._linear import packed_linears
 
     use_packed = packed_weights if packed_weights is not None else True
-    with packed_linears(model, enabled=bool(use_packed)):
+    with packed_linears(model, enabled=bool(use_packed)), tree_attention(model, enabled=bool(fold_gqa)):
         lengths = _decode_loop(model, cache, drafter, root, input_ids, attention_mask, out, stats, eos,
                                max_new_tokens, do_sample, temperature, top_k, top_p, generator)
     stats.draft_forwards = int(getattr(drafter, "draft_forwards", 0))
