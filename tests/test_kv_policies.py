@@ -78,6 +78,48 @@ def test_fasa_group_vote_on_packed_keys_equals_softmax_of_fc_scores(padded_rows)
         assert bool((vote[1, :, :9] == 0).all())
 
 
+def test_decline_ratio_table_per_batch():
+    """A {batch: ratio} table: a call uses the entry of the largest batch <= its own (the smallest below it)."""
+
+    @dataclass
+    class Tabled(KVPolicy):
+        DECLINE_RATIO = {1: 10.0, 4: 3.0}
+
+        def score(self, ctx):
+            return ctx.zeros()
+
+    policy = Tabled(budget=16)
+    assert [policy.decline_ratio_for(b) for b in (1, 2, 3, 4, 9)] == [10.0, 10.0, 10.0, 3.0, 3.0]
+    assert policy.declines(100) and not policy.declines(100, batch=4)
+    assert policy.declines(100, _ctx(batch=2, n_tokens=100)) and not policy.declines(100, _ctx(batch=4, n_tokens=100))
+    assert Tabled(budget=16, decline_ratio=0).decline_ratio_for(1) == 0
+
+
+def test_fasa_fused_step_equals_torch_path():
+    """fused=True (one C++ call: vote, selection, attention on the cache as one block per row) equals the torch
+    path on tokprune's cache without padding; with padding, or fused=False, the torch path runs."""
+    from tokprune.hf.kv_cache import TokpruneLayer
+    from tokprune.methods.fasa import _fused_fasa_op
+
+    if _fused_fasa_op() is None:
+        pytest.skip("tokprune._C has no paged_fasa_decode")
+    torch.manual_seed(0)
+    layer = TokpruneLayer(capacity=16, layer_idx=0)
+    k, v = torch.randn(2, 2, 90, 16), torch.randn(2, 2, 90, 16)
+    layer.update(k[:, :, :-1], v[:, :, :-1])
+    layer.update(k[:, :, -1:], v[:, :, -1:])
+    ctx = DecodeContext(_Module(), torch.randn(2, 4, 1, 16), layer.keys, layer.values, None, 0.25, layer)
+    fused = FASA(fcs="uncalibrated", budget=20, sink=2, window=5, num_fcs=3, decline_ratio=0, fused=True)
+    plain = FASA(fcs="uncalibrated", budget=20, sink=2, window=5, num_fcs=3, decline_ratio=0, fused=False)
+    assert fused._fused_op(ctx) is not None and plain._fused_op(ctx) is None
+    assert_close(fused.attend_decode(ctx), plain.attend_decode(ctx), atol=1e-5, rtol=1e-5)
+    index = plain.select(plain.score(ctx), ctx)
+    assert_close(fused.attend_decode(ctx), sparse_decode_attention_reference(ctx.query, ctx.key, ctx.value, index,
+                                                                              ctx.scale), atol=1e-5, rtol=1e-5)
+    padded = DecodeContext(_Module(), ctx.query, ctx.key, ctx.value, torch.ones(2, 90, dtype=torch.bool), 0.25, layer)
+    assert fused._fused_op(padded) is None
+
+
 def test_new_method_is_one_dataclass_and_one_score(tiny_llama):
     """A method written against the protocol (5 lines) runs through generate; keeping only the newest tokens
     by a zero score and a full window gives the same tokens as StreamingLLM without sinks."""
@@ -245,6 +287,10 @@ def test_decline_rule_from_shapes(cls):
     assert policy.declines(47) and not policy.declines(48)  # dense below 3 x budget
     assert cls(budget=16, decline_ratio=0).declines(16) and not cls(budget=16, decline_ratio=0).declines(17)
     default = cls(budget=16)
-    assert default.declines(int(cls.DECLINE_RATIO * 16) - 1) and not default.declines(int(cls.DECLINE_RATIO * 16) + 17)
+    for batch in (1, 2, 4, 8):
+        ratio = default.decline_ratio_for(batch)
+        assert default.declines(int(ratio * 16) - 1, batch=batch) and not default.declines(int(ratio * 16) + 17,
+                                                                                           batch=batch)
+    assert policy.decline_ratio_for(4) == 3  # an explicit ratio holds for every batch
     with pytest.raises(ValueError, match="decline_ratio must be a float >= 0"):
         cls(budget=16, decline_ratio=-1)

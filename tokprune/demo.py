@@ -8,11 +8,12 @@ interleaved runs, and every printed ratio is computed from the printed times (ch
    the unpatched model (transformers' ``DynamicCache``) against tokprune's KV cache with full attention,
    FASA and StreamingLLM (budget 256). Decode on this CPU is memory-bound: a step reads the 540 MB of
    weights plus the KV cache, and ``DynamicCache`` also copies the whole cache at every step (batch 4 at
-   2K: ~380 MB of K/V read, ~3x that moved by ``DynamicCache``): the tokprune cache removes the copy. At
-   2K the policies decline to dense attention by their measured cost rule (a policy's sparse step only
-   beats dense attention from ``DECLINE_RATIO x budget`` cached tokens, e.g. ~6K for FASA at budget 256;
-   each row says so): a 6-8K prompt, where they prune (``tokprune bench e2e``), costs a minute of prefill
-   on this CPU, too long for the demo. Quality: the pass key, and how many tokens match full attention.
+   2K: ~380 MB of K/V read, ~3x that moved by ``DynamicCache``): the tokprune cache removes the copy. A
+   policy prunes where its measured cost rule says its sparse step beats dense attention (from
+   ``DECLINE_RATIO[batch] x budget`` cached tokens: at batch 4 and budget 256 about 1.2K for FASA, 0.4K for
+   StreamingLLM; a row that declined says so); longer prompts (``tokprune bench e2e``: 4-8K) cost a minute
+   of prefill on this CPU, too long for the demo. Quality: the pass key, and how many tokens match full
+   attention.
 2. **Prefill sparsity** on a 2K-token prompt: token sparse attention (keep 0.25, profiled layers) vs
    dense. It pays once attention is a large share of the prefill (from ~1K tokens on this CPU); below
    that it declines. Quality: top-1 agreement with dense on the last 128 positions.
@@ -209,7 +210,7 @@ def scene_kv_decode(model, tokenizer, *, context: int, batch: int, budget: int, 
         _check_ratio(med["unpatched"], med[name], ratio)
         quality = (f"key {'found' if found else 'MISSED'}, {same:.0%} tokens = full attention")
         declines = getattr(policies.get(name), "declines", None)
-        if callable(declines) and declines(n):
+        if callable(declines) and declines(n, batch=batch):
             quality += " (declined to dense at this length)"
         lines.append(f"  {name:<22} {med[name] * 1e3:8.1f} {batch / med[name]:7.1f} {'x%.2f' % ratio:>9}   "
                      f"{_short(text, 28):<32} {quality}")

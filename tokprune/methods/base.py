@@ -234,7 +234,9 @@ class KVPolicy(Policy):
     backend: Optional[str] = None
     decline_ratio: Optional[float] = None
 
-    #: break-even ``n_tokens / budget`` below which the dense step is faster (measured per method)
+    #: break-even ``n_tokens / budget`` below which the dense step is faster (measured per method): one float,
+    #: or ``{batch: ratio}`` (a call of batch ``b`` uses the entry of the largest key ``<= b``, the smallest key
+    #: below it; the per-step overhead of a sparse step is amortised over the rows, so larger batches win earlier)
     DECLINE_RATIO = 1.0
     role = "decode"
     per_head = False  # score() returns (B, H, T) (True) or (B, Hkv, T) (False)
@@ -253,12 +255,28 @@ class KVPolicy(Policy):
         never keep. Padding is masked by the caller."""
         raise NotImplementedError
 
-    def declines(self, n_tokens: int, ctx: Optional[DecodeContext] = None) -> bool:
+    def decline_ratio_for(self, batch: int = 1) -> float:
+        """The ratio :meth:`declines` uses for a call of ``batch`` rows: ``decline_ratio`` if given, else
+        :attr:`DECLINE_RATIO` (its entry for ``batch`` when it is a ``{batch: ratio}`` table)."""
+        if self.decline_ratio is not None:
+            return self.decline_ratio
+        table = type(self).DECLINE_RATIO
+        if not isinstance(table, dict):
+            return table
+        keys = sorted(table)
+        chosen = keys[0]
+        for key in keys:
+            if key <= batch:
+                chosen = key
+        return table[chosen]
+
+    def declines(self, n_tokens: int, ctx: Optional[DecodeContext] = None, *, batch: Optional[int] = None) -> bool:
         """``True`` when dense attention is the better choice for ``n_tokens`` cached tokens: the budget covers
-        the cache, or ``n_tokens < decline_ratio * budget`` (the measured cost rule). Decides from shapes
-        only (no tensor data)."""
-        ratio = type(self).DECLINE_RATIO if self.decline_ratio is None else self.decline_ratio
-        return self.budget >= n_tokens or n_tokens < ratio * self.budget
+        the cache, or ``n_tokens < decline_ratio * budget`` (the measured cost rule, for the batch of ``ctx`` or
+        ``batch``, default 1). Decides from shapes only (no tensor data)."""
+        if batch is None:
+            batch = ctx.batch if ctx is not None else 1
+        return self.budget >= n_tokens or n_tokens < self.decline_ratio_for(batch) * self.budget
 
     def select(self, scores: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
         """Token indices ``(B, Hkv or H, K)`` (``-1`` = empty) from :meth:`score`'s output: ``sink`` first and

@@ -62,6 +62,13 @@ class FASA(KVPolicy):
             raw partial logits; ``aggregate`` is not used).
         dense_layers: layers that always attend densely (the reference keeps layer 0 dense: ``(0,)``).
         backend: op backend (``None`` = auto).
+        fused: on tokprune's KV cache without padding (CPU, ``selection="group"``, ``aggregate="softmax"``,
+            ``packed``): run the whole step (vote, selection, attention) as one call of the C++ op
+            :func:`tokprune.ops.paged.paged_fasa_decode` (the cache is one block per row, block table
+            ``[[0], [1], ...]``; threads: ``torch.get_num_threads()``). ``False`` (default): never (at 1 thread
+            the torch path measured faster: 0.67 vs 0.82 ms per layer at 8K tokens, batch 1); ``True``: whenever
+            it applies and the extension has the op; ``None``: so from :attr:`FUSED_MIN_THREADS` torch threads
+            on. Elsewhere the torch path runs.
     """
 
     fcs: Any = None
@@ -71,13 +78,15 @@ class FASA(KVPolicy):
     packed: bool = True
     selection: str = "group"
     dense_layers: Tuple[int, ...] = ()
+    fused: Optional[bool] = False
     _calibration: Optional[FCCalibration] = field(default=None, init=False, repr=False, compare=False)
     _fc_cache: Dict[tuple, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    #: dense attention while ``n_tokens < DECLINE_RATIO * budget``: the largest break-even T*/budget printed by
-    #: ``python -m benchmarks.bench_fasa_decline --budgets 256 --batches 1 4 --ratios 2 3 4 6 8 12 16 32``
-    #: (2026-11-26, shared 2-core CPU, after the in-place row gather: 18.6 at batch 1, 6.2 at batch 4)
-    DECLINE_RATIO = 18.6
+    #: dense attention while ``n_tokens < DECLINE_RATIO[batch] * budget``: the per-batch break-even T*/budget
+    #: printed by ``python -m benchmarks.bench_fasa_decline --budgets 256 --batches 1 4 --ratios 2 3 4 6 8 12 16 32``
+    #: (2026-12-05, shared 2-core CPU; each call reads its cache from memory, as inside a model: the same command
+    #: with ``--cold-mib 0``, a cache kept in the CPU caches, gave {1: 16.8, 4: 10.4}, which dense attention favours)
+    DECLINE_RATIO = {1: 7.2, 4: 4.5}
 
     def __post_init__(self):
         super().__post_init__()
@@ -118,7 +127,7 @@ class FASA(KVPolicy):
                              f"head_dim={cal.head_dim}; the model has layers={layers}, kv_heads={kv_heads}, "
                              f"head_dim={head_dim}")
 
-    def declines(self, n_tokens: int, ctx=None) -> bool:
+    def declines(self, n_tokens: int, ctx=None, *, batch=None) -> bool:
         """Dense attention wins below ``decline_ratio * budget`` cached tokens (and always at ``budget >= T``).
 
         The cost rule: a FASA step costs scoring (reads ``T`` packed FC keys) + top-k + attention over
@@ -129,7 +138,7 @@ class FASA(KVPolicy):
         """
         if ctx is not None and ctx.layer_idx in self.dense_layers:
             return True
-        return super().declines(n_tokens, ctx)
+        return super().declines(n_tokens, ctx, batch=batch)
 
     def fc_index(self, layer: int, kv_heads: int, head_dim: int, device) -> torch.Tensor:
         """``(kv_heads, num_fcs)`` int64 FC ids of ``layer`` on ``device`` (cached per layer and device)."""
@@ -154,6 +163,52 @@ class FASA(KVPolicy):
         self._fc_cache[key + ("dims",)] = fc_dims(index, head_dim, self.chunk)
         return index
 
+    #: ``fused=None`` uses the C++ step from this many torch threads on
+    FUSED_MIN_THREADS = 2
+
+    def _side(self, ctx: DecodeContext, dims: torch.Tensor):
+        """The packed FC keys of ``ctx.cache_layer`` (created on first use; kept in step at every append)."""
+        layer = ctx.cache_layer
+        name = f"fasa_fc_{id(self)}"
+        side = layer.side.get(name)
+        if side is None:
+            from tokprune.hf.kv_cache import PackedKeyDims
+
+            side = layer.add_side(name, PackedKeyDims(dims))
+        return side
+
+    def _fused_op(self, ctx: DecodeContext):
+        """:func:`tokprune.ops.paged.paged_fasa_decode` when this step can run as that one call, else ``None``."""
+        if self.fused is False or ctx.cache_layer is None or ctx.valid is not None or not self.packed:
+            return None
+        if self.selection != "group" or self.aggregate != "softmax" or ctx.query.device.type != "cpu":
+            return None
+        if self.backend not in (None, "auto", "cuda") or torch.compiler.is_compiling():
+            return None
+        if self.fused is None and torch.get_num_threads() < self.FUSED_MIN_THREADS:
+            return None
+        return _fused_fasa_op()
+
+    def attend_decode(self, ctx: DecodeContext) -> Optional[torch.Tensor]:
+        """The shared path (:meth:`KVPolicy.attend_decode`), or the fused C++ step (see ``fused``)."""
+        if self.declines(ctx.n_tokens, ctx):
+            return None
+        op = self._fused_op(ctx)
+        if op is None:
+            return super().attend_decode(ctx)
+        batch, heads, kv_heads, head_dim = ctx.batch, ctx.heads, ctx.kv_heads, ctx.head_dim
+        self.fc_index(ctx.layer_idx, kv_heads, head_dim, ctx.key.device)
+        dims = self._fc_cache[(ctx.layer_idx, kv_heads, head_dim, str(ctx.key.device), "dims")]
+        side = self._side(ctx, dims)
+        layer = ctx.cache_layer
+        table = self._fc_cache.get(("block_table", batch))
+        if table is None:
+            table = self._fc_cache[("block_table", batch)] = torch.arange(batch).view(batch, 1)
+        seq_lens = torch.full((batch,), ctx.n_tokens, dtype=torch.long)
+        out = op(ctx.query[:, :, 0], layer.key_buffer, layer.value_buffer, side.storage.transpose(2, 3), dims, table,
+                 seq_lens, self.budget, self.sink, self.window, ctx.scale, vote_scale=head_dim ** -0.5)
+        return out.view(batch, heads, 1, head_dim)
+
     @property
     def per_head(self) -> bool:  # score() returns (B, H, T) with selection="head"
         return self.selection == "head"
@@ -166,12 +221,7 @@ class FASA(KVPolicy):
         dims = self._fc_cache[(ctx.layer_idx, kv_heads, head_dim, str(ctx.key.device), "dims")]
         layer = ctx.cache_layer
         if self.packed and layer is not None:
-            name = f"fasa_fc_{id(self)}"
-            side = layer.side.get(name)
-            if side is None:
-                from tokprune.hf.kv_cache import PackedKeyDims
-
-                side = layer.add_side(name, PackedKeyDims(dims))
+            side = self._side(ctx, dims)
             if (self.selection == "group" and self.aggregate == "softmax" and ctx.query.device.type == "cpu"
                     and self.backend in (None, "auto", "torch")):
                 return _group_softmax_vote(ctx.query, side.packed_t, dims, ctx.valid, head_dim ** -0.5)
@@ -210,3 +260,24 @@ def _group_softmax_vote(query: torch.Tensor, packed_t: torch.Tensor, dims: torch
     e = s.sub_(m).exp_()
     inv_z = e.sum(-1, keepdim=True).clamp_(min=torch.finfo(s.dtype).tiny).reciprocal_()  # (B, Hkv, g, 1)
     return torch.matmul(inv_z.transpose(-1, -2), e).view(batch, kv_heads, -1)
+
+
+_FUSED_OP: list = []
+
+
+def _fused_fasa_op():
+    """:func:`tokprune.ops.paged.paged_fasa_decode` if this install has it with its C++ (host) build, else
+    ``None`` (decided once)."""
+    if not _FUSED_OP:
+        op = None
+        try:
+            from tokprune._backend import unavailable_reason
+            from tokprune.ops import paged
+
+            op = getattr(paged, "paged_fasa_decode", None)
+            if op is not None and unavailable_reason("cuda", torch.device("cpu"), "paged_fasa_decode") is not None:
+                op = None
+        except ImportError:
+            op = None
+        _FUSED_OP.append(op)
+    return _FUSED_OP[0]
