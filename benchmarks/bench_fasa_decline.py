@@ -1,7 +1,10 @@
 """Where a KV method wins: one layer's decode step, the method (score + select + sparse attention) vs dense.
 
     python -m benchmarks.bench_fasa_decline [--methods fasa quest streaming] [--budgets 128 256 512]
-                                            [--batches 1 4] [--threads 1]
+                                            [--batches 1 4] [--threads 1] [--cold-mib 512]
+
+``--methods fasa_fused`` times ``FASA(fused=True)``: the whole step as one call of the C++ op
+:func:`tokprune.ops.paged.paged_fasa_decode` where the extension has it (the torch path otherwise).
 
 All run on tokprune's KV cache with SmolLM2-135M shapes (9 query heads, 3 KV heads, head dim 64, fp32):
 dense is :func:`tokprune.ops.decode.dense_decode_attention` (what a declining policy runs); the methods are
@@ -40,8 +43,9 @@ def _layer_inputs(batch: int, n_tokens: int, heads=9, kv_heads=3, dim=64):
 def _policy(method: str, budget: int):
     from tokprune.methods import FASA, Quest, StreamingLLM
 
-    if method == "fasa":
-        return FASA(fcs="uncalibrated", budget=budget, sink=4, window=budget // 4, num_fcs=8, decline_ratio=0)
+    if method in ("fasa", "fasa_fused"):  # fasa_fused: the C++ step (tokprune.ops.paged.paged_fasa_decode)
+        return FASA(fcs="uncalibrated", budget=budget, sink=4, window=budget // 4, num_fcs=8, decline_ratio=0,
+                    fused=method == "fasa_fused")
     if method == "quest":
         return Quest(budget=budget, page_size=16, decline_ratio=0)
     return StreamingLLM(budget=budget, sink=4, decline_ratio=0)
@@ -107,7 +111,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench_fasa_decline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["fasa", "quest", "streaming"],
-                        choices=["fasa", "quest", "streaming"])
+                        choices=["fasa", "fasa_fused", "quest", "streaming"],
+                        help="fasa_fused: FASA(fused=True), the C++ step where the extension has it")
     parser.add_argument("--budgets", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--ratios", type=float, nargs="+", default=[1.5, 2, 3, 4, 6, 8, 12, 16],

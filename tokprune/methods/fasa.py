@@ -65,10 +65,11 @@ class FASA(KVPolicy):
         fused: on tokprune's KV cache without padding (CPU, ``selection="group"``, ``aggregate="softmax"``,
             ``packed``): run the whole step (vote, selection, attention) as one call of the C++ op
             :func:`tokprune.ops.paged.paged_fasa_decode` (the cache is one block per row, block table
-            ``[[0], [1], ...]``; threads: ``torch.get_num_threads()``). ``False`` (default): never (at 1 thread
-            the torch path measured faster: 0.67 vs 0.82 ms per layer at 8K tokens, batch 1); ``True``: whenever
-            it applies and the extension has the op; ``None``: so from :attr:`FUSED_MIN_THREADS` torch threads
-            on. Elsewhere the torch path runs.
+            ``[[0], [1], ...]``; threads: ``torch.get_num_threads()``) when the extension has the op; elsewhere
+            the torch path runs. Off by default: the torch path measured faster at 8K tokens per layer, batch
+            1 / 4: 0.71 / 2.28 ms vs 1.08 / 3.76 ms at 1 thread, 0.59 / 1.44 vs 0.70 / 1.99 ms at 2 threads
+            (``python -m benchmarks.bench_fasa_decline --methods fasa fasa_fused --budgets 256 --batches 1 4
+            --ratios 8 16 32`` and the same with ``--threads 2 --wall``, 2026-12-05, the op's first build).
     """
 
     fcs: Any = None
@@ -78,7 +79,7 @@ class FASA(KVPolicy):
     packed: bool = True
     selection: str = "group"
     dense_layers: Tuple[int, ...] = ()
-    fused: Optional[bool] = False
+    fused: bool = False
     _calibration: Optional[FCCalibration] = field(default=None, init=False, repr=False, compare=False)
     _fc_cache: Dict[tuple, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -163,9 +164,6 @@ class FASA(KVPolicy):
         self._fc_cache[key + ("dims",)] = fc_dims(index, head_dim, self.chunk)
         return index
 
-    #: ``fused=None`` uses the C++ step from this many torch threads on
-    FUSED_MIN_THREADS = 2
-
     def _side(self, ctx: DecodeContext, dims: torch.Tensor):
         """The packed FC keys of ``ctx.cache_layer`` (created on first use; kept in step at every append)."""
         layer = ctx.cache_layer
@@ -179,13 +177,11 @@ class FASA(KVPolicy):
 
     def _fused_op(self, ctx: DecodeContext):
         """:func:`tokprune.ops.paged.paged_fasa_decode` when this step can run as that one call, else ``None``."""
-        if self.fused is False or ctx.cache_layer is None or ctx.valid is not None or not self.packed:
+        if not self.fused or ctx.cache_layer is None or ctx.valid is not None or not self.packed:
             return None
         if self.selection != "group" or self.aggregate != "softmax" or ctx.query.device.type != "cpu":
             return None
         if self.backend not in (None, "auto", "cuda") or torch.compiler.is_compiling():
-            return None
-        if self.fused is None and torch.get_num_threads() < self.FUSED_MIN_THREADS:
             return None
         return _fused_fasa_op()
 
