@@ -133,6 +133,25 @@ def cuda_archs() -> List[str]:
     return archs
 
 
+def openmp_flags(cxx: str) -> List[str]:
+    """``["-fopenmp"]`` when ``cxx`` compiles and links an OpenMP program, else ``[]`` (the host kernels then
+    run on one thread). The module links the same ``libgomp.so.1`` soname that torch's CPU wheel loads
+    first, so one OpenMP runtime serves both."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "omp.cpp")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint main() { int n = 0;\n#pragma omp parallel reduction(+ : n)\n"
+                    "n += 1;\nreturn n > 0 ? 0 : 1; }\n")
+        try:
+            proc = subprocess.run(shlex.split(cxx) + ["-fopenmp", src, "-o", os.path.join(tmp, "omp")],
+                                  capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return []
+    return ["-fopenmp"] if proc.returncode == 0 else []
+
+
 def missing_requirements() -> Optional[str]:
     """Why the extension cannot be built here (None when it can)."""
     cpp, _ = sources()
@@ -155,11 +174,13 @@ def _ninja_file(cxx: str, nvcc: Optional[str], archs: List[str], out_so: str) ->
     cpp, cu = sources()
     py_inc = sysconfig.get_paths()["include"]
     inc = [os.path.join(CSRC, "include"), py_inc, pybind11.get_include()]
-    cxxflags = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
+    omp = openmp_flags(cxx)
+    cxxflags = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wno-unused-function",
+                "-Wno-unknown-pragmas"] + omp
     cxxflags += [f"-I{i}" for i in inc]
     lines = ["ninja_required_version = 1.3", ""]
     objs, ptxas = [], []
-    ldflags = ["-shared"]
+    ldflags = ["-shared"] + omp
     if nvcc:
         arch_str = ";".join(archs)
         cxxflags += ["-DTOKPRUNE_WITH_CUDA", f'-DTOKPRUNE_CUDA_ARCHS="{arch_str}"']

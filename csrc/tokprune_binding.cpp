@@ -82,7 +82,7 @@ py::dict build_info() {
   d["archs"] = archs;
   d["ops"] = op_names();
   py::dict parts;
-  parts["host"] = std::vector<std::string>{"verify_tree", "sparse_decode_attention", "topk_select"};
+  parts["host"] = std::vector<std::string>{"verify_tree", "sparse_decode_attention", "topk_select", "paged_fasa_decode"};
 #ifdef TOKPRUNE_WITH_CUDA
   parts["cuda"] = std::vector<std::string>{"verify_tree.cu", "sparse_attention.cu", "topk.cu"};
 #else
@@ -90,6 +90,7 @@ py::dict build_info() {
 #endif
   d["parts"] = parts;
   d["compiler"] = std::string("g++ ") + __VERSION__;
+  d["openmp"] = host_has_openmp();
   // The codes compiled into this binary (from codes.h); tests compare them with tokprune/_codes.py.
   py::dict codes, dtypes, rules;
   dtypes["float32"] = int(kFloat32), dtypes["float16"] = int(kFloat16), dtypes["bfloat16"] = int(kBFloat16);
@@ -183,6 +184,26 @@ void topk(const TopkArgs& a, bool on_cuda, uint64_t stream, bool sync) {
   topk_host(a);
 }
 
+void paged_fasa(const PagedFasaArgs& a, bool on_cuda, uint64_t stream, bool sync) {
+  const char* op = "paged_fasa_decode";
+  require(!on_cuda, std::string(op) + ": host (CPU) kernel only; CUDA tensors are not supported");
+  check_dtype(a.dtype, op);
+  check_dtype(a.fc_dtype, op);
+  check_dtype(a.out_dtype, op);
+  require(a.R >= 0 && a.H >= 1 && a.Hkv >= 1 && a.H % a.Hkv == 0,
+          std::string(op) + ": expected R >= 0 and H a positive multiple of Hkv, got H=" + std::to_string(a.H) +
+              " Hkv=" + std::to_string(a.Hkv));
+  require(a.D >= 1 && a.nd >= 0 && a.budget >= 0 && a.sink >= 0 && a.window >= 0 && a.block_size >= 1,
+          std::string(op) + ": expected D >= 1, nd >= 0, budget/sink/window >= 0, block_size >= 1");
+  require(a.threads >= 1, std::string(op) + ": threads must be >= 1");
+  if (a.R == 0) return;
+  require(a.q && a.k && a.v && a.out && a.block_table && a.seq_lens && (a.nd == 0 || (a.fc && a.fc_dims)),
+          std::string(op) + ": null tensor pointer");
+  (void)stream, (void)sync;
+  py::gil_scoped_release nogil;
+  paged_fasa_host(a);
+}
+
 template <typename F>
 void def_op(py::module_& m, const char* name, F&& f, const char* doc) {
   op_names().push_back(name);
@@ -225,9 +246,28 @@ PYBIND11_MODULE(_C, m) {
       .TP_VAL(TopkArgs, R).TP_VAL(TopkArgs, N).TP_VAL(TopkArgs, keep)
       .TP_PTR(TopkArgs, scores).TP_PTR(TopkArgs, out);
 
+  py::class_<PagedFasaArgs>(m, "PagedFasaArgs", "Arguments of paged_fasa_decode (kernels.h).")
+      .def(py::init<>())
+      .TP_VAL(PagedFasaArgs, R).TP_VAL(PagedFasaArgs, H).TP_VAL(PagedFasaArgs, Hkv).TP_VAL(PagedFasaArgs, D)
+      .TP_VAL(PagedFasaArgs, nd).TP_VAL(PagedFasaArgs, budget).TP_VAL(PagedFasaArgs, sink)
+      .TP_VAL(PagedFasaArgs, window).TP_VAL(PagedFasaArgs, block_size).TP_VAL(PagedFasaArgs, dtype)
+      .TP_VAL(PagedFasaArgs, fc_dtype).TP_VAL(PagedFasaArgs, out_dtype).TP_VAL(PagedFasaArgs, scale)
+      .TP_VAL(PagedFasaArgs, vote_scale)
+      .TP_PTR(PagedFasaArgs, q).TP_VAL(PagedFasaArgs, q_sr).TP_VAL(PagedFasaArgs, q_sh)
+      .TP_PTR(PagedFasaArgs, k).TP_VAL(PagedFasaArgs, k_sb).TP_VAL(PagedFasaArgs, k_sh)
+      .TP_VAL(PagedFasaArgs, k_st).TP_VAL(PagedFasaArgs, k_sd)
+      .TP_PTR(PagedFasaArgs, v).TP_VAL(PagedFasaArgs, v_sb).TP_VAL(PagedFasaArgs, v_sh)
+      .TP_VAL(PagedFasaArgs, v_st).TP_VAL(PagedFasaArgs, v_sd)
+      .TP_PTR(PagedFasaArgs, fc).TP_VAL(PagedFasaArgs, f_sb).TP_VAL(PagedFasaArgs, f_sh)
+      .TP_VAL(PagedFasaArgs, f_st).TP_VAL(PagedFasaArgs, f_sd)
+      .TP_PTR(PagedFasaArgs, fc_dims).TP_PTR(PagedFasaArgs, block_table).TP_VAL(PagedFasaArgs, bt_sr)
+      .TP_PTR(PagedFasaArgs, seq_lens).TP_PTR(PagedFasaArgs, out).TP_VAL(PagedFasaArgs, o_sr)
+      .TP_VAL(PagedFasaArgs, o_sh).TP_PTR(PagedFasaArgs, selected).TP_VAL(PagedFasaArgs, threads);
+
   m.def("build_info", &build_info, "What this build contains: cuda, archs, ops, parts, compiler, codes.");
   def_op(m, "verify_tree_greedy", &verify_greedy, "Greedy tree verification; args: VerifyArgs.");
   def_op(m, "verify_tree_stochastic", &verify_stochastic, "Stochastic tree verification; args: VerifyArgs.");
   def_op(m, "sparse_decode_attention", &sparse_attention, "Decode attention over gathered tokens; args: AttentionArgs.");
   def_op(m, "select_tokens", &topk, "Top-k token selection, indices ascending; args: TopkArgs.");
+  def_op(m, "paged_fasa_decode", &paged_fasa, "Fused paged FASA decode step (host only); args: PagedFasaArgs.");
 }

@@ -15,7 +15,8 @@ user code:
 
 * :func:`verify_tree_greedy_cuda` / :func:`verify_tree_stochastic_cuda` — speculative tree verification;
 * :func:`sparse_decode_attention_cuda` — decode attention over a gathered token set;
-* :func:`select_tokens_cuda` — fused top-k selection, indices sorted ascending.
+* :func:`select_tokens_cuda` — fused top-k selection, indices sorted ascending;
+* :func:`paged_fasa_decode_host` — fused paged FASA decode step (host build only, OpenMP threads).
 """
 
 from __future__ import annotations
@@ -259,6 +260,73 @@ def select_tokens_cuda(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return _call("select_tokens", _select_tokens_impl, scores, keep)
 
 
+# ----------------------------------------------------------------------------- paged FASA decode
+def _paged_fasa_launch(q, k_cache, v_cache, fc_cache, fc_dims, block_table, seq_lens, budget, sink, window, scale,
+                       vote_scale, threads, out, selected):
+    R, H, D = q.shape
+    qq, ff = _last_dim_contiguous(q), fc_cache  # the kernel reads the FC cache with any strides
+    table = block_table if block_table.dtype == torch.int32 and block_table.stride(-1) == 1 else \
+        block_table.to(torch.int32).contiguous()
+    lens = seq_lens.to(torch.int32).contiguous()
+    dims = fc_dims.to(torch.int32).contiguous()
+    args = _args("PagedFasaArgs", R=R, H=H, Hkv=k_cache.shape[1], D=D, nd=dims.shape[1], budget=budget, sink=sink,
+                 window=window, block_size=k_cache.shape[2], dtype=DTYPE_CODES[q.dtype],
+                 fc_dtype=DTYPE_CODES[ff.dtype], out_dtype=DTYPE_CODES[out.dtype], scale=float(scale),
+                 vote_scale=float(vote_scale), q=qq.data_ptr(), q_sr=qq.stride(0), q_sh=qq.stride(1),
+                 k=k_cache.data_ptr(), k_sb=k_cache.stride(0), k_sh=k_cache.stride(1), k_st=k_cache.stride(2),
+                 k_sd=k_cache.stride(3), v=v_cache.data_ptr(), v_sb=v_cache.stride(0), v_sh=v_cache.stride(1),
+                 v_st=v_cache.stride(2), v_sd=v_cache.stride(3), fc=ff.data_ptr(), f_sb=ff.stride(0),
+                 f_sh=ff.stride(1), f_st=ff.stride(2), f_sd=ff.stride(3), fc_dims=dims.data_ptr(),
+                 block_table=table.data_ptr(), bt_sr=table.stride(0), seq_lens=lens.data_ptr(),
+                 out=out.data_ptr(), o_sr=out.stride(0), o_sh=out.stride(1),
+                 selected=0 if selected is None else selected.data_ptr(), threads=max(1, int(threads)))
+    _launch("paged_fasa_decode", args, q.device)
+
+
+def _paged_fasa_decode_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, fc_cache: torch.Tensor,
+                            fc_dims: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, budget: int,
+                            sink: int, window: int, scale: float, vote_scale: float,
+                            threads: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    selected = torch.empty(q.shape[0], k_cache.shape[1], budget, dtype=torch.int32, device=q.device)
+    _paged_fasa_launch(q, k_cache, v_cache, fc_cache, fc_dims, block_table, seq_lens, budget, sink, window, scale,
+                       vote_scale, threads, out, selected)
+    return out, selected
+
+
+def _paged_fasa_decode_fake(q, k_cache, v_cache, fc_cache, fc_dims, block_table, seq_lens, budget, sink, window,
+                            scale, vote_scale, threads):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty((q.shape[0], k_cache.shape[1], budget), dtype=torch.int32))
+
+
+def paged_fasa_decode_host(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, fc_cache: torch.Tensor,
+                           fc_dims: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, budget: int,
+                           sink: int, window: int, scale: float, vote_scale: float, threads: int,
+                           out=None, want_selected: bool = False):
+    """Fused paged FASA decode with the host build of tokprune._C (contract and checks:
+    :func:`tokprune.ops.paged.paged_fasa_decode`, which calls this on CPU tensors).
+
+    Writes into ``out`` (``(R, Hq, head_dim)``, any dtype of fp32/fp16/bf16, last dim contiguous) when
+    given, else a new tensor in q's dtype. Returns ``(out, selected)``; ``selected`` ``(R, Hkv, budget)``
+    int32 chosen logical tokens ascending, ``-1`` padded, or ``None`` unless ``want_selected``. Under
+    ``torch.compile`` it goes through the ``tokprune_ext::paged_fasa_decode`` custom op (a copy into ``out``)."""
+    args = (q, k_cache, v_cache, fc_cache, fc_dims, block_table, seq_lens, int(budget), int(sink), int(window),
+            float(scale), float(vote_scale), int(threads))
+    if torch.compiler.is_compiling():
+        res, selected = torch.ops.tokprune_ext.paged_fasa_decode(*args)
+        if out is not None:
+            out.copy_(res)
+            res = out
+        return res, (selected if want_selected else None)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    selected = torch.empty(q.shape[0], k_cache.shape[1], int(budget), dtype=torch.int32, device=q.device) \
+        if want_selected else None
+    _paged_fasa_launch(*args, out, selected)
+    return out, selected
+
+
 # ------------------------------------------------------------------------------ torch.library ops
 def _register(name, impl, fake):
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=())
@@ -272,6 +340,7 @@ _verify_tree_stochastic_op = _register("verify_tree_stochastic", _verify_tree_st
 _sparse_decode_attention_op = _register("sparse_decode_attention", _sparse_decode_attention_impl,
                                         _sparse_decode_attention_fake)
 _select_tokens_op = _register("select_tokens", _select_tokens_impl, _select_tokens_fake)
+_paged_fasa_decode_op = _register("paged_fasa_decode", _paged_fasa_decode_impl, _paged_fasa_decode_fake)
 
 
 def _call(name, impl, *args):
@@ -283,4 +352,4 @@ def _call(name, impl, *args):
 
 
 __all__ = ["verify_tree_greedy_cuda", "verify_tree_stochastic_cuda", "sparse_decode_attention_cuda",
-           "select_tokens_cuda", "attention_splits", "DTYPE_CODES", "RULES"]
+           "select_tokens_cuda", "paged_fasa_decode_host", "attention_splits", "DTYPE_CODES", "RULES"]

@@ -34,6 +34,7 @@ _EXPORTS = {
     "update_paged_page_bounds": "paged",
     "paged_quest_scores": "paged",
     "paged_select_pages": "paged",
+    "paged_fasa_decode": "paged",
     # window-attention token scores (SnapKV, UNComp, token sparse)
     "window_attention_scores": "window",
     # token sparse attention

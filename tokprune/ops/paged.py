@@ -21,6 +21,9 @@ A decode step of FASA on a paged cache::
     slots = paged_select(scores, budget, sink, window, seq_lens, block_table, block_size)
     out = paged_sparse_decode_attention(q, k_cache, v_cache, slots, scale)
 
+The same FASA step fused in one call (the host build of ``tokprune._C``: vote, selection and attention per
+request and KV head, OpenMP threads, K/V/FC read in place): :func:`paged_fasa_decode`.
+
 Quest on the same layout: :func:`update_paged_page_bounds` (per-page key min/max, pages of 16 inside
 blocks, updated for the written slots only), :func:`paged_quest_scores`, :func:`paged_select_pages`.
 The exact dense path: :func:`paged_decode_attention`.
@@ -38,6 +41,7 @@ length-dependent width (``paged_fc_scores``, ``paged_decode_attention``) read ``
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -821,3 +825,137 @@ def paged_select_pages(page_scores: torch.Tensor, n_pages: int, seq_lens: torch.
 
         return tokens_to_slots_triton(token, block_table, block_size)
     return _tokens_to_slots_torch(token, block_table, block_size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# fused FASA decode step
+# ----------------------------------------------------------------------------------------------------
+
+def paged_fasa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, fc_cache: torch.Tensor,
+                      fc_dims: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, budget: int,
+                      sink: int, window: int, scale: float, *, vote_scale: Optional[float] = None,
+                      out: Optional[torch.Tensor] = None, return_selected: bool = False,
+                      num_threads: Optional[int] = None, backend: Optional[str] = "auto"):
+    """One FASA decode step on a paged cache: vote, selection and exact attention, one query per request.
+
+    For every request ``r`` and KV head ``h`` (``L = seq_lens[r]``, ``g = Hq / Hkv``):
+
+    * ``L <= budget``: every token is attended (dense attention).
+    * else FASA's group vote over the packed FC side cache,
+      ``vote[t] = sum_j softmax_t(vote_scale * q[r, h*g+j, fc_dims[h]] . fc[t])``, the first ``sink`` and the
+      last ``window`` tokens forced (the window shortened to ``budget - sink``), and the ``budget`` highest
+      votes chosen (ties to the lower token) — :class:`tokprune.methods.FASA` with ``selection="group"``,
+      ``aggregate="softmax"``;
+    * ``out[r, h*g+j] = softmax(scale * q . K[chosen]) @ V[chosen]``, fp32 accumulation.
+
+    Caches use tokprune's paged convention (a token ``t`` of request ``r`` lives in block
+    ``block_table[r, t // bs]`` at offset ``t % bs``) and are read in place with any strides, so vLLM's CPU
+    layout (:func:`vllm_cpu_kv_views`, K transposed per block) and tokprune's contiguous ``(batch, Hkv,
+    capacity, D)`` cache (``block_size = capacity``, ``block_table = [[0], [1], ...]``) both work.
+
+    Args:
+        q: ``(R, Hq, head_dim)`` fp32/fp16/bf16 post-RoPE decode queries (any strides).
+        k_cache, v_cache: ``(num_blocks, Hkv, block_size, head_dim)``, q's dtype, any strides.
+        fc_cache: ``(num_blocks, Hkv, block_size, nd)`` fp32/fp16/bf16 packed FC keys (``fc[..., i] =
+            K[..., fc_dims[h, i]]``, :func:`write_paged_fc_keys`), any strides (the C++ kernel is fastest
+            when the token axis has unit stride, i.e. ``[nd, block_size]`` per block and head).
+        fc_dims: ``(Hkv, nd)`` int32/int64: the head dimensions of each packed column
+            (:func:`tokprune.reference.fasa.fc_dims`).
+        block_table: ``(R, max_blocks)`` int32/int64.
+        seq_lens: ``(R,)`` int32/int64 context lengths (the new token included).
+        budget, sink, window: non-negative ints.
+        scale: attention softmax scale.
+        vote_scale: scale of the vote's partial logits; ``None`` -> ``head_dim ** -0.5`` (FASA's).
+        out: optional ``(R, Hq, head_dim)`` fp32/fp16/bf16 tensor written in place (any strides; the
+            ``"cuda"`` backend needs its last dimension contiguous).
+        return_selected: also return the chosen tokens.
+        num_threads: threads of the ``"cuda"`` (host) backend; ``None`` -> ``torch.get_num_threads()``. The
+            result does not depend on it.
+        backend: ``"auto" | "torch" | "cuda"``. ``"cuda"`` is the host (CPU) build of ``tokprune._C``
+            (CPU tensors only); ``"auto"`` picks it for CPU tensors when the extension has it, else torch.
+
+    Returns:
+        ``out`` ``(R, Hq, head_dim)`` (q's dtype unless ``out`` is given), and with ``return_selected`` also
+        ``(R, Hkv, budget)`` int64 chosen logical tokens in ascending order, ``-1`` padded.
+    """
+    rows, heads, kv_heads = _check_qkv(q, k_cache, v_cache)
+    head_dim = q.shape[2]
+    num_blocks, _, block_size, _ = k_cache.shape
+    check_tensor("fc_cache", fc_cache, ndim=4, dtypes=FLOAT_DTYPES, device=q.device)
+    if fc_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(f"fc_cache must be (num_blocks, kv_heads, block_size) = {tuple(k_cache.shape[:3])} + (nd,), "
+                         f"got {tuple(fc_cache.shape)}")
+    check_tensor("fc_dims", fc_dims, ndim=2, dtypes=INT_DTYPES, device=q.device)
+    if fc_dims.shape != (kv_heads, fc_cache.shape[3]):
+        raise ValueError(f"fc_dims must be (kv_heads={kv_heads}, nd={fc_cache.shape[3]}), got {tuple(fc_dims.shape)}")
+    if debug_checks() and fc_dims.numel() and (int(fc_dims.min()) < 0 or int(fc_dims.max()) >= head_dim):
+        raise IndexError(f"fc_dims values must lie in [0, head_dim={head_dim}), got range "
+                         f"[{int(fc_dims.min())}, {int(fc_dims.max())}]")
+    for name, value in (("budget", budget), ("sink", sink), ("window", window)):
+        _check_int(name, value)
+    _check_table(block_table, seq_lens, rows, q.device, block_size, num_blocks)
+    scale = _check_scale(scale)
+    vote_scale = head_dim ** -0.5 if vote_scale is None else _check_scale(vote_scale)
+    if out is not None:
+        check_tensor("out", out, ndim=3, dtypes=FLOAT_DTYPES, device=q.device)
+        if out.shape != q.shape:
+            raise ValueError(f"out must be (R, Hq, head_dim) = {tuple(q.shape)}, got {tuple(out.shape)}")
+    if num_threads is not None:
+        _check_int("num_threads", num_threads, 1)
+    chosen = _fasa_decode_backend(backend, q.device)
+    if chosen == "cuda":
+        from tokprune.kernels.cuda import paged_fasa_decode_host
+
+        target = out if out is None or out.stride(-1) == 1 or out.shape[-1] <= 1 else None
+        res, selected = paged_fasa_decode_host(q, k_cache, v_cache, fc_cache, fc_dims, block_table, seq_lens, budget,
+                                               sink, window, scale, vote_scale,
+                                               num_threads or torch.get_num_threads(), out=target,
+                                               want_selected=return_selected)
+        if out is not None and target is None:
+            out.copy_(res)
+            res = out
+        return (res, selected.long()) if return_selected else res
+    res, token = _paged_fasa_decode_torch(q, k_cache, v_cache, fc_cache, fc_dims, block_table, seq_lens, budget,
+                                          sink, window, scale, vote_scale)
+    if out is not None:
+        out.copy_(res)
+        res = out
+    return (res, token) if return_selected else res
+
+
+def _fasa_decode_backend(backend, device):
+    op = "paged_fasa_decode"
+    implemented = ("torch", "cuda") if device.type == "cpu" else ("torch",)
+    if backend in (None, "auto") and device.type == "cpu" and not os.environ.get("TOKPRUNE_BACKEND"):
+        from tokprune._backend import unavailable_reason
+
+        if unavailable_reason("cuda", device, op) is None:
+            return "cuda"
+    return resolve_backend(backend, device, implemented, op)
+
+
+def _paged_fasa_decode_torch(q, k_cache, v_cache, fc_cache, fc_dims, block_table, seq_lens, budget, sink, window,
+                             scale, vote_scale):
+    """The oracle: FASA's vote from the gathered FC blocks, :func:`paged_select`'s choice and
+    :func:`paged_sparse_decode_attention` (torch). Returns ``(out, tokens (R, Hkv, budget) int64)``."""
+    rows, heads, head_dim = q.shape
+    kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+    group = heads // kv_heads
+    max_len = int(seq_lens.max()) if rows else 0
+    if rows == 0 or max_len == 0:
+        token = torch.full((rows, kv_heads, budget), -1, dtype=torch.long, device=q.device)
+        return torch.zeros_like(q), token
+    ids, n_blocks = _block_ids(block_table, seq_lens, max_len, block_size)
+    keys = _gather_blocks(fc_cache, ids, rows, n_blocks)  # (R, nb, Hkv, bs, nd)
+    keys = keys.permute(0, 2, 1, 3, 4).reshape(rows, kv_heads, n_blocks * block_size, -1)[:, :, :max_len].float()
+    dims = fc_dims.long()
+    q_fc = torch.gather(q.view(rows, kv_heads, group, head_dim).float(), 3,
+                        dims[None, :, None, :].expand(rows, -1, group, -1))  # (R, Hkv, g, nd)
+    logits = torch.matmul(q_fc, keys.transpose(-1, -2)) * vote_scale  # (R, Hkv, g, L)
+    past = torch.arange(max_len, device=q.device)[None, :] >= seq_lens.long()[:, None]
+    logits = logits.masked_fill(past[:, None, None, :], float("-inf"))
+    votes = torch.softmax(logits, dim=-1).sum(2)  # (R, Hkv, L)
+    token = _select_logical(votes, budget, sink, window, seq_lens)  # (R, Hkv, budget), -1 padded
+    slots = _tokens_to_slots_torch(token, block_table, block_size)
+    out = _paged_sparse_decode_torch(q, k_cache, v_cache, slots, scale) if budget else torch.zeros_like(q)
+    return out, token

@@ -53,10 +53,41 @@ struct TopkArgs {
   int64_t* out = nullptr;         // [R, keep] contiguous
 };
 
+// Fused paged FASA decode (host only): for every (request r, KV head h) unit, the group vote over the packed
+// FC side cache, sink + window + top-budget selection, and exact attention over the chosen tokens, K/V read
+// in place through the block table. Every cache is addressed with element strides (block, head, token, dim).
+struct PagedFasaArgs {
+  int64_t R = 0, H = 0, Hkv = 0, D = 0, nd = 0;       // requests, query heads, KV heads, head dim, FC dims
+  int64_t budget = 0, sink = 0, window = 0, block_size = 1;
+  int dtype = 0;     // q, k, v
+  int fc_dtype = 0;  // packed FC side cache
+  int out_dtype = 0;
+  float scale = 1.0f;       // attention softmax scale
+  float vote_scale = 1.0f;  // FASA vote: softmax(vote_scale * q_fc . k_fc)
+  const void* q = nullptr;  // [R, H, D], last dim contiguous
+  int64_t q_sr = 0, q_sh = 0;
+  const void* k = nullptr;  // [blocks, Hkv, block_size, D]
+  int64_t k_sb = 0, k_sh = 0, k_st = 0, k_sd = 0;
+  const void* v = nullptr;
+  int64_t v_sb = 0, v_sh = 0, v_st = 0, v_sd = 0;
+  const void* fc = nullptr;  // [blocks, Hkv, block_size, nd]
+  int64_t f_sb = 0, f_sh = 0, f_st = 0, f_sd = 0;
+  const int32_t* fc_dims = nullptr;      // [Hkv, nd] contiguous: the q dimensions of each packed column
+  const int32_t* block_table = nullptr;  // [R, max_blocks], row stride bt_sr, entries contiguous
+  int64_t bt_sr = 0;
+  const int32_t* seq_lens = nullptr;  // [R]
+  void* out = nullptr;                // [R, H, D], last dim contiguous
+  int64_t o_sr = 0, o_sh = 0;
+  int32_t* selected = nullptr;  // optional [R, Hkv, budget] contiguous: chosen logical tokens ascending, -1 padded
+  int threads = 1;              // OpenMP threads over the R * Hkv units (results do not depend on it)
+};
+
 void verify_greedy_host(const VerifyArgs& a);
 void verify_stochastic_host(const VerifyArgs& a);
 void sparse_attention_host(const AttentionArgs& a);
 void topk_host(const TopkArgs& a);
+void paged_fasa_host(const PagedFasaArgs& a);
+bool host_has_openmp();
 
 #ifdef TOKPRUNE_WITH_CUDA
 // sync: synchronise the stream after the launch and raise kernel faults here (debug mode).

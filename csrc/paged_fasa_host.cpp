@@ -1,0 +1,101 @@
+// Fused paged FASA decode, host (CPU) build: one call per layer, parallel over the (request, KV head)
+// units with OpenMP (threads from the caller). The unit's work lives in include/tokprune/paged_fasa_body.h,
+// compiled twice: for the baseline ISA and for AVX2+FMA, picked once at run time.
+#include <math.h>
+
+#include <algorithm>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "tokprune/common.h"
+#include "tokprune/kernels.h"
+#include "tokprune/topk.h"
+
+namespace tokprune {
+namespace {
+
+// Per-thread scratch, sized once per call for the longest request.
+struct Scratch {
+  std::vector<float> qf, qfc, lg, vote, att, acc, denom;
+  std::vector<uint32_t> key;
+  std::vector<int32_t> cand, sel;
+  Scratch(const PagedFasaArgs& a, int64_t max_len) {
+    const int64_t g = a.H / a.Hkv, n = std::max<int64_t>(std::min(a.budget, max_len), 1);
+    const int64_t L = std::max<int64_t>(max_len, 1);
+    qf.resize(g * a.D), qfc.resize(g * std::max<int64_t>(a.nd, 1)), acc.resize(g * a.D), denom.resize(g);
+    if (max_len > a.budget) lg.resize(g * L), vote.resize(L), key.resize(L), cand.resize(L);
+    sel.resize(n);
+    att.resize(g * n);
+  }
+};
+
+}  // namespace
+}  // namespace tokprune
+
+namespace tokprune {
+namespace {
+#define TP_FASA_NS fasa_base
+#include "tokprune/paged_fasa_body.h"
+#undef TP_FASA_NS
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define TP_FASA_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define TP_FASA_NS fasa_avx2
+#include "tokprune/paged_fasa_body.h"
+#undef TP_FASA_NS
+#pragma GCC pop_options
+#endif
+
+bool use_avx2() {
+#ifdef TP_FASA_AVX2
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+bool host_has_openmp() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
+void paged_fasa_host(const PagedFasaArgs& a) {
+  int64_t max_len = 0;
+  for (int64_t r = 0; r < a.R; ++r) max_len = std::max<int64_t>(max_len, a.seq_lens[r]);
+  const int64_t units = a.R * a.Hkv;
+  const bool avx2 = use_avx2();
+  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(a.threads, units)));
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) if (threads > 1)
+#endif
+  {
+    Scratch w(a, max_len);
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t u = 0; u < units; ++u) {
+#ifdef TP_FASA_AVX2
+      if (avx2) {
+        fasa_avx2::run_unit(a, u, w);
+        continue;
+      }
+#endif
+      fasa_base::run_unit(a, u, w);
+    }
+  }
+  (void)avx2;
+  (void)threads;
+}
+
+}  // namespace tokprune
