@@ -118,6 +118,16 @@ def test_fasa_fused_step_equals_torch_path():
                                                                               ctx.scale), atol=1e-5, rtol=1e-5)
     padded = DecodeContext(_Module(), ctx.query, ctx.key, ctx.value, torch.ones(2, 90, dtype=torch.bool), 0.25, layer)
     assert fused._fused_op(padded) is None
+    auto = FASA(fcs="uncalibrated", budget=20, sink=2, window=5, num_fcs=3, decline_ratio=0)  # fused=None
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert auto._fused_op(ctx) is None  # 1 thread: the torch path
+        torch.set_num_threads(FASA.FUSED_MIN_THREADS)
+        assert auto._fused_op(ctx) is not None
+        assert_close(auto.attend_decode(ctx), plain.attend_decode(ctx), atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_new_method_is_one_dataclass_and_one_score(tiny_llama):

@@ -66,10 +66,13 @@ class FASA(KVPolicy):
             ``packed``): run the whole step (vote, selection, attention) as one call of the C++ op
             :func:`tokprune.ops.paged.paged_fasa_decode` (the cache is one block per row, block table
             ``[[0], [1], ...]``; threads: ``torch.get_num_threads()``) when the extension has the op; elsewhere
-            the torch path runs. Off by default: the torch path measured faster at 8K tokens per layer, batch
-            1 / 4: 0.71 / 2.28 ms vs 1.08 / 3.76 ms at 1 thread, 0.59 / 1.44 vs 0.70 / 1.99 ms at 2 threads
-            (``python -m benchmarks.bench_fasa_decline --methods fasa fasa_fused --budgets 256 --batches 1 4
-            --ratios 8 16 32`` and the same with ``--threads 2 --wall``, 2026-12-05, the op's first build).
+            the torch path runs. ``None`` (default): from :attr:`FUSED_MIN_THREADS` torch threads on; ``True``:
+            always; ``False``: never. Measured per layer at budget 256, batch 1 / 4 (ms, caches read from
+            memory): at 1 thread the torch path is faster at 8K (0.72 / 2.31 vs 0.78 / 2.64) and level at 2K
+            (0.40 / 1.25 vs 0.38 / 1.35); at 2 threads the fused step is faster everywhere (8K: 0.51 / 1.43 vs
+            0.60 / 1.48; 2K: 0.26 / 0.72 vs 0.35 / 0.88) (``python -m benchmarks.bench_fasa_decline --methods
+            fasa fasa_fused --budgets 256 --batches 1 4 --ratios 8 16 32``, and with ``--threads 2 --wall``;
+            2026-12-05, commit 1a6fd3c).
     """
 
     fcs: Any = None
@@ -79,7 +82,7 @@ class FASA(KVPolicy):
     packed: bool = True
     selection: str = "group"
     dense_layers: Tuple[int, ...] = ()
-    fused: bool = False
+    fused: Optional[bool] = None
     _calibration: Optional[FCCalibration] = field(default=None, init=False, repr=False, compare=False)
     _fc_cache: Dict[tuple, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -164,6 +167,9 @@ class FASA(KVPolicy):
         self._fc_cache[key + ("dims",)] = fc_dims(index, head_dim, self.chunk)
         return index
 
+    #: ``fused=None`` runs the C++ step from this many torch threads on (see ``fused``)
+    FUSED_MIN_THREADS = 2
+
     def _side(self, ctx: DecodeContext, dims: torch.Tensor):
         """The packed FC keys of ``ctx.cache_layer`` (created on first use; kept in step at every append)."""
         layer = ctx.cache_layer
@@ -177,11 +183,13 @@ class FASA(KVPolicy):
 
     def _fused_op(self, ctx: DecodeContext):
         """:func:`tokprune.ops.paged.paged_fasa_decode` when this step can run as that one call, else ``None``."""
-        if not self.fused or ctx.cache_layer is None or ctx.valid is not None or not self.packed:
+        if self.fused is False or ctx.cache_layer is None or ctx.valid is not None or not self.packed:
             return None
         if self.selection != "group" or self.aggregate != "softmax" or ctx.query.device.type != "cpu":
             return None
         if self.backend not in (None, "auto", "cuda") or torch.compiler.is_compiling():
+            return None
+        if self.fused is None and torch.get_num_threads() < self.FUSED_MIN_THREADS:
             return None
         return _fused_fasa_op()
 
