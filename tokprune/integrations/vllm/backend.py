@@ -79,6 +79,25 @@ class SparsePlan:
     off: Optional[torch.Tensor] = None
     score_bias: Optional[torch.Tensor] = None
     keep_bias: Optional[torch.Tensor] = None
+    table32: Optional[torch.Tensor] = None
+    lens32: Optional[torch.Tensor] = None
+    token_start: Optional[int] = None
+
+
+def fused_fasa_available(device: torch.device) -> bool:
+    """Whether FASA's sparse rows run as one fused call per layer (:func:`tokprune.ops.paged.paged_fasa_decode`,
+    the host build of ``tokprune._C``): CPU tensors and an extension that has the kernel."""
+    if device.type != "cpu":
+        return False
+    from tokprune import _ext
+
+    return _ext.load_error() is None and _ext.has_op("paged_fasa_decode")
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_no_fused(reason: str) -> None:
+    logger.warning("tokprune: the fused FASA decode kernel (tokprune._C) is not available (%s); FASA's sparse rows "
+                   "run as torch ops, which is slower than vLLM's dense attention on this CPU", reason)
 
 
 @dataclass
@@ -121,7 +140,16 @@ def plan_sparse_rows(common, settings: VllmSettings, block_size: int, kv_heads: 
     lens = lens.to(device)
     used = torch.arange(n_blocks, device=device)[None, :] * block_size < lens[:, None]
     table = torch.where(used, table, torch.zeros_like(table))  # entries past a request's blocks: block 0
-    plan = SparsePlan(rows.to(device), loc.index_select(0, rows).to(device), lens, table, max_len)
+    tokens = loc.index_select(0, rows)
+    plan = SparsePlan(rows.to(device), tokens.to(device), lens, table, max_len)
+    if settings.method == "fasa" and fused_fasa_available(device):
+        # the fused kernel needs only the table, the lengths and where the query / output rows are
+        plan.table32 = table.to(torch.int32).contiguous()
+        plan.lens32 = lens.to(torch.int32)
+        first = int(tokens[0])
+        if bool((tokens == torch.arange(first, first + tokens.numel())).all()):
+            plan.token_start = first
+        return plan
     if settings.method == "streaming":
         budget, sink = settings.budget, settings.sink
         j = torch.arange(budget, device=device)
@@ -280,12 +308,20 @@ class SparseDecodeMixin:
             # q (Hkv, ., D) @ _q_sel (Hkv, D, nd) = the FC dimensions of q, times FASA's 1/sqrt(D)
             self._q_sel = torch.zeros(kv_heads, self.head_size, nd, device=like.device)
             self._q_sel.scatter_(1, self._fc_dims[:, None, :], self.head_size ** -0.5)
-            # fp32, head-major (Hkv, blocks, block_size, nd): a request's FC keys gather into one contiguous
-            # (Hkv, blocks * block_size, nd) matrix per KV head; ``_side`` is the (blocks, Hkv, block_size, nd)
-            # view, the layout of tokprune.ops.paged.
-            self._side_hm = torch.zeros(kv_heads, num_blocks, block_size, nd, dtype=torch.float32,
-                                        device=like.device)
-            self._side = self._side_hm.permute(1, 0, 2, 3)
+            if fused_fasa_available(like.device):
+                # fp32, (Hkv, blocks, nd, block_size): each block's FC keys dimension-major, so the fused
+                # kernel's partial logits vectorise over tokens; ``_side`` is the (blocks, Hkv, block_size, nd)
+                # view, the layout of tokprune.ops.paged.
+                self._side_hm = torch.zeros(kv_heads, num_blocks, nd, block_size, dtype=torch.float32,
+                                            device=like.device)
+                self._side = self._side_hm.permute(1, 0, 3, 2)
+                self._fc_dims32 = self._fc_dims.to(torch.int32).contiguous()
+            else:
+                # fp32, head-major (Hkv, blocks, block_size, nd): a request's FC keys gather into one contiguous
+                # (Hkv, blocks * block_size, nd) matrix per KV head (the torch path, :meth:`_fasa_tokens`).
+                self._side_hm = torch.zeros(kv_heads, num_blocks, block_size, nd, dtype=torch.float32,
+                                            device=like.device)
+                self._side = self._side_hm.permute(1, 0, 2, 3)
         else:  # quest: (pages, kv_heads, 2, head_dim) min and max of the keys of each page of page_size tokens
             pages = num_blocks * block_size // s.page_size
             self._side = torch.zeros(pages, kv_heads, 2, self.head_size, dtype=like.dtype, device=like.device)
@@ -321,7 +357,7 @@ class SparseDecodeMixin:
         if where.keep is not None:
             key = key.index_select(0, where.keep)
         packed = torch.gather(key, 2, self._fc_dims[None].expand(key.shape[0], -1, -1))  # (T, Hkv, nd)
-        self._side_hm[:, where.blk, where.off] = packed.transpose(0, 1).float()
+        self._side[where.blk, :, where.off] = packed.float()  # (T, Hkv, nd) into either layout
 
     # -- attention -------------------------------------------------------------------------------------
     def _quest_slots(self, q, plan: SparsePlan, block_size: int) -> torch.Tensor:
@@ -388,16 +424,22 @@ class SparseDecodeMixin:
         method = self.settings.method
         if self._side is None and method != "streaming":
             raise RuntimeError("tokprune: the side cache was never written")
-        q = query.index_select(0, plan.tokens)  # (Rs, Hq, D)
         k_view, v_view = self._kv_views(kv_cache)
+        if method == "fasa" and plan.table32 is not None:
+            self._fused_fasa(query, k_view, v_view, plan, output)
+            return
+        if method == "fasa" and query.device.type == "cpu":
+            from tokprune import _ext
+
+            _warn_no_fused(_ext.load_error() or "tokprune._C has no paged_fasa_decode")
+        q = query.index_select(0, plan.tokens)  # (Rs, Hq, D)
         if method == "quest":
             slots = self._quest_slots(q, plan, k_view.shape[2])
             out = paged_sparse_decode_attention(q, k_view, v_view, slots, self.scale, backend=self._ops_backend)
         else:
             rows, heads, head_dim = q.shape
             kv_heads = self.num_kv_heads
-            qh = q.view(rows, kv_heads, heads // kv_heads, head_dim).transpose(0, 1).to(
-                torch.float32, memory_format=torch.contiguous_format)  # (Hkv, Rs, g, D)
+            qh = q.view(rows, kv_heads, heads // kv_heads, head_dim).transpose(0, 1).float().contiguous()  # (Hkv, Rs, g, D)
             if method == "fasa":
                 token = self._fasa_tokens(qh, plan)  # (Hkv, Rs, K)
                 blk, off = torch.gather(plan.blk[None].expand(kv_heads, -1, -1), 2, token), \
@@ -406,6 +448,26 @@ class SparseDecodeMixin:
                 blk, off = plan.blk[None], plan.off[None]
             out = self._attend(qh, k_view, v_view, blk, off).transpose(0, 1).reshape(rows, heads, head_dim)
         output.view(-1, self.num_heads, self.head_size)[plan.tokens] = out.to(output.dtype)
+
+    def _fused_fasa(self, query, k_view, v_view, plan: SparsePlan, output) -> None:
+        """FASA's sparse rows in one call of the fused host kernel (vote from the packed FC side cache, sink +
+        window + top-budget, exact attention read in place from vLLM's cache), writing the output rows in
+        place when the sparse rows' query tokens are contiguous (a decode-only batch)."""
+        from tokprune.kernels.cuda import paged_fasa_decode_host
+
+        s = self.settings
+        out3 = output.view(-1, self.num_heads, self.head_size)
+        rows = plan.tokens.shape[0]
+        if plan.token_start is not None:
+            q = query[plan.token_start:plan.token_start + rows]
+            target = out3[plan.token_start:plan.token_start + rows]
+        else:
+            q, target = query.index_select(0, plan.tokens), None
+        res, _ = paged_fasa_decode_host(q, k_view, v_view, self._side, self._fc_dims32, plan.table32, plan.lens32,
+                                        s.budget, s.sink, s.window, self.scale, self.head_size ** -0.5,
+                                        torch.get_num_threads(), out=target)
+        if target is None:
+            out3[plan.tokens] = res.to(output.dtype)
 
 
 class TokpruneCPUAttentionImpl(SparseDecodeMixin, CPUAttentionBackendImpl):
