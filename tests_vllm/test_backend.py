@@ -18,7 +18,9 @@ from tokprune.integrations.vllm.config import VllmSettings, load_fc_index
 from tokprune.ops import fc_scores, select_sparse_indices, sparse_decode_attention
 
 HQ, HKV, D, BS, NUM_BLOCKS = 9, 3, 64, 32, 48
-DTYPE = torch.bfloat16
+# On a CPU with AMX tiles vLLM stores bf16 K/V in its AMX layout, which tokprune does not read (start-up
+# refuses: backend.check_cpu_layout); fp32 keeps vLLM's vector-ISA layout there.
+DTYPE = torch.float32 if torch.cpu._is_amx_tile_supported() else torch.bfloat16
 SCALE = D ** -0.5
 LAYER = 3
 # SmolLM2-135M's attention geometry (the shipped FASA calibration is for it); no weights needed.
