@@ -66,3 +66,23 @@ def test_generate_folded_gqa_equals_repeat_kv_and_model_generate(fixture, reques
     assert torch.equal(outs[True], outs[False])
     assert torch.equal(outs[True], ref)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_folded_mask_reused_only_for_the_same_unchanged_mask():
+    """Layers of one forward share the folded mask; a new mask, or the same one edited in place, is
+    folded again (outputs always equal the oracle)."""
+    torch.manual_seed(0)
+    module = types.SimpleNamespace(num_key_value_groups=3, training=False, is_causal=True)
+    key, value = torch.randn(1, 2, 14, 8), torch.randn(1, 2, 14, 8)
+    query = torch.randn(1, 6, 4, 8)
+    mask = torch.zeros(1, 1, 4, 14).masked_fill(torch.rand(1, 1, 4, 14) > 0.5, torch.finfo(torch.float32).min)
+    mask[..., 0] = 0.0
+    for _ in range(2):  # second call: the cached fold
+        out, _ = tree_sdpa_attention(module, query, key, value, mask, scaling=0.3)
+        torch.testing.assert_close(out, _oracle(query, key, value, mask, 0.3), atol=1e-5, rtol=1e-5)
+    mask[..., 1:] = 0.0  # in place: must not reuse the stale fold
+    out, _ = tree_sdpa_attention(module, query, key, value, mask, scaling=0.3)
+    torch.testing.assert_close(out, _oracle(query, key, value, mask, 0.3), atol=1e-5, rtol=1e-5)
+    other = torch.zeros(1, 1, 4, 14)
+    out, _ = tree_sdpa_attention(module, query, key, value, other, scaling=0.3)
+    torch.testing.assert_close(out, _oracle(query, key, value, other, 0.3), atol=1e-5, rtol=1e-5)

@@ -75,6 +75,21 @@ def test_keep_tail_rows_crop_and_select_match_dynamic_cache(same_path):
     _same(pre, ref)
 
 
+@pytest.mark.parametrize("preallocated", [True, False])
+def test_keep_tail_rows_path_already_in_place(preallocated):
+    """Kept slots that already sit right after the prefix (only the root, or a chain of first nodes):
+    the cache keeps exactly those slots, whichever branch does it."""
+    cache = _kv.new_cache(None, preallocated=preallocated)
+    g = torch.Generator().manual_seed(1)
+    kv = [(torch.randn(2, 2, 13, 4, generator=g), torch.randn(2, 2, 13, 4, generator=g)) for _ in range(2)]
+    for i, (k, v) in enumerate(kv):
+        cache.update(k, v, i)
+    _kv.keep_tail_rows(cache, 7, torch.tensor([[0, 1, 2]]).expand(2, 3))
+    assert cache.get_seq_length() == 10
+    for layer, (k, v) in zip(cache.layers, kv):
+        assert torch.equal(layer.keys, k[:, :, :10]) and torch.equal(layer.values, v[:, :, :10])
+
+
 @pytest.mark.skipif(not packing_available(tiny.tiny_llama()), reason="oneDNN packing unavailable")
 def test_packed_linears_match_and_restore():
     model = tiny.tiny_llama()
@@ -87,6 +102,10 @@ def test_packed_linears_match_and_restore():
             got = model(ids).logits
         assert not any("forward" in m.__dict__ for m in model.modules() if isinstance(m, torch.nn.Linear))
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+        # one row (a 1-token step) keeps F.linear: the same numbers as the model outside the block
+        with packed_linears(model):
+            got1 = model(ids[:1, :1]).logits
+        assert torch.equal(got1, model(ids[:1, :1]).logits)
         # a weight change invalidates the packed copy
         lin = model.lm_head
         lin.weight.mul_(2.0)

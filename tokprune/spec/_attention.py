@@ -42,10 +42,30 @@ def tree_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value: t
     bsz, heads, _, dim = query.shape
     kv_heads, t_len = key.shape[1], key.shape[2]
     q = query.reshape(bsz, kv_heads, groups * n, dim)  # head kv * groups + g -> rows g * n .. g * n + n - 1
-    mask = attention_mask[..., :t_len]
-    mask = mask.expand(mask.shape[0], 1, n, t_len).repeat(1, 1, groups, 1)
+    mask = _folded_mask(attention_mask, n, t_len, groups)
     out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
     return out.view(bsz, heads, n, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+# The folded mask of the last call: every layer of one forward receives the same mask tensor, so it is
+# repeated once per forward instead of once per layer (~1.2 ms of a ~85 ms 8-node SmolLM2 forward).
+_LAST_FOLD: list = [None, None]  # [(mask object, its _version, n, t_len, groups), folded mask]
+
+
+def _folded_mask(attention_mask: torch.Tensor, n: int, t_len: int, groups: int) -> torch.Tensor:
+    """``attention_mask[..., :t_len]`` broadcast to ``[B or 1, 1, n, t_len]`` and repeated ``groups``
+    times along the query dim; reused while the same (unmodified) mask tensor comes back."""
+    key, hit = _LAST_FOLD
+    if key is not None and key[0] is attention_mask and key[1:] == (attention_mask._version, n, t_len, groups):
+        return hit
+    mask = attention_mask[..., :t_len]
+    mask = mask.expand(mask.shape[0], 1, n, t_len).repeat(1, 1, groups, 1)
+    _LAST_FOLD[0], _LAST_FOLD[1] = (attention_mask, attention_mask._version, n, t_len, groups), mask
+    return mask
+
+
+def _clear_fold_cache() -> None:
+    _LAST_FOLD[0] = _LAST_FOLD[1] = None
 
 
 _registered = False
@@ -78,5 +98,6 @@ def tree_attention(model, enabled: bool = True) -> Iterator[bool]:
     try:
         yield True
     finally:
+        _clear_fold_cache()
         if model.config._attn_implementation == TREE_ATTENTION_NAME:
             model.set_attn_implementation(current)

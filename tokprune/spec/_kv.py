@@ -184,9 +184,18 @@ def keep_tail_rows(cache, prefix_len: int, index: torch.Tensor) -> None:
     (in this order), in place. ``index [B, m]`` int64 in ``[0, n_tail)``."""
     m = index.shape[1]
     same_path = index.shape[0] == 1 or bool((index == index[:1]).all())
+    # the kept slots already sit in place (e.g. only the root accepted): nothing to copy
+    in_place = same_path and bool((index[0] == torch.arange(m, device=index.device)).all())
     for layer in _layers(cache):
         keys, values = layer.keys, layer.values
         if keys is None or not keys.numel():
+            continue
+        if in_place:
+            if _is_prealloc(layer):
+                layer.set_length(prefix_len + m)
+            else:
+                layer.keys = keys[:, :, :prefix_len + m]
+                layer.values = values[:, :, :prefix_len + m]
             continue
         bsz, heads, _, dim = keys.shape
         if same_path:  # one path for the whole batch: index_select on the slot dim

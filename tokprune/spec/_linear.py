@@ -3,8 +3,10 @@
 A tree forward multiplies ``M = B x N`` rows (N = tree nodes) by every weight matrix. On the CPU the
 default fp32 GEMM (MKL) re-packs the weight matrix on every call, which for small ``M`` > 1 costs about
 as much as reading it; oneDNN weights packed once (``torch.ops.mkldnn._reorder_linear_weight`` +
-``_linear_pointwise``) avoid that, while a 1-token forward costs the same either way. :func:`packed_linears` swaps every fp32 ``nn.Linear`` of a model to the packed path for
-the duration of a ``with`` block. The packed copies are kept on the module (one extra copy of the
+``_linear_pointwise``) avoid that. With a single row (``M = 1``) it is the other way round: on SmolLM2-135M (1 thread) a
+1-node forward took 80.9 ms on packed weights vs 59.6 ms with ``F.linear`` (MKL), so 1-row inputs keep
+``F.linear`` (exactly what ``model.generate`` computes). :func:`packed_linears` swaps every fp32
+``nn.Linear`` of a model to this dispatch for the duration of a ``with`` block. The packed copies are kept on the module (one extra copy of the
 weights in memory, rebuilt when a weight changes) until :func:`release_packed` or the model goes away.
 Results differ from ``F.linear`` by float rounding only (different summation order).
 """
@@ -46,7 +48,7 @@ def _fast_forward(module: torch.nn.Linear, packed):
     bias = module.bias.detach() if module.bias is not None else None
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or torch.is_grad_enabled():
+        if x.dtype != torch.float32 or torch.is_grad_enabled() or x.numel() == x.shape[-1]:
             return torch.nn.functional.linear(x, module.weight, module.bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
