@@ -188,9 +188,12 @@ def test_sparse_rows_match_contiguous_oracle_dense_rows_match_stock(monkeypatch,
             assert torch.equal(out[rows], ref[rows]), f"dense row {r} differs from stock vLLM"
 
 
-def test_budget_at_least_context_is_exactly_stock(monkeypatch):
+@pytest.mark.parametrize("settings", [dict(method="fasa", budget=200, fcs="smollm2_135m"),
+                                      dict(method="fasa", budget=48, min_context=200, fcs="smollm2_135m")],
+                         ids=["budget", "min_context"])
+def test_budget_at_least_context_is_exactly_stock(monkeypatch, settings):
+    """A context within the budget, or within min_context (the decline rule), takes vLLM's own path."""
     case = Case(seed=1)
-    settings = dict(method="fasa", budget=200, fcs="smollm2_135m")
     (stock_impl, stock_builder), (impl, builder) = _pair(monkeypatch, settings)
     ref, ref_cache, _ = _run(stock_impl, stock_builder, case)
     out, kv_cache, meta = _run(impl, builder, case)

@@ -32,6 +32,7 @@ def test_absent_key_is_inert():
     (dict(method="streaming", budget=8, sink=8), ['["sink"]', "smaller than budget"]),
     (dict(method="fasa", budget=64, windw=8), ['["windw"]', "allowed keys", "window"]),
     (dict(method="quest", budget=8, page_size=16), ['["budget"]', "page_size"]),
+    (dict(method="fasa", budget=64, min_context=-1), ['["min_context"]', "non-negative int"]),
 ])
 def test_bad_settings_name_the_key_and_allowed_values(raw, words):
     with pytest.raises(TokpruneConfigError) as err:

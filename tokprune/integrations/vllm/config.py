@@ -25,6 +25,7 @@ KEYS = {
     "num_fcs": (int, None),
     "chunk": (int, 1),
     "page_size": (int, 16),
+    "min_context": (int, 0),
 }
 DATA_DIR = Path(__file__).resolve().parent.parent.parent / "data"
 
@@ -48,6 +49,9 @@ class VllmSettings:
         num_fcs: dominant frequency chunks per KV head (FASA; default a quarter of the head's FCs).
         chunk: rotation pairs per FC (FASA; must match the calibration).
         page_size: tokens per page (Quest; must divide vLLM's block size).
+        min_context: decline rule: a decode request takes the sparse path only when its context exceeds
+            ``max(budget, min_context)`` (0: the budget alone). On a 2-core CPU FASA (budget 256, fused
+            kernel) lost at 4K x batch 8 and won at 8K (README, "Serving with vLLM").
     """
 
     method: str
@@ -58,6 +62,7 @@ class VllmSettings:
     num_fcs: Optional[int] = None
     chunk: int = 1
     page_size: int = 16
+    min_context: int = 0
 
 
 def _fail(key: str, message: str) -> None:
@@ -104,7 +109,7 @@ def parse_settings(additional_config: Any) -> Optional[VllmSettings]:
         values[key] = value
     if values["budget"] < 1:
         _fail("budget", f"must be a positive int (tokens attended per head), got {values['budget']!r}")
-    for key in ("sink", "window"):
+    for key in ("sink", "window", "min_context"):
         if values[key] < 0:
             _fail(key, f"must be a non-negative int, got {values[key]!r}")
     if values["sink"] >= values["budget"]:
