@@ -32,7 +32,11 @@ def backend_classes(worker) -> list:
 def _child(spec: dict) -> None:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(spec["model"], dtype="bfloat16", enforce_eager=True, max_model_len=spec.get("max_model_len", 2560),
+    import torch
+
+    # bf16 on a CPU with AMX tiles gets vLLM's AMX K/V layout, which tokprune refuses: fp32 there
+    dtype = "float32" if torch.cpu._is_amx_tile_supported() else "bfloat16"
+    llm = LLM(spec["model"], dtype=dtype, enforce_eager=True, max_model_len=spec.get("max_model_len", 2560),
               max_num_seqs=spec.get("max_num_seqs", 8), seed=0, enable_prefix_caching=False,
               kv_cache_memory_bytes=spec.get("kv_bytes", 512 << 20),
               additional_config=spec.get("additional_config") or {})
