@@ -165,8 +165,15 @@ def _oracle(method, settings: VllmSettings, q, k, v):
     dict(method="fasa", budget=48, sink=4, window=8, fcs="smollm2_135m"),
     dict(method="streaming", budget=40, sink=4),
     dict(method="quest", budget=48, page_size=16),
-], ids=lambda s: s["method"])
+    dict(method="fasa", budget=48, sink=4, window=8, fcs="smollm2_135m", fused=False),
+], ids=lambda s: s["method"] + ("-torch" if s.get("fused") is False else ""))
 def test_sparse_rows_match_contiguous_oracle_dense_rows_match_stock(monkeypatch, settings):
+    """FASA runs the fused kernel of tokprune._C when it is built; ``fused=False`` forces the torch fallback."""
+    settings = dict(settings)
+    if settings.pop("fused", True) is False:
+        monkeypatch.setattr(tb, "fused_fasa_available", lambda device: False)
+    elif settings["method"] == "fasa":
+        assert tb.fused_fasa_available(torch.device("cpu")), "tokprune._C is not built (make test-vllm builds it)"
     case = Case()
     (stock_impl, stock_builder), (impl, builder) = _pair(monkeypatch, settings)
     ref, ref_cache, _ = _run(stock_impl, stock_builder, case)

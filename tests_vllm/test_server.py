@@ -18,6 +18,13 @@ from tests_vllm.engine import ROOT
 START_TIMEOUT_S = 900
 
 
+def _dtype() -> str:
+    """bf16, or fp32 on a CPU with AMX tiles (vLLM's bf16 AMX K/V layout is refused by tokprune)."""
+    import torch
+
+    return "float32" if torch.cpu._is_amx_tile_supported() else "bfloat16"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -33,7 +40,7 @@ def test_openai_server_answers_with_the_plugin(smollm2_dir, tmp_path):
     port = _free_port()
     config = {"tokprune": {"method": "fasa", "budget": 32, "sink": 4, "window": 8, "fcs": "smollm2_135m"}}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2_dir),
-           "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+           "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port), "--dtype", _dtype(),
            "--enforce-eager", "--max-model-len", "1024", "--kv-cache-memory-bytes", str(256 << 20),
            "--additional-config", json.dumps(config)]
     log = tmp_path / "server.log"
