@@ -12,7 +12,12 @@ implements transformers' ``Cache`` interface on preallocated buffers instead:
 * per-row lengths for ragged batches (speculative decoding accepts a different number of tokens per
   row): :meth:`TokpruneLayer.valid_mask` tells which slots of the view each row may attend to;
 * side buffers (:class:`SideBuffer`) that pruning methods keep in step with the keys at append time
-  (FASA's packed frequency-chunk keys, Quest's page min/max, ...), written once per token.
+  (FASA's packed frequency-chunk keys, Quest's page min/max, ...), written once per token;
+* an optional split key layout per layer (:class:`SplitKeyStore`, :meth:`TokpruneLayer.split_keys`, used by
+  ``FASA(layout="split" | "offload")``): the keys held once, as dominant dims (dims-major) + the other dims,
+  no full-K buffer, the other dims and the values optionally on a second device. Readers that need full
+  keys get them reassembled (``layer.keys``, multi-token appends); rewrites (``keys`` assignment, ragged
+  rows, compaction) switch the layer back to full buffers; crop / reorder / batch selection work on the parts.
 
 Layout note for paged serving stacks (vLLM, FlashInfer): the contiguous ``(B, Hkv, capacity, D)``
 buffer *is* a paged KV cache with ``block_size = capacity`` and the block table ``[[0], [1], ..., [B-1]]``
@@ -42,6 +47,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 __all__ = [
     "SideBuffer",
     "PackedKeyDims",
+    "SplitKeyStore",
     "TokpruneLayer",
     "TokpruneCache",
     "cache_layer_for",
@@ -177,6 +183,202 @@ class PackedKeyDims(SideBuffer):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# FASA-C / FASA-M key layouts: keys stored once, as dominant dims + the other dims
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _nan_view(like: torch.Tensor, shape) -> torch.Tensor:
+    """A zero-stride ``shape`` view of one NaN: what a split layer hands to the attention function in place of
+    full keys (no bytes; any code that reads it by mistake gets NaN, never silently wrong numbers)."""
+    return torch.full((1, 1, 1, 1), float("nan"), dtype=like.dtype, device=like.device).expand(*shape)
+
+
+class SplitKeyStore:
+    """The keys of one :class:`TokpruneLayer` held once, in two disjoint parts per KV head (FASA-C), with the
+    values beside them; ``tier`` (FASA-M): the non-dominant dims and the values live on another device.
+
+    Attributes:
+        dims, rest_dims: ``(kv_heads, nd)`` / ``(kv_heads, D - nd)`` int64 head-dim indices (disjoint, together
+            all of ``0..D-1``), on the compute device.
+        storage: ``(batch, kv_heads, nd, capacity)`` dominant dims, dims-major (the buffer FASA scores from,
+            same layout as :attr:`PackedKeyDims.storage`), on the compute device.
+        rest: ``(batch, kv_heads, capacity, D - nd)`` the other key dims, on ``tier``.
+        values: ``(batch, kv_heads, capacity, Dv)`` the values, on ``tier``.
+        device: the compute device; ``tier``: where ``rest`` / ``values`` live (== ``device`` for FASA-C).
+    """
+
+    def __init__(self, dims: torch.Tensor, storage: torch.Tensor, rest: torch.Tensor, rest_dims: torch.Tensor,
+                 values: torch.Tensor, device):
+        self.dims, self.rest_dims = dims, rest_dims
+        self.storage, self.rest, self.values = storage, rest, values
+        self.device = torch.device(device)
+        self.tier = rest.device
+        self.offloaded = False  # True: rest / values form a second tier (FASA-M), even on the same device
+        self.length = 0
+
+    @classmethod
+    def from_buffers(cls, key_buffer: torch.Tensor, value_buffer: torch.Tensor, dims: torch.Tensor, length: int,
+                     tier=None) -> "SplitKeyStore":
+        batch, heads, capacity, head_dim = key_buffer.shape
+        dims = dims.long().to(key_buffer.device)
+        dims = dims if dims.dim() == 2 else dims.expand(heads, -1)
+        if dims.shape[0] != heads or int(dims.min()) < 0 or int(dims.max()) >= head_dim:
+            raise ValueError(f"split keys: dims {tuple(dims.shape)} do not fit {heads} KV heads of head_dim {head_dim}")
+        keep = torch.ones(heads, head_dim, dtype=torch.bool, device=key_buffer.device)
+        keep.scatter_(1, dims, False)
+        rest_dims = torch.arange(head_dim, device=key_buffer.device).expand(heads, -1)[keep].view(heads, -1)
+        offloaded = tier is not None
+        tier = key_buffer.device if tier is None else torch.device(tier)
+        storage = key_buffer.new_zeros(batch, heads, dims.shape[1], capacity)
+        rest = torch.zeros(batch, heads, capacity, rest_dims.shape[1], dtype=key_buffer.dtype, device=tier)
+        values = value_buffer if value_buffer.device == tier else value_buffer.to(tier)
+        store = cls(dims, storage, rest, rest_dims, values, key_buffer.device)
+        store.offloaded = offloaded
+        store.write(key_buffer[:, :, :length], 0)
+        store.length = length
+        return store
+
+    # -- shapes -----------------------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self.storage.shape[3]
+
+    @property
+    def head_dim(self) -> int:
+        return self.dims.shape[1] + self.rest_dims.shape[1]
+
+    @property
+    def packed_t(self) -> torch.Tensor:
+        """``(batch, kv_heads, nd, length)`` the dominant dims (as :attr:`PackedKeyDims.packed_t`)."""
+        return self.storage[..., : self.length]
+
+    @property
+    def packed(self) -> torch.Tensor:
+        """``(batch, kv_heads, length, nd)`` (as :attr:`PackedKeyDims.packed`)."""
+        return self.packed_t.transpose(2, 3)
+
+    def tensors(self) -> list:
+        return [self.storage, self.rest, self.values]
+
+    # -- writes -----------------------------------------------------------------------------------------------
+    def write(self, keys: torch.Tensor, start: int, values: Optional[torch.Tensor] = None) -> None:
+        """Store ``keys (B, Hkv, n, D)`` (and ``values``) at slots ``[start, start + n)`` of every row."""
+        batch, heads, n, _ = keys.shape
+        end = start + n
+        self.storage[..., start:end] = torch.gather(
+            keys, 3, self.dims[None, :, None, :].expand(batch, heads, n, -1)).transpose(2, 3)
+        rest = torch.gather(keys, 3, self.rest_dims[None, :, None, :].expand(batch, heads, n, -1))
+        self.rest[:, :, start:end] = rest.to(self.tier, non_blocking=True)
+        if values is not None:
+            self.values[:, :, start:end] = values.to(self.tier, non_blocking=True)
+
+    def grow(self, capacity: int, length: int) -> None:
+        def _grown(t, axis):
+            shape = list(t.shape)
+            shape[axis] = capacity
+            new = t.new_zeros(shape)
+            new.narrow(axis, 0, length).copy_(t.narrow(axis, 0, length))
+            return new
+
+        self.storage, self.rest, self.values = _grown(self.storage, 3), _grown(self.rest, 2), _grown(self.values, 2)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep batch rows ``rows`` (reorder / batch selection / repeat), each part on its own device."""
+        self.storage = self.storage.index_select(0, rows.to(self.device))
+        tier_rows = rows.to(self.tier)
+        self.rest = self.rest.index_select(0, tier_rows)
+        self.values = self.values.index_select(0, tier_rows)
+
+    # -- reads ------------------------------------------------------------------------------------------------
+    def full_keys(self, length: Optional[int] = None) -> torch.Tensor:
+        """Reassembled ``(batch, kv_heads, length, D)`` keys on the compute device (a new tensor)."""
+        length = self.length if length is None else length
+        batch, heads = self.storage.shape[:2]
+        out = self.storage.new_empty(batch, heads, length, self.head_dim)
+        out.scatter_(3, self.dims[None, :, None, :].expand(batch, heads, length, -1),
+                     self.storage[..., :length].transpose(2, 3))
+        out.scatter_(3, self.rest_dims[None, :, None, :].expand(batch, heads, length, -1),
+                     self.rest[:, :, :length].to(self.device))
+        return out
+
+    def full_values(self, length: Optional[int] = None) -> torch.Tensor:
+        length = self.length if length is None else length
+        return self.values[:, :, :length].to(self.device)
+
+    def _query_parts(self, query: torch.Tensor):
+        batch, heads, _, head_dim = query.shape
+        kv_heads = self.dims.shape[0]
+        q = query.reshape(batch, kv_heads, heads // kv_heads, head_dim).float()
+        g = q.shape[2]
+        q_dom = torch.gather(q, 3, self.dims[None, :, None, :].expand(batch, -1, g, -1))
+        q_rest = torch.gather(q, 3, self.rest_dims[None, :, None, :].expand(batch, -1, g, -1))
+        return q_dom, q_rest  # (B, Hkv, g, nd) / (B, Hkv, g, D - nd)
+
+    def dense_attention(self, query: torch.Tensor, scale: float, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Exact decode attention over all ``length`` tokens without reassembling the keys:
+        ``logits = q_dom . k_dom + q_rest . k_rest``. ``query (B, H, 1, D)``, ``valid (B, T)`` bool or ``None``.
+        On a second tier the rest dims and the values of all tokens are copied to the compute device.
+        Returns ``(B, H, 1, Dv)`` in the query dtype."""
+        batch, heads = query.shape[:2]
+        length = self.length
+        q_dom, q_rest = self._query_parts(query)
+        rest = self.rest[:, :, :length].to(self.device, non_blocking=True)
+        values = self.values[:, :, :length].to(self.device, non_blocking=True)
+        logits = torch.matmul(q_dom, self.storage[..., :length].float())
+        logits += torch.matmul(q_rest, rest.transpose(2, 3).float())
+        logits *= scale
+        if valid is not None:
+            logits.masked_fill_(~valid[:, None, None, :length], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # a row without valid keys: zeros
+        out = torch.matmul(probs, values.float())  # (B, Hkv, g, Dv)
+        return out.reshape(batch, heads, 1, -1).to(query.dtype)
+
+    def sparse_attention(self, query: torch.Tensor, index: torch.Tensor, scale: float) -> torch.Tensor:
+        """Exact decode attention over the tokens of ``index`` ``(B, Hkv or H, K)`` (``-1`` = none): only the
+        chosen rows of both key parts and of the values are gathered (from the second tier when there is one:
+        only those rows are copied), ``logits = q_dom . k_dom + q_rest . k_rest``. Returns ``(B, H, 1, Dv)``."""
+        batch, heads = query.shape[:2]
+        kv_heads = self.dims.shape[0]
+        group = heads // kv_heads
+        sel_heads, k = index.shape[1], index.shape[2]
+        per_head = sel_heads != kv_heads
+        tok = index.clamp(min=0)
+        b_idx = torch.arange(batch, device=index.device)[:, None, None]
+        h_idx = torch.arange(sel_heads, device=index.device)[None, :, None]
+        if per_head:
+            h_idx = h_idx // group
+        k_dom = self.storage[b_idx, h_idx, :, tok]  # (B, Hs, K, nd)
+        if not self.offloaded:
+            k_rest = self.rest[b_idx, h_idx, tok]
+            v = self.values[b_idx, h_idx, tok]
+        else:
+            t_b, t_h, t_tok = b_idx.to(self.tier), h_idx.to(self.tier), tok.to(self.tier)
+            k_rest = self.rest[t_b, t_h, t_tok].to(self.device, non_blocking=True)
+            v = self.values[t_b, t_h, t_tok].to(self.device, non_blocking=True)
+        q_dom, q_rest = self._query_parts(query)
+        gi = group if per_head else 1
+        shape = (batch, kv_heads, gi, k, -1)
+        k_dom, k_rest, v = k_dom.reshape(shape).float(), k_rest.reshape(shape).float(), v.reshape(shape).float()
+        logits = torch.matmul(q_dom.unsqueeze(3), k_dom.transpose(3, 4))  # (B, Hkv, g, 1, K)
+        logits += torch.matmul(q_rest.unsqueeze(3), k_rest.transpose(3, 4))
+        logits *= scale
+        pad = (index < 0).reshape(batch, kv_heads, gi, 1, k)
+        logits.masked_fill_(pad, float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+        out = torch.matmul(probs, v)  # (B, Hkv, g, 1, Dv)
+        return out.reshape(batch, heads, 1, -1).to(query.dtype)
+
+    def nbytes(self) -> Dict[str, int]:
+        """Resident bytes per tier, ``{"compute": ..., "offload": ...}`` (allocated buffers, capacity included;
+        without a second tier everything is ``"compute"``)."""
+        second = "offload" if self.offloaded else "compute"
+        out = {"compute": self.storage.numel() * self.storage.element_size()}
+        for t in (self.rest, self.values):
+            out[second] = out.get(second, 0) + t.numel() * t.element_size()
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------
 # the layer
 # ---------------------------------------------------------------------------------------------------------
 
@@ -209,11 +411,14 @@ class TokpruneLayer(CacheLayerMixin):
         self._k_view: Optional[torch.Tensor] = None
         self._v_view: Optional[torch.Tensor] = None
         self._side_dirty = False
+        self.split: Optional[SplitKeyStore] = None  # FASA-C / FASA-M layout (see split_keys); None: full K
         super().__init__()  # sets keys/values to None through the setters (a no-op clear)
 
     # -- views --------------------------------------------------------------------------------------------
     @property
     def keys(self) -> Optional[torch.Tensor]:
+        if self.split is not None:  # reassembled on demand (a new tensor; the layer holds no full K)
+            return self.split.full_keys(self.length)
         return self._k_view
 
     @keys.setter
@@ -222,6 +427,8 @@ class TokpruneLayer(CacheLayerMixin):
 
     @property
     def values(self) -> Optional[torch.Tensor]:
+        if self.split is not None:  # on the compute device (a copy when the values live on a second tier)
+            return self.split.full_values(self.length)
         return self._v_view
 
     @values.setter
@@ -230,10 +437,14 @@ class TokpruneLayer(CacheLayerMixin):
 
     @property
     def capacity(self) -> int:
+        if self.split is not None:
+            return self.split.capacity
         return 0 if self.key_buffer is None else self.key_buffer.shape[2]
 
     @property
     def batch_size(self) -> int:
+        if self.split is not None:
+            return self.split.storage.shape[0]
         return self.key_buffer.shape[0] if self.key_buffer is not None else -1
 
     @property
@@ -245,6 +456,8 @@ class TokpruneLayer(CacheLayerMixin):
         """``(batch,)`` int64 tokens held by each row (on the cache device)."""
         if self._row_lengths is not None:
             return self._row_lengths
+        if self.split is not None:
+            return torch.full((self.batch_size,), self.length, dtype=torch.long, device=self.split.device)
         if self.key_buffer is None:
             return torch.zeros(0, dtype=torch.long)
         return torch.full((self.key_buffer.shape[0],), self.length, dtype=torch.long, device=self.key_buffer.device)
@@ -257,7 +470,14 @@ class TokpruneLayer(CacheLayerMixin):
         return pos[None, :] < self._row_lengths[:, None]
 
     def _refresh_views(self) -> None:
-        if self.key_buffer is None:
+        if self.split is not None:
+            split = self.split
+            split.length = self.length
+            shape = (split.storage.shape[0], split.storage.shape[1], self.length, split.head_dim)
+            self._k_view = _nan_view(split.storage, shape)
+            self._v_view = (split.values[:, :, : self.length] if not split.offloaded else
+                            _nan_view(split.storage, shape[:3] + (split.values.shape[3],)))
+        elif self.key_buffer is None:
             self._k_view = self._v_view = None
         else:
             self._k_view = self.key_buffer[:, :, : self.length]
@@ -298,6 +518,10 @@ class TokpruneLayer(CacheLayerMixin):
             raise ValueError(f"value_states must match key_states in (batch, kv_heads, n_tokens), got "
                              f"{tuple(getattr(value_states, 'shape', ()))} vs {tuple(key_states.shape)}")
         kb, vb = self.key_buffer, self.value_buffer
+        if self.split is not None:  # stand-ins with the shapes / dtype / device of the split buffers
+            sp = self.split
+            kb = _nan_view(sp.storage, (sp.storage.shape[0], sp.storage.shape[1], 1, sp.head_dim))
+            vb = _nan_view(sp.storage, (sp.storage.shape[0], sp.storage.shape[1], 1, sp.values.shape[3]))
         where = f"layer {self.layer_idx} of the TokpruneCache" if self.layer_idx is not None else "TokpruneLayer"
         if key_states.shape[0] != kb.shape[0]:
             raise ValueError(f"key_states has batch {key_states.shape[0]} but {where} holds batch {kb.shape[0]}; "
@@ -324,6 +548,8 @@ class TokpruneLayer(CacheLayerMixin):
             tokens last (ragged rows: row ``b``'s new tokens sit at ``row_lengths[b] - n ..``, slots
             after them up to ``length`` are not valid for that row, see :meth:`valid_mask`).
         """
+        if self.split is not None:
+            return self._split_update(key_states, value_states)
         if self.key_buffer is None:
             self.lazy_initialization(key_states, value_states)
         else:
@@ -351,6 +577,65 @@ class TokpruneLayer(CacheLayerMixin):
         if self._row_lengths is not None:
             self._ragged_min += n
         return self._k_view, self._v_view
+
+    def _split_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Append to the split layout: the dominant dims to ``storage``, the rest (and the values) to their tier.
+        A decode step (one token) returns a NaN placeholder for the keys (the FASA policy reads the parts);
+        a multi-token call (a prompt chunk, speculative verification) returns reassembled keys and values."""
+        self._check_states(key_states, value_states)
+        n = key_states.shape[2]
+        start, end = self.length, self.length + n
+        if end > self.capacity:
+            self.split.grow(_round_up(max(end, 2 * self.capacity)), start)
+        self.split.write(key_states, start, value_states)
+        self.length = end
+        self._refresh_views()
+        if n == 1:
+            return self._k_view, self._v_view
+        self._k_view = self.split.full_keys(end)
+        return self._k_view, self.split.full_values(end)
+
+    def split_keys(self, dims: torch.Tensor, tier=None, own_side: Optional[str] = None) -> bool:
+        """Switch this layer to the FASA-C layout: keys kept once, as the dims ``dims`` ``(kv_heads, nd)``
+        (dims-major, what FASA scores) + the other dims; no full-K buffer afterwards. ``tier`` (FASA-M): the
+        device for the other dims and the values (``None``: the compute device). ``own_side``: the name of
+        the caller's :class:`PackedKeyDims` side buffer, dropped (its storage is reused as the dominant part).
+
+        Returns ``False`` (layout unchanged) on an empty or ragged layer; ``True`` when the layer is split.
+        Raises ``ValueError`` when other side buffers are attached (they read ``key_buffer``)."""
+        if self.split is not None:
+            return True
+        if self.key_buffer is None or self.length == 0 or self._row_lengths is not None:
+            return False
+        others = [name for name in self.side if name != own_side]
+        if others:
+            raise ValueError(f"split keys: layer {self.layer_idx} has side buffers {others} that read full keys; "
+                             f"use FASA(layout='packed') with them")
+        if self._side_dirty:
+            self._rebuild_side()
+        packed = self.side.pop(own_side, None) if own_side is not None else None
+        store = SplitKeyStore.from_buffers(self.key_buffer, self.value_buffer, dims, self.length, tier=tier)
+        if isinstance(packed, PackedKeyDims) and packed.storage is not None and packed.length == self.length \
+                and packed.storage.shape == store.storage.shape and torch.equal(packed.dims.to(store.dims.device).expand_as(store.dims), store.dims):
+            store.storage = packed.storage  # the same numbers: keep one of them
+        self.split = store
+        self.key_buffer = self.value_buffer = None
+        self._refresh_views()
+        return True
+
+    def unsplit(self) -> None:
+        """Back to full K/V buffers (reassembled; used before rewrites that work on full keys)."""
+        split = self.split
+        if split is None:
+            return
+        capacity = split.capacity
+        kb = split.storage.new_zeros(split.storage.shape[0], split.storage.shape[1], capacity, split.head_dim)
+        kb[:, :, : self.length] = split.full_keys(self.length)
+        self.key_buffer = kb
+        self.value_buffer = split.values.to(split.device)
+        self.split = None
+        self._side_dirty = True
+        self._refresh_views()
 
     def _reinit(self, key_states, value_states) -> None:
         kb, vb = self.key_buffer, self.value_buffer
@@ -393,6 +678,7 @@ class TokpruneLayer(CacheLayerMixin):
     def _assign(self, tensor, which: str) -> None:
         if tensor is None:
             return self._clear()
+        self.unsplit()
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
             raise ValueError(f"layer.{which} must be assigned a (batch, kv_heads, n_tokens, head_dim) tensor")
         buffer = self.key_buffer if which == "keys" else self.value_buffer
@@ -417,6 +703,7 @@ class TokpruneLayer(CacheLayerMixin):
     def set_row_lengths(self, row_lengths) -> None:
         """Declare how many tokens each row holds (ragged batch). ``row_lengths``: ``(batch,)`` ints
         (a list or an int64 tensor) each ``<= length``; rows equal to ``length`` everywhere -> not ragged."""
+        self.unsplit()
         if self.key_buffer is None:
             raise RuntimeError("set_row_lengths on an empty layer")
         if isinstance(row_lengths, torch.Tensor):
@@ -457,7 +744,11 @@ class TokpruneLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        """Empty the layer; the buffers are kept and re-used when the next batch has the same shape."""
+        """Empty the layer; the buffers are kept and re-used when the next batch has the same shape (a split
+        layer drops its buffers: the next prompt fills full K/V again, FASA splits it at its first decode step)."""
+        if self.split is not None:
+            self.split = None
+            self.key_buffer = self.value_buffer = None
         self._clear()
         self.is_initialized = False
 
@@ -465,7 +756,7 @@ class TokpruneLayer(CacheLayerMixin):
         """Remove the last ``-tokens_to_remove`` tokens (a negative count, like ``DynamicLayer.crop``)."""
         if tokens_to_remove > 0:
             raise ValueError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")
-        if tokens_to_remove == 0 or self.key_buffer is None:
+        if tokens_to_remove == 0 or (self.key_buffer is None and self.split is None):
             return
         self.length = max(0, self.length + tokens_to_remove)
         if self._row_lengths is not None:
@@ -483,13 +774,24 @@ class TokpruneLayer(CacheLayerMixin):
         self._side_dirty = True
         self._refresh_views()
 
+    def _split_rows(self, rows: torch.Tensor) -> None:
+        self.split.select_rows(rows)
+        if self._row_lengths is not None:
+            self._row_lengths = self._row_lengths[rows.to(self._row_lengths.device)]
+        self._refresh_views()
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.split is not None:
+            return self._split_rows(beam_idx.to(self.split.device))
         if self.key_buffer is None:
             return
         idx = beam_idx.to(self.key_buffer.device)
         self._rebatch(self.key_buffer.index_select(0, idx), self.value_buffer.index_select(0, idx), idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.split is not None:
+            rows = torch.arange(self.batch_size, device=self.split.device).repeat_interleave(repeats)
+            return self._split_rows(rows)
         if self.key_buffer is None:
             return
         rows = torch.arange(self.key_buffer.shape[0], device=self.key_buffer.device).repeat_interleave(repeats)
@@ -497,6 +799,8 @@ class TokpruneLayer(CacheLayerMixin):
                       rows)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.split is not None:
+            return self._split_rows(indices.to(self.split.device))
         if self.key_buffer is None:
             return
         idx = indices.to(self.key_buffer.device)
@@ -510,7 +814,8 @@ class TokpruneLayer(CacheLayerMixin):
 
     def __repr__(self):
         return (f"TokpruneLayer(length={self.length}, capacity={self.capacity}, "
-                f"batch={self.batch_size}, ragged={self.ragged}, side={list(self.side)})")
+                f"batch={self.batch_size}, ragged={self.ragged}, side={list(self.side)}, "
+                f"layout={'full' if self.split is None else ('offload' if self.split.offloaded else 'split')})")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -589,6 +894,7 @@ class TokpruneCache(Cache):
         host_counts = [width] * keep.shape[0] if counts is None else (
             counts.detach().to("cpu").long().tolist() if isinstance(counts, torch.Tensor) else [int(c) for c in counts])
         for layer in self.layers:
+            layer.unsplit()  # compaction works on full K (a split layer is reassembled; FASA splits it again)
             if layer.key_buffer is None:
                 continue
             if keep.shape[0] != layer.key_buffer.shape[0]:
@@ -606,7 +912,7 @@ class TokpruneCache(Cache):
 
     @property
     def batch_size(self) -> int:
-        sizes = {layer.batch_size for layer in self.layers if layer.key_buffer is not None}
+        sizes = {layer.batch_size for layer in self.layers if layer.batch_size != -1}
         if not sizes:
             return -1
         if len(sizes) > 1:
@@ -630,7 +936,7 @@ def cache_layer_for(key: torch.Tensor, layer_idx: int) -> Optional[TokpruneLayer
         if not 0 <= layer_idx < len(cache.layers):
             continue
         layer = cache.layers[layer_idx]
-        view = layer.keys
+        view = layer._k_view
         if view is None:
             continue
         if view is key:
@@ -660,6 +966,12 @@ def tokprune_decode_attention(module, query, key, value, attention_mask, dropout
 
         valid = attention_mask
         layer = cache_layer_for(key, getattr(module, "layer_idx", -1))
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if layer is not None and layer.split is not None:  # FASA-C/M layout: two-part dot product, no reassembly
+            from tokprune.methods.base import decode_valid_mask
+
+            rows = decode_valid_mask(attention_mask, query.shape[0], key.shape[2], layer)
+            return layer.split.dense_attention(query, scale, rows).transpose(1, 2), None
         if layer is not None and layer.ragged:
             rows = layer.valid_mask()[:, None, None, :]
             if valid is None:

@@ -3,7 +3,9 @@
 FASA scores every cached key with the partial logit of a few *dominant* frequency chunks (FCs, RoPE
 rotation pairs; layout in :mod:`tokprune.ops.fasa`), keeps the ``budget`` best tokens (the ``sink`` first
 and ``window`` most recent always among them) and runs exact attention over those only. Prefill is full
-attention; the KV cache stays complete (tokens are selected per step, never evicted).
+attention; the KV cache stays complete (tokens are selected per step, never evicted). ``layout`` chooses how
+tokprune's cache holds the keys: full K + a packed FC copy (default), split into FC dims + the rest (FASA-C),
+or split with the rest and the values on a second device (FASA-M spirit); :meth:`FASA.memory_report`.
 
 Calibration (:func:`calibrate`, ``tokprune calibrate fasa``): one prefill over a calibration text records
 post-RoPE queries and keys of every layer; for the last ``n_queries`` positions and every head, each FC's
@@ -34,6 +36,10 @@ from tokprune.reference.fasa import fc_dims
 from tokprune.methods.fasa_calibration import (  # noqa: E402,F401  (re-exported)
     FORMAT, UNCALIBRATED, FCCalibration, _Recorder, calibrate, calibrate_main, calibration_text, fc_agreement,
     find_calibration, missing_calibration_error)
+
+
+#: the key layouts of ``FASA(layout=...)``
+LAYOUTS = ("packed", "split", "offload")
 
 
 @dataclass
@@ -73,6 +79,17 @@ class FASA(KVPolicy):
             0.60 / 1.48; 2K: 0.26 / 0.72 vs 0.35 / 0.88) (``python -m benchmarks.bench_fasa_decline --methods
             fasa fasa_fused --budgets 256 --batches 1 4 --ratios 8 16 32``, and with ``--threads 2 --wall``;
             2026-12-05, commit 1a6fd3c).
+        layout: how tokprune's KV cache holds the keys of the layers FASA serves (other caches: always the
+            full keys). ``"packed"`` (default): full K plus the packed copy of the dominant dims (``2*chunk*F/D``
+            of K more). ``"split"`` (FASA-C): from the layer's first decode step the keys are stored once, as
+            the dominant dims (dims-major, what scoring reads) + the other dims, with no full-K buffer; the
+            sparse step gathers both parts for the selected tokens only (``q.k = q_dom.k_dom + q_rest.k_rest``),
+            declined/dense steps compute the same two-part product over all tokens. ``"offload"`` (in the spirit
+            of FASA-M): as ``"split"``, with the other key dims and the values on ``offload_device``; a sparse
+            step copies only the selected rows to the compute device (a dense step copies them all). See
+            :meth:`memory_report`. Needs ``packed=True`` and tokprune's cache; the fused C++ step runs only with
+            ``"packed"``.
+        offload_device: the second tier of ``layout="offload"`` (default ``"cpu"``: host memory on a GPU).
     """
 
     fcs: Any = None
@@ -83,6 +100,8 @@ class FASA(KVPolicy):
     selection: str = "group"
     dense_layers: Tuple[int, ...] = ()
     fused: Optional[bool] = None
+    layout: str = "packed"
+    offload_device: Any = "cpu"
     _calibration: Optional[FCCalibration] = field(default=None, init=False, repr=False, compare=False)
     _fc_cache: Dict[tuple, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -102,6 +121,14 @@ class FASA(KVPolicy):
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.dense_layers):
             raise ValueError(f"FASA: dense_layers must be a sequence of layer indices >= 0, got {self.dense_layers!r}")
         self.dense_layers = tuple(self.dense_layers)
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"FASA: layout must be one of {', '.join(map(repr, LAYOUTS))}, got {self.layout!r}")
+        if self.layout != "packed" and not self.packed:
+            raise ValueError(f"FASA: layout={self.layout!r} stores the dominant dims packed; it needs packed=True")
+        try:
+            self.offload_device = torch.device(self.offload_device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"FASA: offload_device must name a torch device, got {self.offload_device!r}") from exc
         if self.num_fcs is not None and (isinstance(self.num_fcs, bool) or not isinstance(self.num_fcs, int)
                                          or self.num_fcs < 1):
             raise ValueError(f"FASA: num_fcs must be a positive int, got {self.num_fcs!r}")
@@ -183,7 +210,8 @@ class FASA(KVPolicy):
 
     def _fused_op(self, ctx: DecodeContext):
         """:func:`tokprune.ops.paged.paged_fasa_decode` when this step can run as that one call, else ``None``."""
-        if self.fused is False or ctx.cache_layer is None or ctx.valid is not None or not self.packed:
+        if self.fused is False or ctx.cache_layer is None or ctx.valid is not None or not self.packed \
+                or self.layout != "packed":
             return None
         if self.selection != "group" or self.aggregate != "softmax" or ctx.query.device.type != "cpu":
             return None
@@ -193,8 +221,36 @@ class FASA(KVPolicy):
             return None
         return _fused_fasa_op()
 
+    def _split(self, ctx: DecodeContext):
+        """The layer's :class:`tokprune.hf.kv_cache.SplitKeyStore` with ``layout="split"``/``"offload"`` (the
+        layer is split at its first decode step here), ``None`` with ``"packed"`` or while the layer cannot be
+        split (ragged rows: the packed path serves the step)."""
+        if self.layout == "packed":
+            return None
+        layer = ctx.cache_layer
+        if layer is None:
+            raise ValueError(f"FASA(layout={self.layout!r}) needs tokprune's KV cache (patch(model, cache=True)); "
+                             f"this call came with another cache")
+        if layer.split is None:
+            batch, kv_heads, head_dim = ctx.batch, ctx.kv_heads, ctx.head_dim
+            self.fc_index(ctx.layer_idx, kv_heads, head_dim, ctx.query.device)
+            dims = self._fc_cache[(ctx.layer_idx, kv_heads, head_dim, str(ctx.query.device), "dims")]
+            tier = self.offload_device if self.layout == "offload" else None
+            if not layer.split_keys(dims, tier=tier, own_side=f"fasa_fc_{id(self)}"):
+                return None
+        return layer.split
+
     def attend_decode(self, ctx: DecodeContext) -> Optional[torch.Tensor]:
-        """The shared path (:meth:`KVPolicy.attend_decode`), or the fused C++ step (see ``fused``)."""
+        """The shared path (:meth:`KVPolicy.attend_decode`), or the fused C++ step (see ``fused``); with
+        ``layout="split"``/``"offload"`` the two-part attention of the split keys (dense when declining)."""
+        if ctx.layer_idx in self.dense_layers:
+            return None
+        split = self._split(ctx)
+        if split is not None:
+            if self.declines(ctx.n_tokens, ctx):
+                return split.dense_attention(ctx.query, ctx.scale, ctx.valid)
+            index = self.select(self.score(ctx), ctx)
+            return split.sparse_attention(ctx.query, index, ctx.scale)
         if self.declines(ctx.n_tokens, ctx):
             return None
         op = self._fused_op(ctx)
@@ -213,6 +269,78 @@ class FASA(KVPolicy):
                  seq_lens, self.budget, self.sink, self.window, ctx.scale, vote_scale=head_dim ** -0.5)
         return out.view(batch, heads, 1, head_dim)
 
+    def memory_report(self, cache, heads: Optional[int] = None) -> Dict[str, Any]:
+        """Resident bytes and bytes read per decode step, per memory tier, from ``cache``'s buffers.
+
+        ``cache``: a :class:`tokprune.hf.kv_cache.TokpruneCache` this policy served (e.g. ``model.generate(...,
+        return_dict_in_generate=True).cache``). Resident: the allocated buffers of each layer (capacity
+        included): full K + V + the packed FC copy (``"packed"``), the two key parts + V (``"split"``; the
+        second part and V on ``offload_device`` with ``"offload"``). Read per step, at the layer's current length
+        ``T`` and this policy's budget (``K = min(budget, T)``), ``e`` the element size: a sparse step reads
+        ``T*nd`` dominant dims per KV head for scoring plus ``K`` selected rows of keys (both parts) and values
+        per KV head (per query head with ``selection="head"``, then ``heads`` is needed); a declined or dense
+        layer reads all ``T`` rows of K and V (the placement of the parts decides the device).
+
+        Returns ``{"layout", "resident": {tier: bytes}, "read_per_step": {tier: bytes}, "layers": [...]}`` with
+        tiers ``"compute"`` and (``"offload"`` layout) ``"offload"``; per layer: ``layout`` (``"packed"``,
+        ``"split"``, ``"offload"``, or ``"full"`` before FASA's first step), ``sparse``, ``resident``,
+        ``read_per_step``, ``devices`` (tier -> device).
+        """
+        if self.selection == "head" and heads is None:
+            raise ValueError("memory_report: selection='head' selects per query head; give heads=")
+        total_res: Dict[str, int] = {}
+        total_read: Dict[str, int] = {}
+        layers = []
+
+        def _add(d, dev, n):
+            d[str(dev)] = d.get(str(dev), 0) + int(n)
+
+        for idx, layer in enumerate(cache.layers):
+            res: Dict[str, int] = {}
+            read: Dict[str, int] = {}
+            split = getattr(layer, "split", None)
+            if split is None and layer.key_buffer is None:
+                continue
+            if split is not None:
+                batch, kv_heads, n_dims = split.storage.shape[:3]
+                d_rest, d_v = split.rest.shape[3], split.values.shape[3]
+                e = split.storage.element_size()
+                res.update(split.nbytes())
+                dev, tier = "compute", ("offload" if split.offloaded else "compute")
+                kind = "offload" if split.offloaded else "split"
+                devices = {"compute": str(split.device), "offload": str(split.tier)} if split.offloaded else \
+                    {"compute": str(split.device)}
+            else:
+                kb, vb = layer.key_buffer, layer.value_buffer
+                batch, kv_heads, _, head_dim = kb.shape
+                d_v, e = vb.shape[3], kb.element_size()
+                for t in (kb, vb):
+                    _add(res, "compute", t.numel() * t.element_size())
+                packed = [b for b in layer.side.values() if getattr(b, "storage", None) is not None]
+                for b in packed:
+                    _add(res, "compute", b.storage.numel() * b.storage.element_size())
+                n_dims = packed[0].storage.shape[2] if packed else 0
+                d_rest = head_dim - n_dims
+                dev = tier = "compute"
+                devices = {"compute": str(kb.device)}
+                kind = "packed" if packed else "full"
+            length = layer.length
+            sel_heads = heads if self.selection == "head" else kv_heads
+            sparse = not (idx in self.dense_layers or self.declines(length, batch=batch)) and n_dims > 0
+            if sparse:
+                k = min(self.budget, length)
+                _add(read, dev, batch * kv_heads * length * n_dims * e + batch * sel_heads * k * n_dims * e)
+                _add(read, tier, batch * sel_heads * k * (d_rest + d_v) * e)
+            else:
+                _add(read, dev, batch * kv_heads * length * n_dims * e)
+                _add(read, tier, batch * kv_heads * length * (d_rest + d_v) * e)
+            for d, src in ((total_res, res), (total_read, read)):
+                for key, val in src.items():
+                    _add(d, key, val)
+            layers.append(dict(layer=idx, layout=kind, sparse=sparse, resident=res, read_per_step=read,
+                               devices=devices))
+        return dict(layout=self.layout, resident=total_res, read_per_step=total_read, layers=layers)
+
     @property
     def per_head(self) -> bool:  # score() returns (B, H, T) with selection="head"
         return self.selection == "head"
@@ -225,7 +353,7 @@ class FASA(KVPolicy):
         dims = self._fc_cache[(ctx.layer_idx, kv_heads, head_dim, str(ctx.key.device), "dims")]
         layer = ctx.cache_layer
         if self.packed and layer is not None:
-            side = self._side(ctx, dims)
+            side = layer.split if getattr(layer, "split", None) is not None else self._side(ctx, dims)
             if (self.selection == "group" and self.aggregate == "softmax" and ctx.query.device.type == "cpu"
                     and self.backend in (None, "auto", "torch")):
                 return _group_softmax_vote(ctx.query, side.packed_t, dims, ctx.valid, head_dim ** -0.5)
