@@ -305,6 +305,15 @@ class SplitKeyStore:
         length = self.length if length is None else length
         return self.values[:, :, :length].to(self.device)
 
+    def _query_perm(self, query: torch.Tensor) -> torch.Tensor:
+        """``(B, Hkv, g, D)`` fp32 query with its dims in the order (dominant dims, other dims) of its KV head."""
+        batch, heads, _, head_dim = query.shape
+        kv_heads = self.dims.shape[0]
+        if getattr(self, "_perm", None) is None or self._perm.device != query.device:
+            self._perm = torch.cat([self.dims, self.rest_dims], 1).to(query.device)
+        q = query.reshape(batch, kv_heads, heads // kv_heads, head_dim).float()
+        return torch.gather(q, 3, self._perm[None, :, None, :].expand(batch, -1, q.shape[2], -1))
+
     def _query_parts(self, query: torch.Tensor):
         batch, heads, _, head_dim = query.shape
         kv_heads = self.dims.shape[0]
@@ -333,39 +342,43 @@ class SplitKeyStore:
         out = torch.matmul(probs, values.float())  # (B, Hkv, g, Dv)
         return out.reshape(batch, heads, 1, -1).to(query.dtype)
 
-    def sparse_attention(self, query: torch.Tensor, index: torch.Tensor, scale: float) -> torch.Tensor:
+    def sparse_attention(self, query: torch.Tensor, index: torch.Tensor, scale: float,
+                         padded: bool = True) -> torch.Tensor:
         """Exact decode attention over the tokens of ``index`` ``(B, Hkv or H, K)`` (``-1`` = none): only the
         chosen rows of both key parts and of the values are gathered (from the second tier when there is one:
-        only those rows are copied), ``logits = q_dom . k_dom + q_rest . k_rest``. Returns ``(B, H, 1, Dv)``."""
+        only those rows are copied), ``logits = q_dom . k_dom + q_rest . k_rest``. ``padded=False`` promises no
+        ``-1`` entries (skips the masking). Returns ``(B, H, 1, Dv)`` in the query dtype."""
         batch, heads = query.shape[:2]
         kv_heads = self.dims.shape[0]
         group = heads // kv_heads
-        sel_heads, k = index.shape[1], index.shape[2]
-        per_head = sel_heads != kv_heads
-        tok = index.clamp(min=0)
-        b_idx = torch.arange(batch, device=index.device)[:, None, None]
-        h_idx = torch.arange(sel_heads, device=index.device)[None, :, None]
-        if per_head:
-            h_idx = h_idx // group
-        k_dom = self.storage[b_idx, h_idx, :, tok]  # (B, Hs, K, nd)
-        if not self.offloaded:
-            k_rest = self.rest[b_idx, h_idx, tok]
-            v = self.values[b_idx, h_idx, tok]
-        else:
-            t_b, t_h, t_tok = b_idx.to(self.tier), h_idx.to(self.tier), tok.to(self.tier)
-            k_rest = self.rest[t_b, t_h, t_tok].to(self.device, non_blocking=True)
-            v = self.values[t_b, t_h, t_tok].to(self.device, non_blocking=True)
-        q_dom, q_rest = self._query_parts(query)
-        gi = group if per_head else 1
-        shape = (batch, kv_heads, gi, k, -1)
-        k_dom, k_rest, v = k_dom.reshape(shape).float(), k_rest.reshape(shape).float(), v.reshape(shape).float()
-        logits = torch.matmul(q_dom.unsqueeze(3), k_dom.transpose(3, 4))  # (B, Hkv, g, 1, K)
-        logits += torch.matmul(q_rest.unsqueeze(3), k_rest.transpose(3, 4))
-        logits *= scale
-        pad = (index < 0).reshape(batch, kv_heads, gi, 1, k)
-        logits.masked_fill_(pad, float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
-        out = torch.matmul(probs, v)  # (B, Hkv, g, 1, Dv)
+        k = index.shape[2]
+        gi = group if index.shape[1] != kv_heads else 1  # per-query-head selection: one token set per head
+        tok = (index.clamp(min=0) if padded else index).view(batch, kv_heads, gi, k)
+        n_dims, d_rest, d_v = self.storage.shape[2], self.rest.shape[3], self.values.shape[3]
+        capacity = self.capacity
+        dom = self.storage.unsqueeze(2).expand(batch, kv_heads, gi, n_dims, capacity)
+        k_dom = torch.gather(dom, 4, tok[:, :, :, None, :].expand(-1, -1, -1, n_dims, -1))  # (B, Hkv, gi, nd, K)
+        # rows of the token-major parts: one index_select over (B * Hkv * capacity) rows (measured 9 us vs 51 us
+        # for torch.gather on 3 heads x 256 rows x 48 dims, 1 thread)
+        rows = (torch.arange(batch * kv_heads, device=tok.device).view(batch, kv_heads, 1, 1) * capacity + tok).view(-1)
+        if self.offloaded:
+            rows = rows.to(self.tier, non_blocking=True)
+        k_rest = self.rest.reshape(-1, d_rest).index_select(0, rows).view(batch, kv_heads, gi, k, d_rest)
+        v = self.values.reshape(-1, d_v).index_select(0, rows).view(batch, kv_heads, gi, k, d_v)
+        if self.offloaded:
+            k_rest = k_rest.to(self.device, non_blocking=True)
+            v = v.to(self.device, non_blocking=True)
+        q_perm = self._query_perm(query).view(batch * kv_heads, gi, group // gi, -1)  # dims: dominant, then rest
+        k_sel = torch.cat([k_dom.transpose(3, 4), k_rest], dim=-1).view(batch * kv_heads, gi, k, -1)
+        v = v.view(batch * kv_heads, gi, k, d_v)
+        if not padded:  # q.k over the permuted dims == q_dom.k_dom + q_rest.k_rest: one fused SDPA call
+            out = torch.nn.functional.scaled_dot_product_attention(q_perm, k_sel.to(q_perm.dtype),
+                                                                   v.to(q_perm.dtype), scale=scale)
+            return out.reshape(batch, heads, 1, -1).to(query.dtype)
+        logits = torch.matmul(q_perm, k_sel.float().transpose(2, 3)) * scale  # (B * Hkv, gi, g / gi, K)
+        logits.masked_fill_((index < 0).view(batch * kv_heads, gi, 1, k), float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # a row without valid tokens: zeros
+        out = torch.matmul(probs, v.float())  # (B * Hkv, gi, g / gi, Dv)
         return out.reshape(batch, heads, 1, -1).to(query.dtype)
 
     def nbytes(self) -> Dict[str, int]:

@@ -250,7 +250,7 @@ class FASA(KVPolicy):
             if self.declines(ctx.n_tokens, ctx):
                 return split.dense_attention(ctx.query, ctx.scale, ctx.valid)
             index = self.select(self.score(ctx), ctx)
-            return split.sparse_attention(ctx.query, index, ctx.scale)
+            return split.sparse_attention(ctx.query, index, ctx.scale, padded=self.select_pads(ctx))
         if self.declines(ctx.n_tokens, ctx):
             return None
         op = self._fused_op(ctx)
