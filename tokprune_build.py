@@ -176,11 +176,11 @@ def _ninja_file(cxx: str, nvcc: Optional[str], archs: List[str], out_so: str) ->
     inc = [os.path.join(CSRC, "include"), py_inc, pybind11.get_include()]
     omp = openmp_flags(cxx)
     cxxflags = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wno-unused-function",
-                "-Wno-unknown-pragmas"] + omp
+                "-Wno-unknown-pragmas", "-pthread"] + omp
     cxxflags += [f"-I{i}" for i in inc]
     lines = ["ninja_required_version = 1.3", ""]
     objs, ptxas = [], []
-    ldflags = ["-shared"] + omp
+    ldflags = ["-shared", "-pthread"] + omp
     if nvcc:
         arch_str = ";".join(archs)
         cxxflags += ["-DTOKPRUNE_WITH_CUDA", f'-DTOKPRUNE_CUDA_ARCHS="{arch_str}"']

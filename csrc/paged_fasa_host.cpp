@@ -1,14 +1,15 @@
 // Fused paged FASA decode, host (CPU) build: one call per layer, parallel over the (request, KV head)
-// units with OpenMP (threads from the caller). The unit's work lives in include/tokprune/paged_fasa_body.h,
+// units on `threads` std::threads (the caller's thread included) that take units from an atomic counter
+// and are joined before returning: no pool outlives the call, so the kernel shares no threading runtime
+// state with torch's or a serving engine's OpenMP. The unit's work lives in include/tokprune/paged_fasa_body.h,
 // compiled twice: for the baseline ISA and for AVX2+FMA, picked once at run time.
 #include <math.h>
 
 #include <algorithm>
+#include <atomic>
+#include <exception>
+#include <thread>
 #include <vector>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "tokprune/common.h"
 #include "tokprune/kernels.h"
@@ -62,6 +63,7 @@ bool use_avx2() {
 
 }  // namespace
 
+// The host kernels thread with std::thread (see paged_fasa_host); OpenMP is used for `omp simd` only.
 bool host_has_openmp() {
 #ifdef _OPENMP
   return true;
@@ -76,26 +78,32 @@ void paged_fasa_host(const PagedFasaArgs& a) {
   const int64_t units = a.R * a.Hkv;
   const bool avx2 = use_avx2();
   const int threads = int(std::max<int64_t>(1, std::min<int64_t>(a.threads, units)));
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads) if (threads > 1)
-#endif
-  {
-    Scratch w(a, max_len);
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic, 1)
-#endif
-    for (int64_t u = 0; u < units; ++u) {
+  std::atomic<int64_t> next{0};
+  std::exception_ptr error;
+  std::atomic<bool> failed{false};
+  auto work = [&]() {
+    try {
+      Scratch w(a, max_len);
+      for (int64_t u = next.fetch_add(1); u < units && !failed.load(); u = next.fetch_add(1)) {
 #ifdef TP_FASA_AVX2
-      if (avx2) {
-        fasa_avx2::run_unit(a, u, w);
-        continue;
-      }
+        if (avx2) {
+          fasa_avx2::run_unit(a, u, w);
+          continue;
+        }
 #endif
-      fasa_base::run_unit(a, u, w);
+        fasa_base::run_unit(a, u, w);
+      }
+    } catch (...) {
+      if (!failed.exchange(true)) error = std::current_exception();
     }
-  }
+  };
+  std::vector<std::thread> helpers;
+  helpers.reserve(threads - 1);
+  for (int i = 1; i < threads; ++i) helpers.emplace_back(work);
+  work();
+  for (auto& t : helpers) t.join();
   (void)avx2;
-  (void)threads;
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace tokprune
