@@ -268,9 +268,10 @@ class SplitKeyStore:
         self.storage[..., start:end] = torch.gather(
             keys, 3, self.dims[None, :, None, :].expand(batch, heads, n, -1)).transpose(2, 3)
         rest = torch.gather(keys, 3, self.rest_dims[None, :, None, :].expand(batch, heads, n, -1))
-        self.rest[:, :, start:end] = rest.to(self.tier, non_blocking=True)
+        # copy_ (blocking) into the tier: a non_blocking device-to-host copy may still be running when read
+        self.rest[:, :, start:end].copy_(rest)
         if values is not None:
-            self.values[:, :, start:end] = values.to(self.tier, non_blocking=True)
+            self.values[:, :, start:end].copy_(values)
 
     def grow(self, capacity: int, length: int) -> None:
         def _grown(t, axis):
@@ -361,8 +362,8 @@ class SplitKeyStore:
         # rows of the token-major parts: one index_select over (B * Hkv * capacity) rows (measured 9 us vs 51 us
         # for torch.gather on 3 heads x 256 rows x 48 dims, 1 thread)
         rows = (torch.arange(batch * kv_heads, device=tok.device).view(batch, kv_heads, 1, 1) * capacity + tok).view(-1)
-        if self.offloaded:
-            rows = rows.to(self.tier, non_blocking=True)
+        if self.offloaded:  # the tier gathers with these indices: a blocking copy (one sync per layer and step
+            rows = rows.to(self.tier)  # when the tiers are different devices)
         k_rest = self.rest.reshape(-1, d_rest).index_select(0, rows).view(batch, kv_heads, gi, k, d_rest)
         v = self.values.reshape(-1, d_v).index_select(0, rows).view(batch, kv_heads, gi, k, d_v)
         if self.offloaded:

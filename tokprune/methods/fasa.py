@@ -86,7 +86,8 @@ class FASA(KVPolicy):
             sparse step gathers both parts for the selected tokens only (``q.k = q_dom.k_dom + q_rest.k_rest``),
             declined/dense steps compute the same two-part product over all tokens. ``"offload"`` (in the spirit
             of FASA-M): as ``"split"``, with the other key dims and the values on ``offload_device``; a sparse
-            step copies only the selected rows to the compute device (a dense step copies them all). See
+            step copies only the selected rows to the compute device (a dense step copies them all; on two
+            devices the selected indices go to the second tier first: one synchronisation per layer and step). See
             :meth:`memory_report`. Needs ``packed=True`` and tokprune's cache; the fused C++ step runs only with
             ``"packed"``.
         offload_device: the second tier of ``layout="offload"`` (default ``"cpu"``: host memory on a GPU).
