@@ -200,3 +200,58 @@ def test_split_needs_tokprune_cache_and_refuses_foreign_side_buffers(tiny_llama)
     cache.layers[0].add_side("q", QuestPages(4))
     with pytest.raises(ValueError, match=r"side buffers \['q'\]"):
         cache.layers[0].split_keys(torch.tensor([[0, 8], [1, 9]]))
+
+
+@pytest.mark.parametrize("layout", ["split", "offload"])
+@pytest.mark.parametrize("padding", [True, False], ids=["left_padding", "no_mask"])
+@pytest.mark.parametrize("decline_ratio", [0, 100.0], ids=["sparse", "declined"])
+def test_split_decode_compiles_fullgraph_and_equals_packed(layout, padding, decline_ratio):
+    """A decode step on a split layer reads no tensor data on the host (traces with fullgraph=True) and equals
+    the packed layout's step on the same keys (the split happens at the first, eager, step)."""
+    from tokprune import _debug
+    from tokprune.hf.kv_cache import TokpruneLayer
+    from tokprune.methods.base import DecodeContext, decode_valid_mask
+
+    class _Module:
+        layer_idx = 0
+
+    torch.manual_seed(0)
+    k, v = torch.randn(2, 2, 150, 16), torch.randn(2, 2, 150, 16)
+    layers = {}
+    for name in ("packed", layout):
+        layers[name] = TokpruneLayer(capacity=64, layer_idx=0)
+        layers[name].update(k[:, :, :-1], v[:, :, :-1])
+        layers[name].update(k[:, :, -1:], v[:, :, -1:])
+    policies = {name: _fasa(name, budget=24, sink=2, window=8, decline_ratio=decline_ratio) for name in layers}
+
+    def fn_for(name):
+        layer, policy = layers[name], policies[name]
+
+        def fn(query, mask):
+            valid = decode_valid_mask(mask, query.shape[0], layer.length, layer)
+            ctx = DecodeContext(_Module(), query, layer._k_view, layer._v_view, valid, 0.25, layer)
+            out = policy.attend_decode(ctx)
+            return out
+
+        return fn
+
+    mask = torch.ones(2, 1, 1, 150, dtype=torch.bool)
+    mask[1, ..., :5] = False
+    mask = mask if padding else None
+    query = torch.randn(2, 4, 1, 16)
+    previous = _debug.set_debug(False)
+    torch._dynamo.reset()
+    try:
+        ref = fn_for("packed")(query, mask)
+        if ref is None:  # packed declines to the router's dense path: the same exact attention
+            from tokprune.ops.decode import dense_decode_attention
+
+            ref = dense_decode_attention(query, k, v, 0.25, valid=None if mask is None else mask)
+        eager = fn_for(layout)(query, mask)
+        assert layers[layout].split is not None and layers[layout].key_buffer is None
+        assert_close(eager, ref, atol=1e-5, rtol=1e-5)
+        compiled = torch.compile(fn_for(layout), fullgraph=True, backend="aot_eager")
+        assert_close(compiled(query, mask), eager, atol=1e-5, rtol=1e-5)
+    finally:
+        _debug.set_debug(previous)
+        torch._dynamo.reset()
