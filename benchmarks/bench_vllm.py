@@ -158,8 +158,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                         help="model dtype of both engines (on a CPU with AMX, vLLM stores bf16 K/V in an AMX "
                              "layout that tokprune does not read; float32 keeps vLLM's vector-ISA layout)")
-    parser.add_argument("--min-context", type=int, default=0,
-                        help="the plugin's decline rule: sparse decode only past this context (0: past the budget)")
+    parser.add_argument("--min-context", type=int, default=None,
+                        help="the plugin's decline rule: sparse decode only past this context (0: past the budget; "
+                             "default: the plugin's measured rule, FASA 20 x budget)")
     parser.add_argument("--kv-gib", type=float, default=3.0, help="KV cache size of each engine (GiB)")
     parser.add_argument("--log", default="bench_vllm.log", help="file for the engines' own output")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -174,8 +175,9 @@ def main(argv=None) -> int:
     max_model_len = min(max(args.contexts) + args.new_tokens, 8192)
     if max(args.contexts) + args.new_tokens > max_model_len:
         args.contexts = [min(c, max_model_len - args.new_tokens) for c in args.contexts]
-    tokprune_cfg = {"tokprune": {"method": "fasa", "budget": args.budget, "fcs": args.fcs,
-                                 "min_context": args.min_context}}
+    tokprune_cfg = {"tokprune": {"method": "fasa", "budget": args.budget, "fcs": args.fcs}}
+    if args.min_context is not None:
+        tokprune_cfg["tokprune"]["min_context"] = args.min_context
     results, startups = {}, {"stock": [], "tokprune": []}
     with open(args.log, "w") as log:
         for _ in range(args.engine_rounds):

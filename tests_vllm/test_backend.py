@@ -162,10 +162,10 @@ def _oracle(method, settings: VllmSettings, q, k, v):
 
 
 @pytest.mark.parametrize("settings", [
-    dict(method="fasa", budget=48, sink=4, window=8, fcs="smollm2_135m"),
+    dict(method="fasa", budget=48, sink=4, window=8, fcs="smollm2_135m", min_context=0),
     dict(method="streaming", budget=40, sink=4),
     dict(method="quest", budget=48, page_size=16),
-    dict(method="fasa", budget=48, sink=4, window=8, fcs="smollm2_135m", fused=False),
+    dict(method="fasa", budget=48, sink=4, window=8, fcs="smollm2_135m", min_context=0, fused=False),
 ], ids=lambda s: s["method"] + ("-torch" if s.get("fused") is False else ""))
 def test_sparse_rows_match_contiguous_oracle_dense_rows_match_stock(monkeypatch, settings):
     """FASA runs the fused kernel of tokprune._C when it is built; ``fused=False`` forces the torch fallback."""
@@ -196,8 +196,9 @@ def test_sparse_rows_match_contiguous_oracle_dense_rows_match_stock(monkeypatch,
 
 
 @pytest.mark.parametrize("settings", [dict(method="fasa", budget=200, fcs="smollm2_135m"),
-                                      dict(method="fasa", budget=48, min_context=200, fcs="smollm2_135m")],
-                         ids=["budget", "min_context"])
+                                      dict(method="fasa", budget=48, min_context=200, fcs="smollm2_135m"),
+                                      dict(method="fasa", budget=48, fcs="smollm2_135m")],
+                         ids=["budget", "min_context", "default_decline_rule"])
 def test_budget_at_least_context_is_exactly_stock(monkeypatch, settings):
     """A context within the budget, or within min_context (the decline rule), takes vLLM's own path."""
     case = Case(seed=1)
@@ -210,7 +211,7 @@ def test_budget_at_least_context_is_exactly_stock(monkeypatch, settings):
 
 def test_fasa_side_cache_holds_the_fc_dims_of_every_written_key(monkeypatch):
     case = Case(seed=2)
-    settings = dict(method="fasa", budget=48, fcs="smollm2_135m")
+    settings = dict(method="fasa", budget=48, fcs="smollm2_135m", min_context=0)
     _, (impl, builder) = _pair(monkeypatch, settings)
     _run(impl, builder, case)
     from tokprune.reference.fasa import fc_dims

@@ -41,6 +41,16 @@ def test_bad_settings_name_the_key_and_allowed_values(raw, words):
         assert word in str(err.value)
 
 
+def test_decline_rule_default_is_the_measured_ratio_and_min_context_overrides_it():
+    from tokprune.integrations.vllm.config import DECLINE_RATIO
+
+    assert _settings(method="fasa", budget=256, fcs="x").sparse_after == int(DECLINE_RATIO["fasa"] * 256) == 5120
+    assert _settings(method="fasa", budget=256, fcs="x", min_context=0).sparse_after == 256  # the budget alone
+    assert _settings(method="fasa", budget=256, fcs="x", min_context=100).sparse_after == 256  # never below budget
+    assert _settings(method="fasa", budget=256, fcs="x", min_context=9000).sparse_after == 9000
+    assert _settings(method="streaming", budget=64).sparse_after == 64  # not measured in vLLM: the budget
+
+
 def test_models_the_method_cannot_serve():
     llama = LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
                         head_dim=64, intermediate_size=64, vocab_size=64)

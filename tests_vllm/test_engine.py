@@ -28,7 +28,7 @@ ENGINES = {
     "stock": (None, {"VLLM_PLUGINS": ""}),
     "inert": (None, {}),
     "full": ({"tokprune": {"method": "fasa", "budget": 4096, "fcs": "smollm2_135m"}}, {}),
-    "fasa": ({"tokprune": {"method": "fasa", "budget": BUDGET, "fcs": "smollm2_135m"}}, {}),
+    "fasa": ({"tokprune": {"method": "fasa", "budget": BUDGET, "fcs": "smollm2_135m", "min_context": 0}}, {}),
     "streaming": ({"tokprune": {"method": "streaming", "budget": BUDGET}}, {}),
 }
 

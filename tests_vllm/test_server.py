@@ -38,7 +38,8 @@ def _get(url, timeout=5):
 
 def test_openai_server_answers_with_the_plugin(smollm2_dir, tmp_path):
     port = _free_port()
-    config = {"tokprune": {"method": "fasa", "budget": 32, "sink": 4, "window": 8, "fcs": "smollm2_135m"}}
+    config = {"tokprune": {"method": "fasa", "budget": 32, "sink": 4, "window": 8, "fcs": "smollm2_135m",
+                           "min_context": 0}}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2_dir),
            "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port), "--dtype", _dtype(),
            "--enforce-eager", "--max-model-len", "1024", "--kv-cache-memory-bytes", str(256 << 20),

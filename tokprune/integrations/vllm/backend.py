@@ -129,7 +129,7 @@ def plan_sparse_rows(common, settings: VllmSettings, block_size: int, kv_heads: 
     device = common.block_table_tensor.device
     loc = common.query_start_loc_cpu[: n + 1].long()
     seq_lens = common.seq_lens[:n].to("cpu", torch.long)
-    sparse = ((loc[1:] - loc[:-1]) == 1) & (seq_lens > max(settings.budget, settings.min_context))
+    sparse = ((loc[1:] - loc[:-1]) == 1) & (seq_lens > settings.sparse_after)
     if not bool(sparse.any()):
         return None
     rows = sparse.nonzero().squeeze(1)

@@ -25,8 +25,14 @@ KEYS = {
     "num_fcs": (int, None),
     "chunk": (int, 1),
     "page_size": (int, 16),
-    "min_context": (int, 0),
+    "min_context": (int, None),
 }
+#: Default decline rule per method: a decode request is sparse only when its context exceeds
+#: ``DECLINE_RATIO[method] * budget`` (and the budget). FASA: the batch-8 ratio over stock vLLM measured 0.88x
+#: at 4K and 1.40x at 8K with budget 256 (fp32, fused kernel, 2-core CPU; README "Serving with vLLM",
+#: ``benchmarks/bench_vllm.py --min-context 0``): 1.0 at ~5K tokens, i.e. ~20 x budget. Quest and StreamingLLM
+#: were not measured inside vLLM: the budget alone.
+DECLINE_RATIO = {"fasa": 20.0, "quest": 0.0, "streaming": 0.0}
 DATA_DIR = Path(__file__).resolve().parent.parent.parent / "data"
 
 
@@ -50,8 +56,8 @@ class VllmSettings:
         chunk: rotation pairs per FC (FASA; must match the calibration).
         page_size: tokens per page (Quest; must divide vLLM's block size).
         min_context: decline rule: a decode request takes the sparse path only when its context exceeds
-            ``max(budget, min_context)`` (0: the budget alone). On a 2-core CPU FASA (budget 256, fused
-            kernel) lost at 4K x batch 8 and won at 8K (README, "Serving with vLLM").
+            ``max(budget, min_context)``; ``0``: the budget alone; ``None`` (default): the measured rule
+            ``DECLINE_RATIO[method] * budget`` (FASA: 20 x budget; see :data:`DECLINE_RATIO`).
     """
 
     method: str
@@ -62,7 +68,14 @@ class VllmSettings:
     num_fcs: Optional[int] = None
     chunk: int = 1
     page_size: int = 16
-    min_context: int = 0
+    min_context: Optional[int] = None
+
+    @property
+    def sparse_after(self) -> int:
+        """A decode request whose context (cached tokens, the new one included) exceeds this many tokens takes
+        the sparse path; every other request takes vLLM's dense attention."""
+        floor = self.min_context if self.min_context is not None else int(DECLINE_RATIO[self.method] * self.budget)
+        return max(self.budget, floor)
 
 
 def _fail(key: str, message: str) -> None:
@@ -110,7 +123,7 @@ def parse_settings(additional_config: Any) -> Optional[VllmSettings]:
     if values["budget"] < 1:
         _fail("budget", f"must be a positive int (tokens attended per head), got {values['budget']!r}")
     for key in ("sink", "window", "min_context"):
-        if values[key] < 0:
+        if values[key] is not None and values[key] < 0:
             _fail(key, f"must be a non-negative int, got {values[key]!r}")
     if values["sink"] >= values["budget"]:
         _fail("sink", f"must be smaller than budget={values['budget']}, got {values['sink']}")
