@@ -16,6 +16,7 @@
 
 #include "tokprune/attention.h"
 #include "tokprune/kernels.h"
+#include "tokprune/linear.h"
 
 namespace py = pybind11;
 using namespace tokprune;
@@ -82,7 +83,8 @@ py::dict build_info() {
   d["archs"] = archs;
   d["ops"] = op_names();
   py::dict parts;
-  parts["host"] = std::vector<std::string>{"verify_tree", "sparse_decode_attention", "topk_select", "paged_fasa_decode"};
+  parts["host"] = std::vector<std::string>{"verify_tree", "sparse_decode_attention", "topk_select", "paged_fasa_decode",
+                                          "small_m_linear"};
 #ifdef TOKPRUNE_WITH_CUDA
   parts["cuda"] = std::vector<std::string>{"verify_tree.cu", "sparse_attention.cu", "topk.cu"};
 #else
@@ -204,6 +206,21 @@ void paged_fasa(const PagedFasaArgs& a, bool on_cuda, uint64_t stream, bool sync
   paged_fasa_host(a);
 }
 
+void linear_small_m(const LinearArgs& a, bool on_cuda, uint64_t stream, bool sync) {
+  const char* op = "small_m_linear";
+  require(!on_cuda, std::string(op) + ": host (CPU) kernel only; CUDA tensors are not supported");
+  require(a.M >= 0 && a.N >= 0 && a.K >= 0 && a.threads >= 1,
+          std::string(op) + ": expected M, N, K >= 0 and threads >= 1, got M=" + std::to_string(a.M) +
+              " N=" + std::to_string(a.N) + " K=" + std::to_string(a.K));
+  if (a.M == 0 || a.N == 0) return;
+  require(a.y && a.w && (a.K == 0 || a.x), std::string(op) + ": null tensor pointer");
+  require(a.x_sm >= a.K && a.w_sn >= a.K && a.y_sm >= a.N,
+          std::string(op) + ": row strides must be at least the row length");
+  (void)stream, (void)sync;
+  py::gil_scoped_release nogil;
+  linear_small_m_host(a);
+}
+
 template <typename F>
 void def_op(py::module_& m, const char* name, F&& f, const char* doc) {
   op_names().push_back(name);
@@ -264,10 +281,18 @@ PYBIND11_MODULE(_C, m) {
       .TP_PTR(PagedFasaArgs, seq_lens).TP_PTR(PagedFasaArgs, out).TP_VAL(PagedFasaArgs, o_sr)
       .TP_VAL(PagedFasaArgs, o_sh).TP_PTR(PagedFasaArgs, selected).TP_VAL(PagedFasaArgs, threads);
 
+  py::class_<LinearArgs>(m, "LinearArgs", "Arguments of linear_small_m (linear.h).")
+      .def(py::init<>())
+      .TP_VAL(LinearArgs, M).TP_VAL(LinearArgs, N).TP_VAL(LinearArgs, K)
+      .TP_PTR(LinearArgs, x).TP_VAL(LinearArgs, x_sm).TP_PTR(LinearArgs, w).TP_VAL(LinearArgs, w_sn)
+      .TP_PTR(LinearArgs, bias).TP_PTR(LinearArgs, y).TP_VAL(LinearArgs, y_sm).TP_VAL(LinearArgs, threads);
+  m.def("linear_small_m_isa", &linear_small_m_isa, "Instruction set linear_small_m uses here (avx512f, avx2, base).");
+
   m.def("build_info", &build_info, "What this build contains: cuda, archs, ops, parts, compiler, codes.");
   def_op(m, "verify_tree_greedy", &verify_greedy, "Greedy tree verification; args: VerifyArgs.");
   def_op(m, "verify_tree_stochastic", &verify_stochastic, "Stochastic tree verification; args: VerifyArgs.");
   def_op(m, "sparse_decode_attention", &sparse_attention, "Decode attention over gathered tokens; args: AttentionArgs.");
   def_op(m, "select_tokens", &topk, "Top-k token selection, indices ascending; args: TopkArgs.");
   def_op(m, "paged_fasa_decode", &paged_fasa, "Fused paged FASA decode step (host only); args: PagedFasaArgs.");
+  def_op(m, "small_m_linear", &linear_small_m, "Small-M fp32 linear y = x W^T + b (host only); args: LinearArgs.");
 }

@@ -150,7 +150,7 @@ def test_cuda_archs_from_environment(monkeypatch):
 def test_module_reports_its_build_and_needs_no_cuda_driver():
     info = _ext.build_info()
     assert set(info["ops"]) == {"verify_tree_greedy", "verify_tree_stochastic", "sparse_decode_attention",
-                                "select_tokens", "paged_fasa_decode"}
+                                "select_tokens", "paged_fasa_decode", "small_m_linear"}
     report = _ext.build_report()
     if report:
         assert info["cuda"] == report["cuda"] and info["archs"] == report["archs"]

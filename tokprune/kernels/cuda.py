@@ -16,7 +16,8 @@ user code:
 * :func:`verify_tree_greedy_cuda` / :func:`verify_tree_stochastic_cuda` — speculative tree verification;
 * :func:`sparse_decode_attention_cuda` — decode attention over a gathered token set;
 * :func:`select_tokens_cuda` — fused top-k selection, indices sorted ascending;
-* :func:`paged_fasa_decode_host` — fused paged FASA decode step (host build only, OpenMP threads).
+* :func:`paged_fasa_decode_host` — fused paged FASA decode step (host build only, OpenMP threads);
+* :func:`small_m_linear_host` — fp32 ``x @ W^T (+ bias)`` for a few rows (host build only, OpenMP threads).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -327,7 +328,42 @@ def paged_fasa_decode_host(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out, selected
 
 
-# ------------------------------------------------------------------------------ torch.library ops
+# ------------------------------------------------------------------------------ small-M linear
+def _small_m_linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         threads: int) -> torch.Tensor:
+    M, K = x.shape
+    N = weight.shape[0]
+    xx, ww = _last_dim_contiguous(x), _last_dim_contiguous(weight)
+    bb = None if bias is None else bias.contiguous()
+    y = torch.empty(M, N, dtype=torch.float32, device=x.device)
+    args = _args("LinearArgs", M=M, N=N, K=K, x=xx.data_ptr(), x_sm=xx.stride(0) if M > 1 else K,
+                 w=ww.data_ptr(), w_sn=ww.stride(0) if N > 1 else K, bias=0 if bb is None else bb.data_ptr(),
+                 y=y.data_ptr(), y_sm=N, threads=max(1, int(threads)))
+    _launch("small_m_linear", args, x.device)
+    return y
+
+
+def _small_m_linear_fake(x, weight, bias, threads):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def small_m_linear_host(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                        threads: int = 1) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` with the host build of tokprune._C (contract and checks:
+    :func:`tokprune.ops.linear.small_m_linear`, which calls this on CPU tensors).
+
+    Args:
+        x: ``(M, K)`` float32 CPU (any row stride).
+        weight: ``(N, K)`` float32 CPU.
+        bias: ``(N,)`` float32 or ``None``.
+        threads: OpenMP threads over blocks of N (results do not depend on it).
+
+    Returns:
+        ``(M, N)`` float32, contiguous.
+    """
+    return _call("small_m_linear", _small_m_linear_impl, x, weight, bias, int(threads))
+
+
 def _register(name, impl, fake):
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=())
     op.register_fake(fake)
@@ -341,6 +377,7 @@ _sparse_decode_attention_op = _register("sparse_decode_attention", _sparse_decod
                                         _sparse_decode_attention_fake)
 _select_tokens_op = _register("select_tokens", _select_tokens_impl, _select_tokens_fake)
 _paged_fasa_decode_op = _register("paged_fasa_decode", _paged_fasa_decode_impl, _paged_fasa_decode_fake)
+_small_m_linear_op = _register("small_m_linear", _small_m_linear_impl, _small_m_linear_fake)
 
 
 def _call(name, impl, *args):
@@ -352,4 +389,4 @@ def _call(name, impl, *args):
 
 
 __all__ = ["verify_tree_greedy_cuda", "verify_tree_stochastic_cuda", "sparse_decode_attention_cuda",
-           "select_tokens_cuda", "paged_fasa_decode_host", "attention_splits", "DTYPE_CODES", "RULES"]
+           "select_tokens_cuda", "paged_fasa_decode_host", "small_m_linear_host", "attention_splits", "DTYPE_CODES", "RULES"]

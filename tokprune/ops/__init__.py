@@ -35,6 +35,8 @@ _EXPORTS = {
     "paged_quest_scores": "paged",
     "paged_select_pages": "paged",
     "paged_fasa_decode": "paged",
+    # linear layers for a few rows (speculative tree forwards on the CPU)
+    "small_m_linear": "linear",
     # window-attention token scores (SnapKV, UNComp, token sparse)
     "window_attention_scores": "window",
     # token sparse attention
