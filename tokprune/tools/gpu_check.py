@@ -743,6 +743,21 @@ def _paged_bench_cases(device, r, gen, small: bool, flash) -> list:
             ("paged_select_pages", be, f"{shape} page{ps} pages{K // ps}", lambda be=be: paged.paged_select_pages(
                 page_scores, K // ps, seq_lens, table, bs, ps, backend=be), {}),
         ]
+    # the fused FASA step (host build only: on a GPU its "cuda" row is skipped with the reason) and the
+    # small-M linear of speculative tree forwards (fp32), each against its torch backend and a dense baseline
+    from tokprune.ops.linear import small_m_linear
+    from tokprune.reference.fasa import fc_dims
+
+    dims = fc_dims(fc_index, D, 1)  # (Hkv, 16): the FC cache's packed dims
+    M, N, Kin = (4, 24, 40) if small else (8, 1536, 576)
+    x, weight = r(M, Kin, dtype=torch.float32), r(N, Kin, dtype=torch.float32)
+    for be in ("cuda", "torch"):
+        cases += [
+            ("paged_fasa_decode", be, f"{shape} F8 budget{K}", lambda be=be: paged.paged_fasa_decode(
+                q, k_cache, v_cache, fc_cache, dims, table, seq_lens, K, 4, 4, scale, backend=be), dense),
+            ("small_m_linear", be, f"M{M} N{N} K{Kin} fp32", lambda be=be: small_m_linear(x, weight, backend=be),
+             {"F.linear": lambda: F.linear(x, weight)}),
+        ]
     return cases
 
 

@@ -45,6 +45,8 @@ KERNEL_OPS: Dict[str, Tuple[str, ...]] = {
     "update_paged_page_bounds": ("triton",),
     "paged_quest_scores": ("triton",),
     "paged_select_pages": ("triton",),
+    "paged_fasa_decode": ("cuda",),
+    "small_m_linear": ("cuda",),
 }
 
 
@@ -99,6 +101,7 @@ def _paged_cases(gen: torch.Generator) -> Dict[str, list]:
     all_keys = torch.stack([k[s // bs, :, s % bs] for s in slots.tolist()])
     fmin, fmax = paged.update_paged_page_bounds(kmin.clone(), kmax.clone(), all_keys, slots, ps, backend="torch")
     page_scores = torch.randn(len(lens), hq, 8, generator=gen)
+    fc_dims = torch.stack([torch.randperm(d, generator=gen)[:6] for _ in range(hkv)])
     bf = torch.bfloat16
     return {
         "write_paged_fc_keys": (paged.write_paged_fc_keys, (fc_cache, keys, write_slots.int(), fc_index), {}),
@@ -115,6 +118,10 @@ def _paged_cases(gen: torch.Generator) -> Dict[str, list]:
         "update_paged_page_bounds": (paged.update_paged_page_bounds, (kmin, kmax, all_keys, slots, ps), {}),
         "paged_quest_scores": (paged.paged_quest_scores, (q, fmin, fmax, table, seq_lens, ps), {"max_len": 32}),
         "paged_select_pages": (paged.paged_select_pages, (page_scores, 3, seq_lens, table, bs, ps), {}),
+        "paged_fasa_decode": [  # lens 30 / 5 / 17 with budget 12: two sparse rows and one dense row
+            (paged.paged_fasa_decode, (q, k, v, fc_cache, fc_dims, table, seq_lens, 12, 1, 2, d ** -0.5), {}),
+            (paged.paged_fasa_decode, (q.to(bf), k.to(bf), v.to(bf), fc_cache, fc_dims.int(), table, seq_lens, 12, 1,
+                                       2, d ** -0.5), {})],
     }
 
 
@@ -122,6 +129,7 @@ def _cases(gen: torch.Generator) -> Dict[str, list]:
     """op -> one case or a list of cases ``(function, CPU positional inputs, keyword arguments)``."""
     from tokprune import ops
     from tokprune.ops import spec
+    from tokprune.ops.linear import small_m_linear
 
     tokens, parents = _tree(gen, 3, 9, 1500)
     logits = torch.randn(3, 9, 1500, generator=gen)
@@ -161,6 +169,10 @@ def _cases(gen: torch.Generator) -> Dict[str, list]:
         "truncated_matrix_entropy": (ops.truncated_matrix_entropy, (torch.randn(1, 2, 40, 16, generator=gen), 8), {}),
         "token_information_scores": (ops.token_information_scores, (torch.randn(2, 11, 8 * 24, generator=gen),),
                                      {"num_heads": 8, "exact_reference": False}),
+        "small_m_linear": [(small_m_linear, (torch.randn(5, 37, generator=gen), torch.randn(29, 37, generator=gen),
+                                             torch.randn(29, generator=gen)), {}),
+                           (small_m_linear, (torch.randn(12, 64, generator=gen), torch.randn(40, 64, generator=gen)),
+                            {})],
         **_paged_cases(gen),
     }
 
