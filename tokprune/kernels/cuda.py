@@ -16,7 +16,7 @@ user code:
 * :func:`verify_tree_greedy_cuda` / :func:`verify_tree_stochastic_cuda` — speculative tree verification;
 * :func:`sparse_decode_attention_cuda` — decode attention over a gathered token set;
 * :func:`select_tokens_cuda` — fused top-k selection, indices sorted ascending;
-* :func:`paged_fasa_decode_host` — fused paged FASA decode step (host build only, OpenMP threads);
+* :func:`paged_fasa_decode_host` — fused paged FASA decode step (host build only, per-call std::threads);
 * :func:`small_m_linear_host` — fp32 ``x @ W^T (+ bias)`` for a few rows (host build only, OpenMP threads).
 """
 

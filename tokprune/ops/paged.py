@@ -22,7 +22,7 @@ A decode step of FASA on a paged cache::
     out = paged_sparse_decode_attention(q, k_cache, v_cache, slots, scale)
 
 The same FASA step fused in one call (the host build of ``tokprune._C``: vote, selection and attention per
-request and KV head, OpenMP threads, K/V/FC read in place): :func:`paged_fasa_decode`.
+request and KV head, per-call std::threads, K/V/FC read in place): :func:`paged_fasa_decode`.
 
 Quest on the same layout: :func:`update_paged_page_bounds` (per-page key min/max, pages of 16 inside
 blocks, updated for the written slots only), :func:`paged_quest_scores`, :func:`paged_select_pages`.
