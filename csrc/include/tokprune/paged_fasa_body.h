@@ -133,9 +133,21 @@ int64_t choose(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t L, const fl
   int64_t nc = L;
   for (int64_t t = 0; t < L; ++t) cand[t] = int32_t(t);
   uint32_t prefix = 0, mask = 0, need = uint32_t(budget), hist[kRadixBins];
+  uint32_t part[4][kRadixBins];  // 4 partial histograms: consecutive equal digits do not chain through memory
   for (int shift = 32 - kRadixBits; shift >= 0; shift -= kRadixBits) {
-    for (int d = 0; d < kRadixBins; ++d) hist[d] = 0;
-    for (int64_t c = 0; c < nc; ++c) ++hist[radix_digit(key[cand[c]], shift)];
+    for (int q = 0; q < 4; ++q)
+      for (int d = 0; d < kRadixBins; ++d) part[q][d] = 0;
+    int64_t c = 0;
+    if (nc == L) {  // the candidates are every token in order: read the keys directly
+      for (; c + 4 <= nc; c += 4)
+        for (int q = 0; q < 4; ++q) ++part[q][radix_digit(key[c + q], shift)];
+      for (; c < nc; ++c) ++part[0][radix_digit(key[c], shift)];
+    } else {
+      for (; c + 4 <= nc; c += 4)
+        for (int q = 0; q < 4; ++q) ++part[q][radix_digit(key[cand[c + q]], shift)];
+      for (; c < nc; ++c) ++part[0][radix_digit(key[cand[c]], shift)];
+    }
+    for (int d = 0; d < kRadixBins; ++d) hist[d] = part[0][d] + part[1][d] + part[2][d] + part[3][d];
     const uint32_t digit = radix_pick(hist, &need);
     prefix |= digit << shift;
     mask |= uint32_t(kRadixBins - 1) << shift;
