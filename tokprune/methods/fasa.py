@@ -24,6 +24,7 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
@@ -395,22 +396,10 @@ def _group_softmax_vote(query: torch.Tensor, packed_t: torch.Tensor, dims: torch
     return torch.matmul(inv_z.transpose(-1, -2), e).view(batch, kv_heads, -1)
 
 
-_FUSED_OP: list = []
-
-
+@functools.lru_cache(maxsize=1)
 def _fused_fasa_op():
-    """:func:`tokprune.ops.paged.paged_fasa_decode` if this install has it with its C++ (host) build, else
-    ``None`` (decided once)."""
-    if not _FUSED_OP:
-        op = None
-        try:
-            from tokprune._backend import unavailable_reason
-            from tokprune.ops import paged
+    """:func:`tokprune.ops.paged.paged_fasa_decode` if this install has its C++ (host) kernel, else ``None``
+    (decided once: the decode step asks every layer)."""
+    from tokprune.ops import paged
 
-            op = getattr(paged, "paged_fasa_decode", None)
-            if op is not None and unavailable_reason("cuda", torch.device("cpu"), "paged_fasa_decode") is not None:
-                op = None
-        except ImportError:
-            op = None
-        _FUSED_OP.append(op)
-    return _FUSED_OP[0]
+    return paged.paged_fasa_decode if paged.fused_fasa_available(torch.device("cpu")) else None

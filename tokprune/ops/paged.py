@@ -46,7 +46,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from tokprune._backend import resolve_backend
+from tokprune._backend import resolve_backend, unavailable_reason
 from tokprune._debug import debug_checks
 from tokprune.ops._checks import FLOAT_DTYPES, check_tensor
 
@@ -923,15 +923,17 @@ def paged_fasa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return (res, token) if return_selected else res
 
 
-def _fasa_decode_backend(backend, device):
-    op = "paged_fasa_decode"
-    implemented = ("torch", "cuda") if device.type == "cpu" else ("torch",)
-    if backend in (None, "auto") and device.type == "cpu" and not os.environ.get("TOKPRUNE_BACKEND"):
-        from tokprune._backend import unavailable_reason
+def fused_fasa_available(device: torch.device) -> bool:
+    """Whether :func:`paged_fasa_decode` can run as the fused host kernel of ``tokprune._C`` for tensors on
+    ``device``: CPU tensors and an extension that has the kernel (there is no CUDA kernel for it)."""
+    return device.type == "cpu" and unavailable_reason("cuda", device, "paged_fasa_decode") is None
 
-        if unavailable_reason("cuda", device, op) is None:
-            return "cuda"
-    return resolve_backend(backend, device, implemented, op)
+
+def _fasa_decode_backend(backend, device):
+    implemented = ("torch", "cuda") if device.type == "cpu" else ("torch",)
+    if backend in (None, "auto") and not os.environ.get("TOKPRUNE_BACKEND") and fused_fasa_available(device):
+        return "cuda"
+    return resolve_backend(backend, device, implemented, "paged_fasa_decode")
 
 
 def _paged_fasa_decode_torch(q, k_cache, v_cache, fc_cache, fc_dims, block_table, seq_lens, budget, sink, window,

@@ -46,7 +46,7 @@ from tokprune.integrations.vllm.config import (
     model_geometry,
     parse_settings,
 )
-from tokprune.ops.paged import paged_sparse_decode_attention, vllm_cpu_kv_views
+from tokprune.ops.paged import fused_fasa_available, paged_sparse_decode_attention, vllm_cpu_kv_views
 from tokprune.reference.fasa import fc_dims
 
 logger = init_logger("vllm.tokprune")  # a child of vLLM's logger, so vLLM's handlers print it
@@ -82,16 +82,6 @@ class SparsePlan:
     table32: Optional[torch.Tensor] = None
     lens32: Optional[torch.Tensor] = None
     token_start: Optional[int] = None
-
-
-def fused_fasa_available(device: torch.device) -> bool:
-    """Whether FASA's sparse rows run as one fused call per layer (:func:`tokprune.ops.paged.paged_fasa_decode`,
-    the host build of ``tokprune._C``): CPU tensors and an extension that has the kernel."""
-    if device.type != "cpu":
-        return False
-    from tokprune import _ext
-
-    return _ext.load_error() is None and _ext.has_op("paged_fasa_decode")
 
 
 @functools.lru_cache(maxsize=1)
@@ -429,9 +419,9 @@ class SparseDecodeMixin:
             self._fused_fasa(query, k_view, v_view, plan, output)
             return
         if method == "fasa" and query.device.type == "cpu":
-            from tokprune import _ext
+            from tokprune._backend import unavailable_reason
 
-            _warn_no_fused(_ext.load_error() or "tokprune._C has no paged_fasa_decode")
+            _warn_no_fused(unavailable_reason("cuda", query.device, "paged_fasa_decode") or "disabled")
         q = query.index_select(0, plan.tokens)  # (Rs, Hq, D)
         if method == "quest":
             slots = self._quest_slots(q, plan, k_view.shape[2])
