@@ -196,13 +196,24 @@ class FASA(KVPolicy):
         self._fc_cache[key + ("dims",)] = fc_dims(index, head_dim, self.chunk)
         return index
 
+    def _fc_and_dims(self, ctx: DecodeContext, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(fc_index (Hkv, F), dims (Hkv, nd))`` int64 of ``ctx``'s layer on ``device`` (cached by
+        :meth:`fc_index`)."""
+        fc = self.fc_index(ctx.layer_idx, ctx.kv_heads, ctx.head_dim, device)
+        return fc, self._fc_cache[(ctx.layer_idx, ctx.kv_heads, ctx.head_dim, str(device), "dims")]
+
     #: ``fused=None`` runs the C++ step from this many torch threads on (see ``fused``)
     FUSED_MIN_THREADS = 2
+
+    @property
+    def _side_name(self) -> str:
+        """Name of this policy's packed FC keys among a cache layer's side buffers."""
+        return f"fasa_fc_{id(self)}"
 
     def _side(self, ctx: DecodeContext, dims: torch.Tensor):
         """The packed FC keys of ``ctx.cache_layer`` (created on first use; kept in step at every append)."""
         layer = ctx.cache_layer
-        name = f"fasa_fc_{id(self)}"
+        name = self._side_name
         side = layer.side.get(name)
         if side is None:
             from tokprune.hf.kv_cache import PackedKeyDims
@@ -234,11 +245,9 @@ class FASA(KVPolicy):
             raise ValueError(f"FASA(layout={self.layout!r}) needs tokprune's KV cache (patch(model, cache=True)); "
                              f"this call came with another cache")
         if layer.split is None:
-            batch, kv_heads, head_dim = ctx.batch, ctx.kv_heads, ctx.head_dim
-            self.fc_index(ctx.layer_idx, kv_heads, head_dim, ctx.query.device)
-            dims = self._fc_cache[(ctx.layer_idx, kv_heads, head_dim, str(ctx.query.device), "dims")]
+            _, dims = self._fc_and_dims(ctx, ctx.query.device)
             tier = self.offload_device if self.layout == "offload" else None
-            if not layer.split_keys(dims, tier=tier, own_side=f"fasa_fc_{id(self)}"):
+            if not layer.split_keys(dims, tier=tier, own_side=self._side_name):
                 return None
         return layer.split
 
@@ -258,9 +267,8 @@ class FASA(KVPolicy):
         op = self._fused_op(ctx)
         if op is None:
             return super().attend_decode(ctx)
-        batch, heads, kv_heads, head_dim = ctx.batch, ctx.heads, ctx.kv_heads, ctx.head_dim
-        self.fc_index(ctx.layer_idx, kv_heads, head_dim, ctx.key.device)
-        dims = self._fc_cache[(ctx.layer_idx, kv_heads, head_dim, str(ctx.key.device), "dims")]
+        batch, heads, head_dim = ctx.batch, ctx.heads, ctx.head_dim
+        _, dims = self._fc_and_dims(ctx, ctx.key.device)
         side = self._side(ctx, dims)
         layer = ctx.cache_layer
         table = self._fc_cache.get(("block_table", batch))
@@ -351,8 +359,7 @@ class FASA(KVPolicy):
         """``(B, Hkv, T)`` importance of each cached token for this decode step (``selection="head"``:
         ``(B, H, T)`` raw partial logits); padding never wins."""
         batch, heads, kv_heads, head_dim = ctx.batch, ctx.heads, ctx.kv_heads, ctx.head_dim
-        fc = self.fc_index(ctx.layer_idx, kv_heads, head_dim, ctx.key.device)
-        dims = self._fc_cache[(ctx.layer_idx, kv_heads, head_dim, str(ctx.key.device), "dims")]
+        fc, dims = self._fc_and_dims(ctx, ctx.key.device)
         layer = ctx.cache_layer
         if self.packed and layer is not None:
             side = layer.split if getattr(layer, "split", None) is not None else self._side(ctx, dims)
