@@ -224,9 +224,9 @@ class SplitKeyStore:
         dims = dims if dims.dim() == 2 else dims.expand(heads, -1)
         if dims.shape[0] != heads or int(dims.min()) < 0 or int(dims.max()) >= head_dim:
             raise ValueError(f"split keys: dims {tuple(dims.shape)} do not fit {heads} KV heads of head_dim {head_dim}")
-        keep = torch.ones(heads, head_dim, dtype=torch.bool, device=key_buffer.device)
-        keep.scatter_(1, dims, False)
-        rest_dims = torch.arange(head_dim, device=key_buffer.device).expand(heads, -1)[keep].view(heads, -1)
+        from tokprune.reference.fasa import other_dims
+
+        rest_dims = other_dims(dims, head_dim)
         offloaded = tier is not None
         tier = key_buffer.device if tier is None else torch.device(tier)
         storage = key_buffer.new_zeros(batch, heads, dims.shape[1], capacity)

@@ -422,18 +422,16 @@ class SplitKeys:
     """
 
     def __init__(self, keys: torch.Tensor, fc_index: torch.Tensor, chunk: int = 1):
-        from tokprune.reference.fasa import fc_dims
+        from tokprune.reference.fasa import fc_dims, other_dims
 
         if keys.dim() != 4:
             raise ValueError(f"SplitKeys: keys must be (batch, kv_heads, n_tokens, head_dim), got {tuple(keys.shape)}")
         if fc_index.dim() != 2 or fc_index.shape[0] != keys.shape[1]:
             raise ValueError(f"SplitKeys: fc_index must be ({keys.shape[1]}, F) per KV head, got {tuple(fc_index.shape)}")
-        batch, kv_heads, _, head_dim = keys.shape
+        head_dim = keys.shape[3]
         self.fc_index, self.chunk, self.head_dim = fc_index.long(), chunk, head_dim
         self.dims = fc_dims(self.fc_index, head_dim, chunk).to(keys.device)  # (Hkv, nd)
-        mask = torch.ones(kv_heads, head_dim, dtype=torch.bool, device=keys.device)
-        mask.scatter_(1, self.dims, False)
-        self.rest_dims = torch.arange(head_dim, device=keys.device).expand(kv_heads, -1)[mask].view(kv_heads, -1)
+        self.rest_dims = other_dims(self.dims, head_dim)
         self.dom = self._take(keys, self.dims)
         self.rest = self._take(keys, self.rest_dims)
 

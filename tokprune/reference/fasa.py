@@ -31,6 +31,21 @@ def fc_dims(fc_index: torch.Tensor, head_dim: int, chunk: int = 1) -> torch.Tens
     return dims.flatten(-2)
 
 
+def other_dims(dims: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The head dimensions not in ``dims``, ascending, per head.
+
+    Args:
+        dims: ``(heads, nd)`` int distinct head-dim indices in ``[0, head_dim)`` (e.g. :func:`fc_dims`).
+        head_dim: ``D``.
+
+    Returns:
+        ``(heads, D - nd)`` int64 on ``dims``' device.
+    """
+    keep = torch.ones(dims.shape[0], head_dim, dtype=torch.bool, device=dims.device)
+    keep.scatter_(1, dims.long(), False)
+    return torch.arange(head_dim, device=dims.device).expand(dims.shape[0], -1)[keep].view(dims.shape[0], -1)
+
+
 def fc_scores_reference(q: torch.Tensor, k_cache: torch.Tensor, fc_index: torch.Tensor, chunk: int = 1) -> torch.Tensor:
     """``scores[b, h, t] = sum_{d in dims(h)} q[b, h, 0, d] * k[b, h // g, t, d]`` in fp32.
 
