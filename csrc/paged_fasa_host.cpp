@@ -4,10 +4,12 @@
 // state with torch's or a serving engine's OpenMP. The unit's work lives in include/tokprune/paged_fasa_body.h,
 // compiled twice: for the baseline ISA and for AVX2+FMA, picked once at run time.
 #include <math.h>
+#include <stdlib.h>
 
 #include <algorithm>
 #include <atomic>
 #include <exception>
+#include <new>
 #include <thread>
 #include <vector>
 
@@ -18,18 +20,47 @@
 namespace tokprune {
 namespace {
 
-// Per-thread scratch, sized once per call for the longest request.
-struct Scratch {
-  std::vector<float> qf, qfc, lg, vote, att, acc, denom;
-  std::vector<uint32_t> key;
-  std::vector<int32_t> cand, sel;
+// Per-thread scratch, carved for the call's longest request out of one grow-only block per thread (kept
+// between calls on the same thread: no allocation and no zero-fill per step on the decode path).
+class Scratch {
+ public:
+  float *qf, *qfc, *lg, *att, *acc, *denom;
+  uint32_t* key;
+  int32_t *cand, *sel;  // sel: room for one entry more than chosen (branch-free compaction)
+
   Scratch(const PagedFasaArgs& a, int64_t max_len) {
-    const int64_t g = a.H / a.Hkv, n = std::max<int64_t>(std::min(a.budget, max_len), 1);
-    const int64_t L = std::max<int64_t>(max_len, 1);
-    qf.resize(g * a.D), qfc.resize(g * std::max<int64_t>(a.nd, 1)), acc.resize(g * a.D), denom.resize(g);
-    if (max_len > a.budget) lg.resize(g * L), vote.resize(L), key.resize(L), cand.resize(L);
-    sel.resize(n);
-    att.resize(g * n);
+    const int64_t g = a.H / a.Hkv, n = std::max<int64_t>(std::min(a.budget, max_len), 1) + 1;
+    const int64_t L = max_len > a.budget ? max_len : 0;  // the vote runs only past the budget
+    const int64_t words[] = {g * a.D, g * std::max<int64_t>(a.nd, 1), g * L, g * n, g * a.D, g, L, L, n};
+    size_t offset[9], total = 0;
+    for (int i = 0; i < 9; ++i) offset[i] = total, total += (size_t(words[i]) * 4 + 63) / 64 * 64;
+    char* base = static_cast<char*>(block().reserve(total));
+    float** f[] = {&qf, &qfc, &lg, &att, &acc, &denom};
+    for (int i = 0; i < 6; ++i) *f[i] = reinterpret_cast<float*>(base + offset[i]);
+    key = reinterpret_cast<uint32_t*>(base + offset[6]);
+    cand = reinterpret_cast<int32_t*>(base + offset[7]);
+    sel = reinterpret_cast<int32_t*>(base + offset[8]);
+  }
+
+ private:
+  struct Block {
+    void* data = nullptr;
+    size_t bytes = 0;
+    ~Block() { std::free(data); }
+    void* reserve(size_t need) {
+      if (need > bytes) {
+        std::free(data);
+        data = nullptr, bytes = 0;
+        data = std::aligned_alloc(64, need);
+        if (!data) throw std::bad_alloc();
+        bytes = need;
+      }
+      return data;
+    }
+  };
+  static Block& block() {
+    thread_local Block b;
+    return b;
   }
 };
 
@@ -38,6 +69,8 @@ struct Scratch {
 
 namespace tokprune {
 namespace {
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"  // 8-float vectors inside the baseline build stay internal
 #define TP_FASA_NS fasa_base
 #include "tokprune/paged_fasa_body.h"
 #undef TP_FASA_NS
@@ -51,6 +84,7 @@ namespace {
 #undef TP_FASA_NS
 #pragma GCC pop_options
 #endif
+#pragma GCC diagnostic pop
 
 bool use_avx2() {
 #ifdef TP_FASA_AVX2

@@ -99,9 +99,9 @@ def test_fasa_fused_step_equals_torch_path():
     """fused=True (one C++ call: vote, selection, attention on the cache as one block per row) equals the torch
     path on tokprune's cache without padding; with padding, or fused=False, the torch path runs."""
     from tokprune.hf.kv_cache import TokpruneLayer
-    from tokprune.methods.fasa import _fused_fasa_op
+    from tokprune.methods.fasa import _fused_fasa_available
 
-    if _fused_fasa_op() is None:
+    if not _fused_fasa_available():
         pytest.skip("tokprune._C has no paged_fasa_decode")
     torch.manual_seed(0)
     layer = TokpruneLayer(capacity=16, layer_idx=0)
@@ -111,23 +111,61 @@ def test_fasa_fused_step_equals_torch_path():
     ctx = DecodeContext(_Module(), torch.randn(2, 4, 1, 16), layer.keys, layer.values, None, 0.25, layer)
     fused = FASA(fcs="uncalibrated", budget=20, sink=2, window=5, num_fcs=3, decline_ratio=0, fused=True)
     plain = FASA(fcs="uncalibrated", budget=20, sink=2, window=5, num_fcs=3, decline_ratio=0, fused=False)
-    assert fused._fused_op(ctx) is not None and plain._fused_op(ctx) is None
+    assert fused._fused_step(ctx) and not plain._fused_step(ctx)
     assert_close(fused.attend_decode(ctx), plain.attend_decode(ctx), atol=1e-5, rtol=1e-5)
     index = plain.select(plain.score(ctx), ctx)
     assert_close(fused.attend_decode(ctx), sparse_decode_attention_reference(ctx.query, ctx.key, ctx.value, index,
                                                                               ctx.scale), atol=1e-5, rtol=1e-5)
     padded = DecodeContext(_Module(), ctx.query, ctx.key, ctx.value, torch.ones(2, 90, dtype=torch.bool), 0.25, layer)
-    assert fused._fused_op(padded) is None
+    assert not fused._fused_step(padded)
     auto = FASA(fcs="uncalibrated", budget=20, sink=2, window=5, num_fcs=3, decline_ratio=0)  # fused=None
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert auto._fused_op(ctx) is None  # 1 thread: the torch path
+        assert not auto._fused_step(ctx)  # 1 thread: the torch path
         torch.set_num_threads(FASA.FUSED_MIN_THREADS)
-        assert auto._fused_op(ctx) is not None
+        assert auto._fused_step(ctx)
         assert_close(auto.attend_decode(ctx), plain.attend_decode(ctx), atol=1e-5, rtol=1e-5)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_fasa_fused_decoder_follows_cache_growth_and_bf16_scores():
+    """The fused step's bound decoder (kept on the cache layer) is rebuilt when the layer's buffers are reallocated
+    by growth and reused otherwise; with score_dtype=bf16 the packed FC copy is bf16 and the fused and torch paths
+    (both voting from it) agree."""
+    from tokprune.hf.kv_cache import TokpruneLayer
+    from tokprune.methods.fasa import _fused_fasa_available
+
+    if not _fused_fasa_available():
+        pytest.skip("tokprune._C has no paged_fasa_decode")
+    torch.manual_seed(1)
+    for score_dtype in (None, torch.bfloat16):
+        layer = TokpruneLayer(capacity=64, layer_idx=0)
+        fused = FASA(fcs="uncalibrated", budget=20, sink=2, window=5, num_fcs=3, decline_ratio=0, fused=True,
+                     score_dtype=score_dtype)
+        plain = FASA(fcs="uncalibrated", budget=20, sink=2, window=5, num_fcs=3, decline_ratio=0, fused=False,
+                     score_dtype=score_dtype)
+        k, v = torch.randn(2, 2, 140, 16), torch.randn(2, 2, 140, 16)
+        layer.update(k[:, :, :60], v[:, :, :60])  # 128 slots
+        layer.update(k[:, :, 60:120], v[:, :, 60:120])
+        decoders, buffers = [], []
+        for t in range(120, 134):  # the buffers grow past 128 slots on the way
+            layer.update(k[:, :, t:t + 1], v[:, :, t:t + 1])
+            ctx = DecodeContext(_Module(), torch.randn(2, 4, 1, 16), layer.keys, layer.values, None, 0.25, layer)
+            got = fused.attend_decode(ctx)
+            side = layer.side[fused._side_name]
+            assert side.storage.dtype == (score_dtype or torch.float32)
+            assert_close(got, plain.attend_decode(ctx), atol=1e-5, rtol=1e-5, name=f"t={t} {score_dtype}")
+            decoders.append(layer.bound_calls[fused._side_name][1])
+            buffers.append(layer.key_buffer.data_ptr())
+        assert len(set(buffers)) == 2  # one reallocation
+        for i in range(1, len(buffers)):  # reused while the buffers stay, rebuilt when they move
+            assert (decoders[i] is decoders[i - 1]) == (buffers[i] == buffers[i - 1]), i
+    with pytest.raises(ValueError, match="score_dtype"):
+        FASA(fcs="uncalibrated", budget=20, score_dtype=torch.int8)
+    with pytest.raises(ValueError, match="score_dtype"):
+        FASA(fcs="uncalibrated", budget=20, score_dtype=torch.bfloat16, layout="split")
 
 
 def test_new_method_is_one_dataclass_and_one_score(tiny_llama):

@@ -226,3 +226,55 @@ def test_rejects_bad_input():
         paged_fasa_decode(**args, out=torch.empty(2, 4, 32))
     with pytest.raises(ValueError, match="num_threads"):
         paged_fasa_decode(**args, num_threads=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_equal_votes_take_the_lowest_tokens_and_forced_only_budgets(backend):
+    """Ties: with a zero query every vote is equal, so the free places go to the lowest middle tokens; a budget
+    filled by sink + window chooses exactly those (no radix pass)."""
+    lens = [300, 129]
+    q, k, v, fc, dims, table, seq = make_case(lens, 16, 6, 2, 32, 8, torch.float32, torch.float32, "contiguous",
+                                              seed=6)
+    q = torch.zeros_like(q)
+    _, sel = paged_fasa_decode(q, k, v, fc, dims, table, seq, 40, 3, 7, 0.2, return_selected=True, backend=backend)
+    for r, L in enumerate(lens):
+        want = list(range(3)) + list(range(3, 3 + 30)) + list(range(L - 7, L))
+        assert sel[r].tolist() == [want, want], r
+    _, sel = paged_fasa_decode(q, k, v, fc, dims, table, seq, 10, 4, 6, 0.2, return_selected=True, backend=backend)
+    for r, L in enumerate(lens):
+        assert sel[r].tolist() == [list(range(4)) + list(range(L - 6, L))] * 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decoder_bound_to_the_caches_equals_the_op(backend):
+    """paged_fasa_decoder: the same results as paged_fasa_decode call after call (rows, tables and lengths change
+    between calls), out= written in place, int64 tables converted; wrong shapes or dtypes are refused."""
+    from tokprune.ops.paged import paged_fasa_decoder
+
+    lens = [300, 129, 77, 410]
+    q, k, v, fc, dims, table, seq = make_case(lens, 16, 6, 2, 32, 8, torch.bfloat16, torch.float32, "vllm", seed=7)
+    decoder = paged_fasa_decoder(k, v, fc, dims, 48, 4, 8, 0.2, heads=6, backend=backend)
+    for rows in ([0, 1, 2, 3], [3, 1], [2]):
+        pick = torch.tensor(rows)
+        for step in range(2):
+            lens_now = (seq[pick] - step).int()
+            want = paged_fasa_decode(q[pick], k, v, fc, dims, table[pick], lens_now, 48, 4, 8, 0.2, backend=backend)
+            assert torch.equal(decoder(q[pick], table[pick], lens_now), want), (rows, step)
+    out = torch.empty(4, 6, 32, dtype=torch.bfloat16)
+    res = decoder(q, table.long(), seq.long(), out=out)
+    assert res.data_ptr() == out.data_ptr()
+    assert torch.equal(out, paged_fasa_decode(q, k, v, fc, dims, table, seq, 48, 4, 8, 0.2, backend=backend))
+    with pytest.raises(ValueError, match="q must be"):
+        decoder(q.float(), table, seq)
+    with pytest.raises(ValueError, match="q must be"):
+        decoder(q[:, :4], table, seq)
+    with pytest.raises(ValueError, match="seq_lens"):
+        decoder(q, table, seq[:2])
+    with pytest.raises(ValueError, match="out must be"):
+        decoder(q, table, seq, out=torch.empty(4, 6, 32))
+    with pytest.raises(ValueError, match="heads"):
+        paged_fasa_decoder(k, v, fc, dims, 48, 4, 8, 0.2, heads=0)
+    with pytest.raises(ValueError, match="multiple"):
+        paged_fasa_decoder(k, v, fc, dims, 48, 4, 8, 0.2, heads=3)
+    with pytest.raises(ValueError, match="fc_dims"):
+        paged_fasa_decoder(k, v, fc, dims[:1], 48, 4, 8, 0.2, heads=6)

@@ -103,9 +103,11 @@ class PackedKeyDims(SideBuffer):
     Args:
         dims: ``(kv_heads, n_dims)`` int64 head-dim indices per KV head (e.g.
             ``tokprune.reference.fasa.fc_dims(fc_index, head_dim, chunk)``), or ``(n_dims,)`` for all heads.
+        dtype: floating dtype of the copy (``None``: the cache dtype; e.g. ``torch.bfloat16`` halves the bytes
+            a scoring pass reads from an fp32 cache, values rounded to bf16).
 
     Attributes:
-        storage: ``(batch, kv_heads, n_dims, capacity)`` in the cache dtype (dims-major: each packed
+        storage: ``(batch, kv_heads, n_dims, capacity)`` in ``dtype`` (dims-major: each packed
             dimension is a contiguous row over the tokens), allocated on first append.
         packed: property, the view ``(batch, kv_heads, length, n_dims)`` of the valid slots (token stride 1).
         packed_t: property, the same slots as ``(batch, kv_heads, n_dims, length)`` (unit stride along tokens).
@@ -115,7 +117,10 @@ class PackedKeyDims(SideBuffer):
     16 dims: 34 us vs 81 us for the token-major layout).
     """
 
-    def __init__(self, dims: torch.Tensor):
+    def __init__(self, dims: torch.Tensor, dtype: Optional[torch.dtype] = None):
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"PackedKeyDims: dtype must be a floating torch.dtype or None, got {dtype!r}")
+        self.dtype = dtype
         if not isinstance(dims, torch.Tensor) or dims.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"dims must be an int32/int64 tensor of head-dim indices, got {type(dims).__name__}"
                             + (f" {dims.dtype}" if isinstance(dims, torch.Tensor) else ""))
@@ -141,15 +146,16 @@ class PackedKeyDims(SideBuffer):
         kb = layer.key_buffer
         batch, heads, capacity, _ = kb.shape
         n_dims = self.dims.shape[-1]
+        dtype = self.dtype or kb.dtype
         if (self.storage is None or self.storage.shape[0] != batch or self.storage.shape[3] < capacity
-                or self.storage.dtype != kb.dtype or self.storage.device != kb.device):
-            if self.storage is None or self.storage.shape[0] != batch or self.storage.dtype != kb.dtype \
+                or self.storage.dtype != dtype or self.storage.device != kb.device):
+            if self.storage is None or self.storage.shape[0] != batch or self.storage.dtype != dtype \
                     or self.storage.device != kb.device:
                 self._check(layer)
                 keep = 0
             else:
                 keep = min(self.length, start)
-            new = kb.new_zeros(batch, heads, n_dims, capacity)
+            new = kb.new_zeros(batch, heads, n_dims, capacity, dtype=dtype)
             if keep:
                 new[..., :keep] = self.storage[..., :keep]
             self.storage = new
@@ -406,6 +412,8 @@ class TokpruneLayer(CacheLayerMixin):
         keys, values: views ``(batch, kv_heads, length, head_dim)`` of the buffers. Assigning a tensor
             to them (as code written for ``DynamicCache`` does) copies it into the buffers.
         side: ``{name: SideBuffer}`` kept in step with the keys (see :meth:`add_side`).
+        bound_calls: ``{name: object}`` kernel calls a policy prepared for this layer's buffers (e.g. FASA's
+            :func:`tokprune.ops.paged.paged_fasa_decoder`); the owner checks they still match the buffers.
         ragged: ``True`` when rows hold different numbers of tokens (``row_lengths`` differ).
     """
 
@@ -420,6 +428,7 @@ class TokpruneLayer(CacheLayerMixin):
         self.length = 0
         self.reserve = int(capacity)  # first allocation size hint (tokens)
         self.side: Dict[str, SideBuffer] = {}
+        self.bound_calls: Dict[str, Any] = {}
         self._row_lengths: Optional[torch.Tensor] = None  # None: every row holds `length` tokens
         self._ragged_min = 0
         self._k_view: Optional[torch.Tensor] = None
@@ -630,7 +639,8 @@ class TokpruneLayer(CacheLayerMixin):
         packed = self.side.pop(own_side, None) if own_side is not None else None
         store = SplitKeyStore.from_buffers(self.key_buffer, self.value_buffer, dims, self.length, tier=tier)
         if isinstance(packed, PackedKeyDims) and packed.storage is not None and packed.length == self.length \
-                and packed.storage.shape == store.storage.shape and torch.equal(packed.dims.to(store.dims.device).expand_as(store.dims), store.dims):
+                and packed.storage.shape == store.storage.shape \
+                and packed.storage.dtype == store.storage.dtype and torch.equal(packed.dims.to(store.dims.device).expand_as(store.dims), store.dims):
             store.storage = packed.storage  # the same numbers: keep one of them
         self.split = store
         self.key_buffer = self.value_buffer = None

@@ -328,6 +328,53 @@ def paged_fasa_decode_host(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out, selected
 
 
+class PagedFasaHostCall:
+    """The host kernel of ``paged_fasa_decode`` bound to one set of caches, for a decode loop that calls it
+    once per layer and step: the argument struct is built once, and a call only sets the rows, the query,
+    the block table, the lengths and the output before it launches (a handful of attribute writes instead
+    of the ~50 of :func:`paged_fasa_decode_host`). Checks: by the public factory
+    :func:`tokprune.ops.paged.paged_fasa_decoder` (once) and its per-call shape/dtype test.
+
+    Args:
+        k_cache, v_cache: ``(num_blocks, Hkv, block_size, head_dim)`` fp32/fp16/bf16, any strides.
+        fc_cache: ``(num_blocks, Hkv, block_size, nd)`` packed FC keys, any strides.
+        fc_dims: ``(Hkv, nd)`` int (converted to int32 once).
+        heads: query heads ``Hq``; ``out_dtype``: dtype of the output rows.
+        budget, sink, window, scale, vote_scale, threads: as :func:`paged_fasa_decode_host`.
+    """
+
+    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, fc_cache: torch.Tensor, fc_dims: torch.Tensor,
+                 heads: int, out_dtype: torch.dtype, budget: int, sink: int, window: int, scale: float,
+                 vote_scale: float, threads: int):
+        dims = fc_dims.to(torch.int32).contiguous()
+        self._keep = (k_cache, v_cache, fc_cache, dims)  # the struct points into these
+        self._run = _lib().paged_fasa_decode
+        kc, vc, ff = k_cache, v_cache, fc_cache
+        self.args = _args("PagedFasaArgs", R=0, H=heads, Hkv=kc.shape[1], D=kc.shape[3], nd=dims.shape[1],
+                          budget=int(budget), sink=int(sink), window=int(window), block_size=kc.shape[2],
+                          dtype=DTYPE_CODES[kc.dtype], fc_dtype=DTYPE_CODES[ff.dtype],
+                          out_dtype=DTYPE_CODES[out_dtype], scale=float(scale), vote_scale=float(vote_scale),
+                          k=kc.data_ptr(), k_sb=kc.stride(0), k_sh=kc.stride(1), k_st=kc.stride(2),
+                          k_sd=kc.stride(3), v=vc.data_ptr(), v_sb=vc.stride(0), v_sh=vc.stride(1),
+                          v_st=vc.stride(2), v_sd=vc.stride(3), fc=ff.data_ptr(), f_sb=ff.stride(0),
+                          f_sh=ff.stride(1), f_st=ff.stride(2), f_sd=ff.stride(3), fc_dims=dims.data_ptr(),
+                          selected=0, threads=max(1, int(threads)))
+
+    def __call__(self, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                 out: torch.Tensor) -> torch.Tensor:
+        """Launch on ``q (R, Hq, head_dim)`` (last dim contiguous), ``block_table (R, max_blocks)`` int32 (last
+        dim contiguous), ``seq_lens (R,)`` int32 contiguous; writes ``out (R, Hq, head_dim)`` (last dim
+        contiguous) and returns it."""
+        a = self.args
+        a.R = q.shape[0]
+        a.q, a.q_sr, a.q_sh = q.data_ptr(), q.stride(0), q.stride(1)
+        a.block_table, a.bt_sr = block_table.data_ptr(), block_table.stride(0)
+        a.seq_lens = seq_lens.data_ptr()
+        a.out, a.o_sr, a.o_sh = out.data_ptr(), out.stride(0), out.stride(1)
+        self._run(a, False, 0, False)
+        return out
+
+
 # ------------------------------------------------------------------------------ small-M linear
 def _small_m_linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          threads: int) -> torch.Tensor:

@@ -92,6 +92,9 @@ class FASA(KVPolicy):
             :meth:`memory_report`. Needs ``packed=True`` and tokprune's cache; the fused C++ step runs only with
             ``"packed"``.
         offload_device: the second tier of ``layout="offload"`` (default ``"cpu"``: host memory on a GPU).
+        score_dtype: dtype of the packed FC keys the vote reads (``layout="packed"``; ``None``: the cache dtype).
+            ``torch.bfloat16`` halves the bytes the vote reads every step from an fp32 cache: FC keys are
+            rounded to bf16 (as they are in the paper's bf16 models); attention still reads the exact keys.
     """
 
     fcs: Any = None
@@ -104,6 +107,7 @@ class FASA(KVPolicy):
     fused: Optional[bool] = None
     layout: str = "packed"
     offload_device: Any = "cpu"
+    score_dtype: Optional[torch.dtype] = None
     _calibration: Optional[FCCalibration] = field(default=None, init=False, repr=False, compare=False)
     _fc_cache: Dict[tuple, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -125,6 +129,12 @@ class FASA(KVPolicy):
         self.dense_layers = tuple(self.dense_layers)
         if self.layout not in LAYOUTS:
             raise ValueError(f"FASA: layout must be one of {', '.join(map(repr, LAYOUTS))}, got {self.layout!r}")
+        if self.score_dtype is not None and (not isinstance(self.score_dtype, torch.dtype)
+                                             or not self.score_dtype.is_floating_point):
+            raise ValueError(f"FASA: score_dtype must be a floating torch.dtype or None, got {self.score_dtype!r}")
+        if self.score_dtype is not None and self.layout != "packed":
+            raise ValueError(f"FASA: score_dtype applies to layout='packed' (layout={self.layout!r} attends with "
+                             f"the stored dominant dims, which must stay exact)")
         if self.layout != "packed" and not self.packed:
             raise ValueError(f"FASA: layout={self.layout!r} stores the dominant dims packed; it needs packed=True")
         try:
@@ -218,21 +228,21 @@ class FASA(KVPolicy):
         if side is None:
             from tokprune.hf.kv_cache import PackedKeyDims
 
-            side = layer.add_side(name, PackedKeyDims(dims))
+            side = layer.add_side(name, PackedKeyDims(dims, dtype=self.score_dtype))
         return side
 
-    def _fused_op(self, ctx: DecodeContext):
-        """:func:`tokprune.ops.paged.paged_fasa_decode` when this step can run as that one call, else ``None``."""
+    def _fused_step(self, ctx: DecodeContext) -> bool:
+        """Whether this step runs as one call of the fused C++ kernel (see ``fused``)."""
         if self.fused is False or ctx.cache_layer is None or ctx.valid is not None or not self.packed \
                 or self.layout != "packed":
-            return None
+            return False
         if self.selection != "group" or self.aggregate != "softmax" or ctx.query.device.type != "cpu":
-            return None
+            return False
         if self.backend not in (None, "auto", "cuda") or torch.compiler.is_compiling():
-            return None
+            return False
         if self.fused is None and torch.get_num_threads() < self.FUSED_MIN_THREADS:
-            return None
-        return _fused_fasa_op()
+            return False
+        return _fused_fasa_available()
 
     def _split(self, ctx: DecodeContext):
         """The layer's :class:`tokprune.hf.kv_cache.SplitKeyStore` with ``layout="split"``/``"offload"`` (the
@@ -264,20 +274,34 @@ class FASA(KVPolicy):
             return split.sparse_attention(ctx.query, index, ctx.scale, padded=self.select_pads(ctx))
         if self.declines(ctx.n_tokens, ctx):
             return None
-        op = self._fused_op(ctx)
-        if op is None:
+        if not self._fused_step(ctx):
             return super().attend_decode(ctx)
+        return self._fused_attention(ctx)
+
+    def _fused_attention(self, ctx: DecodeContext) -> torch.Tensor:
+        """This step as one call of the layer's :func:`tokprune.ops.paged.paged_fasa_decoder` (kept on the cache
+        layer, rebuilt when its buffers are reallocated, the batch or the thread count change)."""
         batch, heads, head_dim = ctx.batch, ctx.heads, ctx.head_dim
-        _, dims = self._fc_and_dims(ctx, ctx.key.device)
-        side = self._side(ctx, dims)
         layer = ctx.cache_layer
-        table = self._fc_cache.get(("block_table", batch))
-        if table is None:
-            table = self._fc_cache[("block_table", batch)] = torch.arange(batch).view(batch, 1)
-        seq_lens = torch.full((batch,), ctx.n_tokens, dtype=torch.long)
-        out = op(ctx.query[:, :, 0], layer.key_buffer, layer.value_buffer, side.storage.transpose(2, 3), dims, table,
-                 seq_lens, self.budget, self.sink, self.window, ctx.scale, vote_scale=head_dim ** -0.5)
-        return out.view(batch, heads, 1, head_dim)
+        side = layer.side.get(self._side_name)
+        if side is None:
+            side = self._side(ctx, self._fc_and_dims(ctx, ctx.key.device)[1])
+        kb, vb, fc = layer.key_buffer, layer.value_buffer, side.storage
+        threads = torch.get_num_threads()
+        key = (kb.data_ptr(), vb.data_ptr(), fc.data_ptr(), kb.shape[2], batch, threads, ctx.query.dtype, ctx.scale)
+        bound = layer.bound_calls.get(self._side_name)
+        if bound is None or bound[0] != key:
+            from tokprune.ops.paged import paged_fasa_decoder
+
+            _, dims = self._fc_and_dims(ctx, ctx.key.device)
+            decoder = paged_fasa_decoder(kb, vb, fc.transpose(2, 3), dims, self.budget, self.sink, self.window,
+                                         ctx.scale, heads=heads, out_dtype=ctx.query.dtype,
+                                         vote_scale=head_dim ** -0.5, num_threads=threads)
+            table = torch.arange(batch, dtype=torch.int32).view(batch, 1)
+            bound = layer.bound_calls[self._side_name] = (key, decoder, table, torch.empty(batch, dtype=torch.int32))
+        _, decoder, table, seq_lens = bound
+        seq_lens.fill_(ctx.n_tokens)
+        return decoder(ctx.query[:, :, 0], table, seq_lens).view(batch, heads, 1, head_dim)
 
     def memory_report(self, cache, heads: Optional[int] = None) -> Dict[str, Any]:
         """Resident bytes and bytes read per decode step, per memory tier, from ``cache``'s buffers.
@@ -366,8 +390,8 @@ class FASA(KVPolicy):
             if (self.selection == "group" and self.aggregate == "softmax" and ctx.query.device.type == "cpu"
                     and self.backend in (None, "auto", "torch")):
                 return _group_softmax_vote(ctx.query, side.packed_t, dims, ctx.valid, head_dim ** -0.5)
-            scores = fc_scores(ctx.query, side.packed, fc, chunk=self.chunk, packed=True, backend=self.backend,
-                               dims=dims)
+            packed = side.packed if side.packed.dtype == ctx.query.dtype else side.packed.to(ctx.query.dtype)
+            scores = fc_scores(ctx.query, packed, fc, chunk=self.chunk, packed=True, backend=self.backend, dims=dims)
         else:
             scores = fc_scores(ctx.query, ctx.key, fc, chunk=self.chunk, backend=self.backend, dims=dims)
         if ctx.valid is not None:
@@ -404,9 +428,8 @@ def _group_softmax_vote(query: torch.Tensor, packed_t: torch.Tensor, dims: torch
 
 
 @functools.lru_cache(maxsize=1)
-def _fused_fasa_op():
-    """:func:`tokprune.ops.paged.paged_fasa_decode` if this install has its C++ (host) kernel, else ``None``
-    (decided once: the decode step asks every layer)."""
+def _fused_fasa_available() -> bool:
+    """Whether this install has the fused FASA host kernel (decided once: the decode step asks every layer)."""
     from tokprune.ops import paged
 
-    return paged.paged_fasa_decode if paged.fused_fasa_available(torch.device("cpu")) else None
+    return paged.fused_fasa_available(torch.device("cpu"))

@@ -35,6 +35,7 @@ _EXPORTS = {
     "paged_quest_scores": "paged",
     "paged_select_pages": "paged",
     "paged_fasa_decode": "paged",
+    "paged_fasa_decoder": "paged",
     # linear layers for a few rows (speculative tree forwards on the CPU)
     "small_m_linear": "linear",
     # window-attention token scores (SnapKV, UNComp, token sparse)

@@ -8,8 +8,20 @@
 //         vote[t] = sum_j softmax_t(logits[j, :])[t]; the first `sink` and last `window` tokens forced;
 //         the `budget` largest votes (ties to the lower token) by radix select.
 //   out[h*g+j] = softmax(scale * q . K[chosen]) @ V[chosen], fp32 accumulation.
+//
+// The hot loops use GCC vector extensions (8 floats), which the AVX2 variant maps to ymm registers and the
+// baseline to pairs of SSE registers: every FC value and every chosen K/V row is read once for the whole
+// group of query heads.
 
 namespace TP_FASA_NS {
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+
+constexpr int kGroupTile = 4;  // query heads whose accumulators are kept in registers at once
+constexpr int kPrefetchAhead = 8;  // chosen rows prefetched ahead of the one being read
+constexpr int64_t kFcPrefetchAhead = 256;  // tokens ahead in each FC row
 
 inline float as_float(uint32_t b) {
 #if defined(__GNUC__)
@@ -40,35 +52,105 @@ inline float ld(const void* p, int64_t i) {
   return load_as_float<DT>(p, i);
 }
 
-// logits[j * L + t] for t < L (FC side cache read in place through the block table).
+// Elements i..i+7 of a fp32 / fp16 / bf16 array as 8 floats.
+template <int DT>
+inline v8f ld8(const void* p, int64_t i) {
+  v8f x;
+  if (DT == kFloat32) {
+    __builtin_memcpy(&x, static_cast<const float*>(p) + i, sizeof x);
+  } else if (DT == kBFloat16) {
+    v8h h;
+    __builtin_memcpy(&h, static_cast<const uint16_t*>(p) + i, sizeof h);
+    const v8u u = __builtin_convertvector(h, v8u) << 16;
+    __builtin_memcpy(&x, &u, sizeof x);
+  } else {
+    for (int k = 0; k < 8; ++k) x[k] = load_as_float<DT>(p, i + k);
+  }
+  return x;
+}
+
+inline v8f splat8(float s) { return v8f{s, s, s, s, s, s, s, s}; }
+inline void st8(float* p, v8f x) { __builtin_memcpy(p, &x, sizeof x); }
+inline v8f max8(v8f a, v8f b) { return a > b ? a : b; }  // NaN in a is ignored, as the scalar max below
+inline float hsum8(v8f x) { return ((x[0] + x[4]) + (x[2] + x[6])) + ((x[1] + x[5]) + (x[3] + x[7])); }
+inline float hmax8(v8f x) {
+  float m = x[0];
+  for (int k = 1; k < 8; ++k) m = x[k] > m ? x[k] : m;
+  return m;
+}
+
+// tokprune::order_key without branches (so that loops over it vectorise): -0 becomes +0 by adding +0.
+inline uint32_t order_key_flat(float x) {
+  const uint32_t b = __builtin_bit_cast(uint32_t, x + 0.0f);
+  return b ^ (uint32_t(int32_t(b) >> 31) | 0x80000000u);
+}
+
+// Prefetch the `bytes` bytes at p (one request per cache line).
+inline void prefetch_row(const void* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(static_cast<const char*>(p) + o);
+}
+
+// Logits of G (<= kGroupTile) query heads over n tokens of one dims-major FC block ([nd, block_size], token
+// axis unit stride): out[j * ld_out + t] = sum_i qfc[j * nd + i] * fc[i, t] (summed in i order), running maxima
+// in mx[j]. Each FC value is loaded once for the G heads.
+template <int FT, int G>
+void fc_block_dims_major(const void* base, int64_t f_sd, int64_t nd, const float* qfc, int64_t n, float* out,
+                         int64_t ld_out, float* mx) {
+  constexpr int64_t esz = FT == kFloat32 ? 4 : 2;
+  v8f m[G];
+  for (int j = 0; j < G; ++j) m[j] = splat8(-INFINITY);
+  int64_t t = 0;
+  for (; t + 16 <= n; t += 16) {
+    v8f a0[G], a1[G];
+    for (int j = 0; j < G; ++j) a0[j] = a1[j] = v8f{};
+    for (int64_t i = 0; i < nd; ++i) {
+      if (t + kFcPrefetchAhead < n)  // 16 rows stream at once: the hardware prefetcher alone falls behind
+        __builtin_prefetch(static_cast<const char*>(base) + (i * f_sd + t + kFcPrefetchAhead) * esz);
+      const v8f x0 = ld8<FT>(base, i * f_sd + t), x1 = ld8<FT>(base, i * f_sd + t + 8);
+      for (int j = 0; j < G; ++j) {
+        const v8f qv = splat8(qfc[j * nd + i]);
+        a0[j] += qv * x0;
+        a1[j] += qv * x1;
+      }
+    }
+    for (int j = 0; j < G; ++j) {
+      st8(out + j * ld_out + t, a0[j]);
+      st8(out + j * ld_out + t + 8, a1[j]);
+      m[j] = max8(max8(a0[j], a1[j]), m[j]);
+    }
+  }
+  for (int j = 0; j < G; ++j) {
+    float mj = hmax8(m[j]);
+    for (int64_t tt = t; tt < n; ++tt) {
+      float acc = 0.0f;
+      for (int64_t i = 0; i < nd; ++i) acc += qfc[j * nd + i] * ld<FT>(base, i * f_sd + tt);
+      out[j * ld_out + tt] = acc;
+      mj = acc > mj ? acc : mj;
+    }
+    mx[j] = mj > mx[j] ? mj : mx[j];
+  }
+}
+
+// logits[j * L + t] for t < L (FC side cache read in place through the block table) and their maxima mx[j].
 template <int FT>
-void fc_logits(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t L, const float* qfc, float* lg) {
+void fc_logits(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t L, const float* qfc, float* lg, float* mx) {
   const int64_t g = a.H / a.Hkv, bs = a.block_size, nd = a.nd;
   const int32_t* table = a.block_table + r * a.bt_sr;
   const char* fc = static_cast<const char*>(a.fc);
   const int64_t esz = FT == kFloat32 ? 4 : 2;
+  for (int64_t j = 0; j < g; ++j) mx[j] = -INFINITY;
   for (int64_t b = 0, t0 = 0; t0 < L; ++b, t0 += bs) {
     const int64_t n = L - t0 < bs ? L - t0 : bs;
     const void* base = fc + (int64_t(table[b]) * a.f_sb + h * a.f_sh) * esz;
-    if (a.f_st == 1) {  // dims-major block ([nd, block_size]): 32 tokens at a time, accumulators in registers
-      for (int64_t j = 0; j < g; ++j) {
-        const float* qj = qfc + j * nd;
-        float* out = lg + j * L + t0;
-        int64_t t = 0;
-        for (; t + 32 <= n; t += 32) {
-          float acc[32] = {};
-          for (int64_t i = 0; i < nd; ++i) {
-            const float qv = qj[i];
-            const int64_t row = i * a.f_sd + t;
-#pragma omp simd
-            for (int tt = 0; tt < 32; ++tt) acc[tt] += qv * ld<FT>(base, row + tt);
-          }
-          for (int tt = 0; tt < 32; ++tt) out[t + tt] = acc[tt];
-        }
-        for (; t < n; ++t) {
-          float acc = 0.0f;
-          for (int64_t i = 0; i < nd; ++i) acc += qj[i] * ld<FT>(base, i * a.f_sd + t);
-          out[t] = acc;
+    if (a.f_st == 1) {  // dims-major block ([nd, block_size]): 16 tokens x up to 4 heads in registers
+      for (int64_t j0 = 0; j0 < g; j0 += kGroupTile) {
+        const float* q0 = qfc + j0 * nd;
+        float* o0 = lg + j0 * L + t0;
+        switch (g - j0 < kGroupTile ? g - j0 : kGroupTile) {
+          case 1: fc_block_dims_major<FT, 1>(base, a.f_sd, nd, q0, n, o0, L, mx + j0); break;
+          case 2: fc_block_dims_major<FT, 2>(base, a.f_sd, nd, q0, n, o0, L, mx + j0); break;
+          case 3: fc_block_dims_major<FT, 3>(base, a.f_sd, nd, q0, n, o0, L, mx + j0); break;
+          default: fc_block_dims_major<FT, 4>(base, a.f_sd, nd, q0, n, o0, L, mx + j0); break;
         }
       }
     } else {  // token-major ([block_size, nd]) or any strides: one dot product per token
@@ -84,84 +166,192 @@ void fc_logits(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t L, const fl
             for (int64_t i = 0; i < nd; ++i) s += qj[i] * ld<FT>(base, row + i * a.f_sd);
           }
           lg[j * L + t0 + t] = s;
+          mx[j] = s > mx[j] ? s : mx[j];
         }
       }
     }
   }
 }
 
+// The digit of the candidates' histogram that holds the need-th largest key (1-based); *need becomes the
+// rank within that digit's bucket.
+inline uint32_t pick_digit(const uint32_t* hist, int bins, uint32_t* need) {
+  uint32_t above = 0;
+  for (int d = bins - 1; d > 0; --d) {
+    if (above + hist[d] >= *need) {
+      *need -= above;
+      return uint32_t(d);
+    }
+    above += hist[d];
+  }
+  *need -= above;
+  return 0;
+}
+
+// The need-th largest of key[lo..hi) (need >= 1) by radix select from the highest bit where the keys differ
+// (the common prefix of their minimum and maximum is skipped: FASA's votes share sign and high exponent bits).
+// Returns the threshold key; *need becomes how many keys equal to it are taken (lowest tokens first).
+inline uint32_t radix_threshold(const uint32_t* key, int64_t lo, int64_t hi, uint32_t kmin, uint32_t kmax,
+                                uint32_t* need, int32_t* cand) {
+  const uint32_t diff = kmin ^ kmax;
+  if (diff == 0) return kmin;
+  int top = 31 - __builtin_clz(diff);
+  uint32_t mask = top == 31 ? 0u : ~((2u << top) - 1u);
+  uint32_t prefix = kmin & mask;
+  bool direct = true;  // candidates: every token of [lo, hi) (no list yet)
+  int64_t nc = hi - lo;
+  uint32_t part[4][kRadixBins], hist[kRadixBins];  // 4 partial histograms: equal digits do not chain in memory
+  while (top >= 0) {
+    const int bits = top + 1 < kRadixBits ? top + 1 : kRadixBits;
+    const int shift = top + 1 - bits, bins = 1 << bits;
+    const uint32_t dm = uint32_t(bins - 1);
+    for (int q = 0; q < 4; ++q)
+      for (int d = 0; d < bins; ++d) part[q][d] = 0;
+    int64_t c = 0;
+    if (direct) {
+      const uint32_t* k = key + lo;
+      for (; c + 4 <= nc; c += 4)
+        for (int q = 0; q < 4; ++q) ++part[q][(k[c + q] >> shift) & dm];
+      for (; c < nc; ++c) ++part[0][(k[c] >> shift) & dm];
+    } else {
+      for (; c + 4 <= nc; c += 4)
+        for (int q = 0; q < 4; ++q) ++part[q][(key[cand[c + q]] >> shift) & dm];
+      for (; c < nc; ++c) ++part[0][(key[cand[c]] >> shift) & dm];
+    }
+    for (int d = 0; d < bins; ++d) hist[d] = part[0][d] + part[1][d] + part[2][d] + part[3][d];
+    const uint32_t digit = pick_digit(hist, bins, need);
+    prefix |= digit << shift;
+    mask |= dm << shift;
+    top = shift - 1;
+    if (top < 0 || hist[digit] == uint32_t(nc)) continue;  // done, or nothing to drop
+    int64_t kept = 0;
+    if (direct) {
+      for (int64_t t = lo; t < hi; ++t) {
+        cand[kept] = int32_t(t);
+        kept += (key[t] & mask) == prefix;
+      }
+      direct = false;
+    } else {
+      for (int64_t i = 0; i < nc; ++i) {
+        const int32_t t = cand[i];
+        cand[kept] = t;
+        kept += (key[t] & mask) == prefix;
+      }
+    }
+    nc = kept;
+  }
+  return prefix;
+}
+
 // FASA's vote and top-budget choice; writes the chosen logical tokens ascending into sel, returns their count.
 template <int FT>
 int64_t choose(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t L, const float* qf, Scratch& w) {
   const int64_t g = a.H / a.Hkv, nd = a.nd, budget = a.budget;
-  int32_t* sel = w.sel.data();
+  int32_t* sel = w.sel;
   if (budget == 0) return 0;
   if (L <= budget) {
     for (int64_t t = 0; t < L; ++t) sel[t] = int32_t(t);
     return L;
   }
-  float* qfc = w.qfc.data();
+  float* qfc = w.qfc;
   const int32_t* dims = a.fc_dims + h * nd;
   for (int64_t j = 0; j < g; ++j)
     for (int64_t i = 0; i < nd; ++i) qfc[j * nd + i] = qf[j * a.D + dims[i]] * a.vote_scale;
-  float* lg = w.lg.data();
-  fc_logits<FT>(a, r, h, L, qfc, lg);
-  float* vote = w.vote.data();
-  for (int64_t t = 0; t < L; ++t) vote[t] = 0.0f;
-  for (int64_t j = 0; j < g; ++j) {
+  float* lg = w.lg;
+  float* inv = w.denom;  // per head: 1 / softmax normaliser
+  fc_logits<FT>(a, r, h, L, qfc, lg, inv);
+  for (int64_t j = 0; j < g; ++j) {  // exp(logit - max) in place, and the normaliser
     float* x = lg + j * L;
-    float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-    for (int64_t t = 0; t < L; ++t) m = x[t] > m ? x[t] : m;
-#pragma omp simd
-    for (int64_t t = 0; t < L; ++t) x[t] = exp_le0(x[t] - m);
+    const float m = inv[j];
     float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-    for (int64_t t = 0; t < L; ++t) s += x[t];
-    const float inv = 1.0f / s;
-#pragma omp simd
-    for (int64_t t = 0; t < L; ++t) vote[t] += x[t] * inv;
+    for (int64_t t = 0; t < L; ++t) {
+      x[t] = exp_le0(x[t] - m);
+      s += x[t];
+    }
+    inv[j] = 1.0f / s;
   }
+  // Forced: the first `sink` and the last `window` tokens; the rest [lo, hi) competes for `need` places.
   const int64_t sink = a.sink < budget ? a.sink : budget;
   const int64_t window = a.window < budget - sink ? a.window : budget - sink;
-  for (int64_t t = 0; t < sink; ++t) vote[t] = INFINITY;
-  for (int64_t t = L - window; t < L; ++t) vote[t] = INFINITY;
-  // radix select of the budget-th largest key (ties to the lower token), over a shrinking candidate list
-  uint32_t* key = w.key.data();
-  int32_t* cand = w.cand.data();
-  for (int64_t t = 0; t < L; ++t) key[t] = order_key(vote[t]);
-  int64_t nc = L;
-  for (int64_t t = 0; t < L; ++t) cand[t] = int32_t(t);
-  uint32_t prefix = 0, mask = 0, need = uint32_t(budget), hist[kRadixBins];
-  uint32_t part[4][kRadixBins];  // 4 partial histograms: consecutive equal digits do not chain through memory
-  for (int shift = 32 - kRadixBits; shift >= 0; shift -= kRadixBits) {
-    for (int q = 0; q < 4; ++q)
-      for (int d = 0; d < kRadixBins; ++d) part[q][d] = 0;
-    int64_t c = 0;
-    if (nc == L) {  // the candidates are every token in order: read the keys directly
-      for (; c + 4 <= nc; c += 4)
-        for (int q = 0; q < 4; ++q) ++part[q][radix_digit(key[c + q], shift)];
-      for (; c < nc; ++c) ++part[0][radix_digit(key[c], shift)];
-    } else {
-      for (; c + 4 <= nc; c += 4)
-        for (int q = 0; q < 4; ++q) ++part[q][radix_digit(key[cand[c + q]], shift)];
-      for (; c < nc; ++c) ++part[0][radix_digit(key[cand[c]], shift)];
-    }
-    for (int d = 0; d < kRadixBins; ++d) hist[d] = part[0][d] + part[1][d] + part[2][d] + part[3][d];
-    const uint32_t digit = radix_pick(hist, &need);
-    prefix |= digit << shift;
-    mask |= uint32_t(kRadixBins - 1) << shift;
-    if (hist[digit] == uint32_t(nc)) continue;  // every candidate shares this digit: nothing to drop
-    int64_t kept = 0;
-    for (int64_t c = 0; c < nc; ++c)
-      if ((key[cand[c]] & mask) == prefix) cand[kept++] = cand[c];
-    nc = kept;
+  const int64_t lo = sink, hi = L - window;
+  uint32_t need = uint32_t(budget - sink - window);
+  float* vote = lg;  // sum_j softmax_j, in place over head 0's row
+#pragma omp simd
+  for (int64_t t = lo; t < hi; ++t) vote[t] *= inv[0];
+  for (int64_t j = 1; j < g; ++j) {
+    const float* x = lg + j * L;
+    const float ij = inv[j];
+#pragma omp simd
+    for (int64_t t = lo; t < hi; ++t) vote[t] += x[t] * ij;
+  }
+  uint32_t* key = w.key;
+  uint32_t kmin = 0xFFFFFFFFu, kmax = 0;
+#pragma omp simd reduction(min : kmin) reduction(max : kmax)
+  for (int64_t t = lo; t < hi; ++t) {
+    const uint32_t k = order_key_flat(vote[t]);
+    key[t] = k;
+    kmin = k < kmin ? k : kmin;
+    kmax = k > kmax ? k : kmax;
   }
   int64_t n = 0;
-  uint32_t equal_taken = 0;
-  for (int64_t t = 0; t < L; ++t)
-    if (key[t] > prefix || (key[t] == prefix && equal_taken++ < need)) sel[n++] = int32_t(t);
+  for (int64_t t = 0; t < sink; ++t) sel[n++] = int32_t(t);
+  if (need > 0) {
+    const uint32_t thr = radix_threshold(key, lo, hi, kmin, kmax, &need, w.cand);
+    uint32_t equal_seen = 0;
+    const v8u thr8 = v8u{} + thr;
+    int64_t t = lo;
+    for (; t < hi; t += 8) {  // 8 keys at a time; most groups hold no chosen token and are skipped
+      if (t + 8 <= hi) {
+        v8u k8;
+        __builtin_memcpy(&k8, key + t, sizeof k8);
+        const v8u hit = (v8u)(k8 >= thr8);
+        uint64_t lanes[4];
+        __builtin_memcpy(lanes, &hit, sizeof lanes);
+        if ((lanes[0] | lanes[1] | lanes[2] | lanes[3]) == 0) continue;
+      }
+      const int64_t end = t + 8 < hi ? t + 8 : hi;
+      for (int64_t u = t; u < end; ++u) {  // branch-free compaction (sel has room for one more)
+        const uint32_t k = key[u];
+        sel[n] = int32_t(u);
+        n += (k > thr) | ((k == thr) & (equal_seen < need));
+        equal_seen += k == thr;
+      }
+    }
+  }
+  for (int64_t t = hi; t < L; ++t) sel[n++] = int32_t(t);
   return n;
+}
+
+// Scores of G (<= kGroupTile) query heads against one row-major key row: att[j * n] = q_j . k.
+template <int DT, int G>
+inline void dot_row(const float* qf, int64_t D, const void* kp, float* att, int64_t n) {
+  v8f acc[G];
+  for (int j = 0; j < G; ++j) acc[j] = v8f{};
+  for (int64_t d = 0; d < D; d += 8) {
+    const v8f x = ld8<DT>(kp, d);
+    for (int j = 0; j < G; ++j) {
+      v8f qv;
+      __builtin_memcpy(&qv, qf + j * D + d, sizeof qv);
+      acc[j] += qv * x;
+    }
+  }
+  for (int j = 0; j < G; ++j) att[j * n] = hsum8(acc[j]);
+}
+
+// acc[0..CW*8) += sum_s p[s] * V[sel[s], d0 : d0 + CW*8] for one query head (accumulators in registers).
+template <int DT, int CW>
+inline void pv_chunk(const float* p, int64_t n, const int32_t* sel, const int32_t* table, int64_t bs,
+                     const char* vc, int64_t v_sb, int64_t v_st, int64_t esz, int64_t d0, float* acc) {
+  v8f s8[CW];
+  for (int c = 0; c < CW; ++c) s8[c] = v8f{};
+  for (int64_t s = 0; s < n; ++s) {
+    const int64_t t = sel[s];
+    const void* vp = vc + (int64_t(table[t / bs]) * v_sb + (t % bs) * v_st) * esz;
+    const v8f pv = splat8(p[s]);
+    for (int c = 0; c < CW; ++c) s8[c] += pv * ld8<DT>(vp, d0 + 8 * c);
+  }
+  for (int c = 0; c < CW; ++c) st8(acc + d0 + 8 * c, s8[c]);
 }
 
 // Exact attention of the group's query heads over the n chosen tokens; writes the output rows.
@@ -169,17 +359,36 @@ template <int DT>
 void attend(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t n, const float* qf, Scratch& w) {
   const int64_t g = a.H / a.Hkv, D = a.D, bs = a.block_size;
   const int32_t* table = a.block_table + r * a.bt_sr;
-  const int32_t* sel = w.sel.data();
-  float* att = w.att.data();
-  float* acc = w.acc.data();
-  for (int64_t i = 0; i < g * D; ++i) acc[i] = 0.0f;
+  const int32_t* sel = w.sel;
+  float* att = w.att;
+  float* acc = w.acc;
   const int64_t esz = DT == kFloat32 ? 4 : 2;
   const char* kc = static_cast<const char*>(a.k) + h * a.k_sh * esz;
   const char* vc = static_cast<const char*>(a.v) + h * a.v_sh * esz;
-  if (a.k_sd == 1) {  // row-major keys: one dot product per token and query head
+  auto k_row = [&](int64_t t) { return kc + (int64_t(table[t / bs]) * a.k_sb + (t % bs) * a.k_st) * esz; };
+  auto v_row = [&](int64_t t) { return vc + (int64_t(table[t / bs]) * a.v_sb + (t % bs) * a.v_st) * esz; };
+  const bool rows_k = a.k_sd == 1, rows_v = a.v_sd == 1;
+  if (rows_k && D % 8 == 0) {  // row-major keys: each chosen row read once for the group, rows prefetched
     for (int64_t s = 0; s < n; ++s) {
-      const int64_t t = sel[s];
-      const void* kp = kc + (int64_t(table[t / bs]) * a.k_sb + (t % bs) * a.k_st) * esz;
+      if (s + kPrefetchAhead < n) {
+        prefetch_row(k_row(sel[s + kPrefetchAhead]), D * esz);
+        if (rows_v) prefetch_row(v_row(sel[s + kPrefetchAhead]), D * esz);
+      }
+      const void* kp = k_row(sel[s]);
+      for (int64_t j0 = 0; j0 < g; j0 += kGroupTile) {
+        const float* q0 = qf + j0 * D;
+        float* a0 = att + j0 * n + s;
+        switch (g - j0 < kGroupTile ? g - j0 : kGroupTile) {
+          case 1: dot_row<DT, 1>(q0, D, kp, a0, n); break;
+          case 2: dot_row<DT, 2>(q0, D, kp, a0, n); break;
+          case 3: dot_row<DT, 3>(q0, D, kp, a0, n); break;
+          default: dot_row<DT, 4>(q0, D, kp, a0, n); break;
+        }
+      }
+    }
+  } else if (rows_k) {
+    for (int64_t s = 0; s < n; ++s) {
+      const void* kp = k_row(sel[s]);
       for (int64_t j = 0; j < g; ++j) {
         const float* qj = qf + j * D;
         float dot = 0.0f;
@@ -217,17 +426,27 @@ void attend(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t n, const float
     }
     w.denom[j] = l;
   }
-  for (int64_t s = 0; s < n; ++s) {
-    const int64_t t = sel[s];
-    const void* vp = vc + (int64_t(table[t / bs]) * a.v_sb + (t % bs) * a.v_st) * esz;
+  if (rows_v && D % 8 == 0) {  // per query head and 64-dim chunk: accumulators in registers over the rows
     for (int64_t j = 0; j < g; ++j) {
-      const float p = att[j * n + s];
-      float* aj = acc + j * D;
-      if (a.v_sd == 1) {
+      int64_t d0 = 0;
+      for (; d0 + 64 <= D; d0 += 64)
+        pv_chunk<DT, 8>(att + j * n, n, sel, table, bs, vc, a.v_sb, a.v_st, esz, d0, acc + j * D);
+      for (; d0 < D; d0 += 8)
+        pv_chunk<DT, 1>(att + j * n, n, sel, table, bs, vc, a.v_sb, a.v_st, esz, d0, acc + j * D);
+    }
+  } else {
+    for (int64_t i = 0; i < g * D; ++i) acc[i] = 0.0f;
+    for (int64_t s = 0; s < n; ++s) {
+      const void* vp = v_row(sel[s]);
+      for (int64_t j = 0; j < g; ++j) {
+        const float p = att[j * n + s];
+        float* aj = acc + j * D;
+        if (rows_v) {
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) aj[d] += p * ld<DT>(vp, d);
-      } else {
-        for (int64_t d = 0; d < D; ++d) aj[d] += p * ld<DT>(vp, d * a.v_sd);
+          for (int64_t d = 0; d < D; ++d) aj[d] += p * ld<DT>(vp, d);
+        } else {
+          for (int64_t d = 0; d < D; ++d) aj[d] += p * ld<DT>(vp, d * a.v_sd);
+        }
       }
     }
   }
@@ -247,7 +466,7 @@ template <int DT, int FT>
 void unit_impl(const PagedFasaArgs& a, int64_t unit, Scratch& w) {
   const int64_t r = unit / a.Hkv, h = unit % a.Hkv, g = a.H / a.Hkv, D = a.D;
   const int64_t L = a.seq_lens[r] > 0 ? a.seq_lens[r] : 0;
-  float* qf = w.qf.data();
+  float* qf = w.qf;
   for (int64_t j = 0; j < g; ++j)
     for (int64_t d = 0; d < D; ++d) qf[j * D + d] = ld<DT>(a.q, r * a.q_sr + (h * g + j) * a.q_sh + d);
   const int64_t n = choose<FT>(a, r, h, L, qf, w);
