@@ -35,6 +35,8 @@ def _generate(model, policy, ids, mask, n=8):
 
 def _fasa(layout, **kw):
     kw = {"fcs": "uncalibrated", "budget": 12, "sink": 2, "window": 4, "decline_ratio": 0, **kw}
+    if layout == "packed":  # the split layouts score from exact dominant dims: compare with exact packed scores
+        kw.setdefault("score_dtype", torch.float32)
     return FASA(layout=layout, **kw)
 
 

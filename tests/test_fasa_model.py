@@ -130,7 +130,7 @@ def test_packed_side_buffer_equals_strided_scoring_across_sequences(tiny_llama):
     same tokens and logits as scoring the FC dims of the keys in place, on two different sequences."""
     model = tiny_llama
     ids, mask = _batch(3)
-    a = FASA(fcs="uncalibrated", budget=12, sink=2, window=4, packed=True, decline_ratio=0)
+    a = FASA(fcs="uncalibrated", budget=12, sink=2, window=4, packed=True, decline_ratio=0, score_dtype=torch.float32)
     b = FASA(fcs="uncalibrated", budget=12, sink=2, window=4, packed=False, decline_ratio=0)
     with a.patch(model):
         seq_a, logits_a = _generate(model, ids, mask)

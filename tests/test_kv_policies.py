@@ -66,7 +66,7 @@ def test_fasa_group_vote_on_packed_keys_equals_softmax_of_fc_scores(padded_rows)
         valid = torch.ones(2, 70, dtype=torch.bool)
         valid[1, :9] = False
     ctx = DecodeContext(_Module(), torch.randn(2, 4, 1, 16), layer.keys, layer.values, valid, 0.25, layer)
-    policy = FASA(fcs="uncalibrated", budget=12, num_fcs=3, decline_ratio=0)
+    policy = FASA(fcs="uncalibrated", budget=12, num_fcs=3, decline_ratio=0, score_dtype=torch.float32)
     vote = policy.score(ctx)
     assert len(layer.side) == 1  # read from the packed side buffer
     partial = fc_scores(ctx.query, ctx.key, policy.fc_index(0, 2, 16, "cpu"))
@@ -122,12 +122,27 @@ def test_fasa_fused_step_equals_torch_path():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert not auto._fused_step(ctx)  # 1 thread: the torch path
-        torch.set_num_threads(FASA.FUSED_MIN_THREADS)
+        assert auto._fused_step(ctx) == (FASA.FUSED_MIN_THREADS <= 1)
+        auto.FUSED_MIN_THREADS = 2  # the threshold, per instance
+        assert not auto._fused_step(ctx)
+        torch.set_num_threads(2)
         assert auto._fused_step(ctx)
         assert_close(auto.attend_decode(ctx), plain.attend_decode(ctx), atol=1e-5, rtol=1e-5)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_fasa_decline_rule_follows_the_path_that_runs():
+    """The fused step has its own measured break-even (FUSED_DECLINE_RATIO); decline_ratio overrides both."""
+    fasa = FASA(fcs="uncalibrated", budget=100)
+    fused_ratio = FASA.FUSED_DECLINE_RATIO[1] if isinstance(FASA.FUSED_DECLINE_RATIO, dict) else FASA.FUSED_DECLINE_RATIO
+    torch_ratio = FASA.DECLINE_RATIO[1] if isinstance(FASA.DECLINE_RATIO, dict) else FASA.DECLINE_RATIO
+    assert fused_ratio < torch_ratio
+    n = int((fused_ratio + torch_ratio) / 2 * 100)  # between the two break-evens
+    assert not fasa.declines(n, batch=1, fused=True) and fasa.declines(n, batch=1, fused=False)
+    assert fasa.declines(99, batch=1, fused=True)  # the budget covers the cache
+    forced = FASA(fcs="uncalibrated", budget=100, decline_ratio=0)
+    assert not forced.declines(n, batch=1, fused=False) and not forced.declines(101, batch=1, fused=True)
 
 
 def test_fasa_fused_decoder_follows_cache_growth_and_bf16_scores():
@@ -140,7 +155,7 @@ def test_fasa_fused_decoder_follows_cache_growth_and_bf16_scores():
     if not _fused_fasa_available():
         pytest.skip("tokprune._C has no paged_fasa_decode")
     torch.manual_seed(1)
-    for score_dtype in (None, torch.bfloat16):
+    for score_dtype in (torch.float32, torch.bfloat16):
         layer = TokpruneLayer(capacity=64, layer_idx=0)
         fused = FASA(fcs="uncalibrated", budget=20, sink=2, window=5, num_fcs=3, decline_ratio=0, fused=True,
                      score_dtype=score_dtype)
@@ -155,13 +170,19 @@ def test_fasa_fused_decoder_follows_cache_growth_and_bf16_scores():
             ctx = DecodeContext(_Module(), torch.randn(2, 4, 1, 16), layer.keys, layer.values, None, 0.25, layer)
             got = fused.attend_decode(ctx)
             side = layer.side[fused._side_name]
-            assert side.storage.dtype == (score_dtype or torch.float32)
+            assert side.storage.dtype == score_dtype
             assert_close(got, plain.attend_decode(ctx), atol=1e-5, rtol=1e-5, name=f"t={t} {score_dtype}")
             decoders.append(layer.bound_calls[fused._side_name][1])
             buffers.append(layer.key_buffer.data_ptr())
         assert len(set(buffers)) == 2  # one reallocation
         for i in range(1, len(buffers)):  # reused while the buffers stay, rebuilt when they move
             assert (decoders[i] is decoders[i - 1]) == (buffers[i] == buffers[i - 1]), i
+    default = FASA(fcs="uncalibrated", budget=20, sink=2, window=5, num_fcs=3, decline_ratio=0, fused=True)
+    default.attend_decode(ctx)  # score_dtype=None: bf16 FC keys for an fp32 cache when the fused step runs
+    assert layer.side[default._side_name].storage.dtype == torch.bfloat16
+    torch_path = FASA(fcs="uncalibrated", budget=20, sink=2, window=5, num_fcs=3, decline_ratio=0, fused=False)
+    torch_path.attend_decode(ctx)  # ... and the cache dtype on the torch path
+    assert layer.side[torch_path._side_name].storage.dtype == torch.float32
     with pytest.raises(ValueError, match="score_dtype"):
         FASA(fcs="uncalibrated", budget=20, score_dtype=torch.int8)
     with pytest.raises(ValueError, match="score_dtype"):

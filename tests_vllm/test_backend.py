@@ -141,7 +141,8 @@ def _oracle(method, settings: VllmSettings, q, k, v):
     length = k.shape[0]
     if method == "fasa":
         fc = load_fc_index(settings, 30, HKV, D)[LAYER]
-        scores = fc_scores(q4, k4, fc, backend="torch")
+        scored = k4 if settings.score_dtype in (None, "float32") else k4.to(getattr(torch, settings.score_dtype))
+        scores = fc_scores(q4, scored.float(), fc, backend="torch")  # from the side cache's rounded FC keys
         votes = torch.softmax(scores.view(1, HKV, HQ // HKV, -1) * SCALE, -1).sum(2)
         index = select_sparse_indices(votes, settings.budget, sink=settings.sink, window=settings.window)
     elif method == "streaming":
@@ -162,11 +163,13 @@ def _oracle(method, settings: VllmSettings, q, k, v):
 
 
 @pytest.mark.parametrize("settings", [
-    dict(method="fasa", budget=48, sink=4, window=8, fcs="smollm2_135m", min_context=0),
+    dict(method="fasa", budget=48, sink=4, window=8, fcs="smollm2_135m", min_context=0, score_dtype="float32"),
+    dict(method="fasa", budget=48, sink=4, window=8, fcs="smollm2_135m", min_context=0, score_dtype="bfloat16"),
     dict(method="streaming", budget=40, sink=4),
     dict(method="quest", budget=48, page_size=16),
     dict(method="fasa", budget=48, sink=4, window=8, fcs="smollm2_135m", min_context=0, fused=False),
-], ids=lambda s: s["method"] + ("-torch" if s.get("fused") is False else ""))
+], ids=lambda s: s["method"] + ("-torch" if s.get("fused") is False else "") + (
+    "-" + s["score_dtype"] if "score_dtype" in s else ""))
 def test_sparse_rows_match_contiguous_oracle_dense_rows_match_stock(monkeypatch, settings):
     """FASA runs the fused kernel of tokprune._C when it is built; ``fused=False`` forces the torch fallback."""
     settings = dict(settings)
@@ -221,4 +224,5 @@ def test_fasa_side_cache_holds_the_fc_dims_of_every_written_key(monkeypatch):
         slots = case.slots(r, range(ctx))
         got = impl._side[slots // BS, :, slots % BS]  # (ctx, Hkv, nd)
         want = torch.gather(case.k[r], 2, dims[None].expand(ctx, -1, -1))
-        assert torch.equal(got, want)
+        assert got.dtype == torch.bfloat16  # the default with the fused kernel: half the bytes per vote
+        assert torch.equal(got, want.to(got.dtype))

@@ -33,6 +33,7 @@ def test_absent_key_is_inert():
     (dict(method="fasa", budget=64, windw=8), ['["windw"]', "allowed keys", "window"]),
     (dict(method="quest", budget=8, page_size=16), ['["budget"]', "page_size"]),
     (dict(method="fasa", budget=64, min_context=-1), ['["min_context"]', "non-negative int"]),
+    (dict(method="fasa", budget=64, score_dtype="fp8"), ['["score_dtype"]', "float32", "bfloat16", "float16"]),
 ])
 def test_bad_settings_name_the_key_and_allowed_values(raw, words):
     with pytest.raises(TokpruneConfigError) as err:

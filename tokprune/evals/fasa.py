@@ -71,15 +71,17 @@ def _quest_sink_window_class():
     return QuestSinkWindow
 
 
-def _policies(name: str, budget: int, fcs, num_fcs: int, snap_scores, sink: int = 4, window: int = -1):
+def _policies(name: str, budget: int, fcs, num_fcs: int, snap_scores, sink: int = 4, window: int = -1,
+              score_dtype=None):
     """The policy ``name`` at ``budget``; every method gets ``sink`` first and ``window`` newest tokens
-    (``window < 0``: ``budget // 4``)."""
+    (``window < 0``: ``budget // 4``); ``score_dtype``: FASA's packed FC key dtype (on tokprune's cache)."""
     from tokprune.methods import FASA, SnapKV, StreamingLLM
 
     window = max(1, budget // 4) if window < 0 else window
     if name == "fasa":
         # decline_ratio=0 (every method): the quality of the method itself, never the dense fallback
-        return FASA(budget=budget, sink=sink, window=window, fcs=fcs, num_fcs=num_fcs, decline_ratio=0)
+        return FASA(budget=budget, sink=sink, window=window, fcs=fcs, num_fcs=num_fcs, decline_ratio=0,
+                    score_dtype=score_dtype)
     if name == "fasa-ref":  # the reference's selection: per query head, layer 0 dense, no sink / window
         return FASA(budget=budget, sink=0, window=0, fcs=fcs, num_fcs=num_fcs, decline_ratio=0, selection="head",
                     dense_layers=(0,))
@@ -105,14 +107,25 @@ def _prefill(model, ids):
     return out.past_key_values, out.logits[:, -1].float(), observer.prompt_scores
 
 
-def _decode(model, cache, first_input: torch.Tensor, steps: int, policy=None, teacher=None) -> torch.Tensor:
+def _decode(model, cache, first_input: torch.Tensor, steps: int, policy=None, teacher=None,
+            tokprune_cache: bool = False) -> torch.Tensor:
     """Run ``steps`` single-token decode calls on a copy of ``cache``; returns ``(steps, vocab)`` logits.
 
-    ``teacher`` (``(steps,)`` ids) feeds the true tokens; otherwise greedy.
+    ``teacher`` (``(steps,)`` ids) feeds the true tokens; otherwise greedy. ``tokprune_cache``: decode on a
+    :class:`tokprune.hf.kv_cache.TokpruneCache` holding the same keys/values (the path ``policy.patch(model)``
+    gives ``model.generate``: FASA's packed FC keys and fused step) instead of a copy of the ``DynamicCache``.
     """
     from tokprune.hf.attention import patch_attention
 
-    cache = copy.deepcopy(cache)
+    if tokprune_cache:
+        from tokprune.hf.kv_cache import TokpruneCache
+
+        copied = TokpruneCache(model.config, capacity=cache.get_seq_length() + steps + 1)
+        for i, layer in enumerate(cache.layers):
+            copied.update(layer.keys, layer.values, i)
+        cache = copied
+    else:
+        cache = copy.deepcopy(cache)
     handle = patch_attention(model, decode=policy, cache=False) if policy is not None else None
     logits = []
     token = first_input.view(1, 1)
@@ -165,7 +178,16 @@ def main(argv=None) -> int:
                         help="newest tokens every method keeps (default -1: budget // 4)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is fastest on a shared 2-core machine)")
+    parser.add_argument("--cache", choices=["dynamic", "tokprune"], default="dynamic",
+                        help="decode on transformers' DynamicCache (scores from the keys) or on tokprune's cache "
+                             "(what policy.patch(model) gives generate: FASA's packed FC keys and fused step)")
+    parser.add_argument("--score-dtype", choices=["cache", "bfloat16"], default="cache",
+                        help="FASA's packed FC key dtype with --cache tokprune")
     args = parser.parse_args(argv)
+    if args.score_dtype != "cache" and args.cache != "tokprune":
+        parser.error("--score-dtype needs --cache tokprune (the packed FC keys live in tokprune's cache)")
+    score_dtype = None if args.score_dtype == "cache" else torch.bfloat16
+    on_tokprune = args.cache == "tokprune"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -201,8 +223,9 @@ def main(argv=None) -> int:
     for name in args.methods:
         cells = []
         for budget in args.budgets:
-            policy = _policies(name, budget, fcs, args.num_fcs, snap, args.sink, args.window)
-            logits = _decode(model, cache, inputs[0], args.steps, policy=policy, teacher=inputs[1:])
+            policy = _policies(name, budget, fcs, args.num_fcs, snap, args.sink, args.window, score_dtype)
+            logits = _decode(model, cache, inputs[0], args.steps, policy=policy, teacher=inputs[1:],
+                             tokprune_cache=on_tokprune)
             agree = (logits.argmax(-1) == full_top).float().mean().item()
             nll = torch.nn.functional.cross_entropy(logits, labels[: args.steps]).item()
             cells.append(f"{agree:10.3f} {math.exp(nll) - math.exp(nll_full):+10.3f}")
@@ -222,7 +245,7 @@ def main(argv=None) -> int:
                 first = last_logits.argmax(-1)[0]
 
                 def answer(policy):
-                    out = _decode(model, cache, first, 7, policy=policy)
+                    out = _decode(model, cache, first, 7, policy=policy, tokprune_cache=on_tokprune and policy is not None)
                     toks = [int(first)] + out.argmax(-1).tolist()
                     return tokenizer.decode(toks)
 
@@ -231,7 +254,8 @@ def main(argv=None) -> int:
                 row = dict(case=f"T={p_ids.shape[1]},depth={depth}", full=ok_full, ans=full_ans.strip())
                 if ok_full:
                     for name in args.methods:
-                        row[name] = [key in answer(_policies(name, b, fcs, args.num_fcs, snap, args.sink, args.window))
+                        row[name] = [key in answer(_policies(name, b, fcs, args.num_fcs, snap, args.sink, args.window,
+                                                                       score_dtype))
                                      .replace(" ", "")
                                      for b in args.budgets]
                 rows.append(row)

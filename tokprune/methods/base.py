@@ -209,6 +209,19 @@ def decode_valid_mask(attention_mask: Optional[torch.Tensor], batch: int, n_toke
     return valid
 
 
+def ratio_for_batch(table, batch: int) -> float:
+    """A decline ratio for ``batch`` rows from ``table``: a number, or ``{batch: ratio}`` (the entry of the largest
+    measured batch at most ``batch``; the smallest one below all of them)."""
+    if not isinstance(table, dict):
+        return table
+    keys = sorted(table)
+    chosen = keys[0]
+    for key in keys:
+        if key <= batch:
+            chosen = key
+    return table[chosen]
+
+
 @dataclass
 class KVPolicy(Policy):
     """Decode-time KV selection with a token budget (kvpress's ``ScorerPress`` shape).
@@ -260,15 +273,7 @@ class KVPolicy(Policy):
         :attr:`DECLINE_RATIO` (its entry for ``batch`` when it is a ``{batch: ratio}`` table)."""
         if self.decline_ratio is not None:
             return self.decline_ratio
-        table = type(self).DECLINE_RATIO
-        if not isinstance(table, dict):
-            return table
-        keys = sorted(table)
-        chosen = keys[0]
-        for key in keys:
-            if key <= batch:
-                chosen = key
-        return table[chosen]
+        return ratio_for_batch(type(self).DECLINE_RATIO, batch)
 
     def declines(self, n_tokens: int, ctx: Optional[DecodeContext] = None, *, batch: Optional[int] = None) -> bool:
         """``True`` when dense attention is the better choice for ``n_tokens`` cached tokens: the budget covers

@@ -30,7 +30,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from tokprune.methods.base import DecodeContext, KVPolicy
+from tokprune.methods.base import DecodeContext, KVPolicy, ratio_for_batch
 from tokprune.ops.fasa import fc_scores
 from tokprune.reference.fasa import fc_dims
 
@@ -70,16 +70,14 @@ class FASA(KVPolicy):
         dense_layers: layers that always attend densely (the reference keeps layer 0 dense: ``(0,)``).
         backend: op backend (``None`` = auto).
         fused: on tokprune's KV cache without padding (CPU, ``selection="group"``, ``aggregate="softmax"``,
-            ``packed``): run the whole step (vote, selection, attention) as one call of the C++ op
-            :func:`tokprune.ops.paged.paged_fasa_decode` (the cache is one block per row, block table
-            ``[[0], [1], ...]``; threads: ``torch.get_num_threads()``) when the extension has the op; elsewhere
+            ``packed``): run the whole step (vote, selection, attention) as one call of the C++ kernel, through
+            the layer's :func:`tokprune.ops.paged.paged_fasa_decoder` (the cache is one block per row, block
+            table ``[[0], [1], ...]``; threads: ``torch.get_num_threads()``) when the extension has it; elsewhere
             the torch path runs. ``None`` (default): from :attr:`FUSED_MIN_THREADS` torch threads on; ``True``:
-            always; ``False``: never. Measured per layer at budget 256, batch 1 / 4 (ms, caches read from
-            memory): at 1 thread the torch path is faster at 8K (0.72 / 2.31 vs 0.78 / 2.64) and level at 2K
-            (0.40 / 1.25 vs 0.38 / 1.35); at 2 threads the fused step is faster everywhere (8K: 0.51 / 1.43 vs
-            0.60 / 1.48; 2K: 0.26 / 0.72 vs 0.35 / 0.88) (``python -m benchmarks.bench_fasa_decline --methods
-            fasa fasa_fused --budgets 256 --batches 1 4 --ratios 8 16 32``, and with ``--threads 2 --wall``;
-            2026-12-05, commit 1a6fd3c).
+            always; ``False``: never. Measured per layer at budget 256, 8K tokens, batch 1 / 4, 1 thread, caches
+            read from memory: fused 0.41 / 1.35 ms vs torch 0.76 / 2.44 ms (2K: 0.18 / 0.68 vs 0.45 / 1.34)
+            (``python -m benchmarks.bench_fasa_decline --methods fasa fasa_fused --budgets 256 --batches 1 4
+            --ratios 2 3 4 6 8 12 16 32``, 2026-12-05, commit febda84).
         layout: how tokprune's KV cache holds the keys of the layers FASA serves (other caches: always the
             full keys). ``"packed"`` (default): full K plus the packed copy of the dominant dims (``2*chunk*F/D``
             of K more). ``"split"`` (FASA-C): from the layer's first decode step the keys are stored once, as
@@ -92,9 +90,13 @@ class FASA(KVPolicy):
             :meth:`memory_report`. Needs ``packed=True`` and tokprune's cache; the fused C++ step runs only with
             ``"packed"``.
         offload_device: the second tier of ``layout="offload"`` (default ``"cpu"``: host memory on a GPU).
-        score_dtype: dtype of the packed FC keys the vote reads (``layout="packed"``; ``None``: the cache dtype).
-            ``torch.bfloat16`` halves the bytes the vote reads every step from an fp32 cache: FC keys are
-            rounded to bf16 (as they are in the paper's bf16 models); attention still reads the exact keys.
+        score_dtype: dtype of the packed FC keys the vote reads (``layout="packed"``). ``None`` (default):
+            ``torch.bfloat16`` for an fp32 cache on the CPU when the fused step runs (half the bytes the vote
+            reads every step; FC keys rounded to bf16, as they are in the paper's bf16 models; attention still
+            reads the exact keys), else the cache dtype. On SmolLM2-135M fp32 the quality table is unchanged
+            by it (``tokprune eval fasa --methods fasa --cache tokprune``: top-1 agreement 0.844 / 0.906 /
+            0.938 / 0.938 at budgets 64-512 with either dtype, Δppl +1.495 vs +1.490 at 64, pass keys 6/6) and
+            the whole-model step at 8K is ~2% faster. ``torch.float32``: exact fp32 scores.
     """
 
     fcs: Any = None
@@ -111,11 +113,13 @@ class FASA(KVPolicy):
     _calibration: Optional[FCCalibration] = field(default=None, init=False, repr=False, compare=False)
     _fc_cache: Dict[tuple, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    #: dense attention while ``n_tokens < DECLINE_RATIO[batch] * budget``: the per-batch break-even T*/budget
-    #: printed by ``python -m benchmarks.bench_fasa_decline --budgets 256 --batches 1 4 --ratios 2 3 4 6 8 12 16 32``
-    #: (2026-12-05, shared 2-core CPU; each call reads its cache from memory, as inside a model: the same command
-    #: with ``--cold-mib 0``, a cache kept in the CPU caches, gave {1: 16.8, 4: 10.4}, which dense attention favours)
-    DECLINE_RATIO = {1: 7.2, 4: 4.5}
+    #: torch path: dense attention while ``n_tokens < DECLINE_RATIO[batch] * budget``: the per-batch break-even
+    #: T*/budget printed by ``python -m benchmarks.bench_fasa_decline --methods fasa fasa_fused --budgets 256
+    #: --batches 1 4 --ratios 2 3 4 6 8 12 16 32`` (2026-12-05, commit febda84, 1 thread; each call reads its cache
+    #: from memory, as inside a model: ``--cold-mib 0``, a cache kept in the CPU caches, favours dense attention)
+    DECLINE_RATIO = {1: 7.0, 4: 4.7}
+    #: the same rule for the fused C++ step (``fasa_fused`` in the same run)
+    FUSED_DECLINE_RATIO = {1: 1.7, 4: 1.7}
 
     def __post_init__(self):
         super().__post_init__()
@@ -170,18 +174,33 @@ class FASA(KVPolicy):
                              f"head_dim={cal.head_dim}; the model has layers={layers}, kv_heads={kv_heads}, "
                              f"head_dim={head_dim}")
 
-    def declines(self, n_tokens: int, ctx=None, *, batch=None) -> bool:
+    def declines(self, n_tokens: int, ctx=None, *, batch=None, fused: Optional[bool] = None) -> bool:
         """Dense attention wins below ``decline_ratio * budget`` cached tokens (and always at ``budget >= T``).
 
         The cost rule: a FASA step costs scoring (reads ``T`` packed FC keys) + top-k + attention over
         ``budget`` tokens; dense attention reads all ``T`` keys and values. The break-even ``T`` is about a
-        constant multiple ``c`` of the budget; ``c`` (:attr:`DECLINE_RATIO`) was fitted from the per-step
-        times printed by ``python -m benchmarks.bench_fasa_decline`` (single-layer decode step, 1 thread).
+        constant multiple ``c`` of the budget, fitted from the per-step times printed by ``python -m
+        benchmarks.bench_fasa_decline`` (single-layer decode step, 1 thread): :attr:`FUSED_DECLINE_RATIO` when
+        the step runs as the fused C++ call (``fused``; ``None``: decided from ``ctx``, or from this policy's
+        settings without one), :attr:`DECLINE_RATIO` for the torch path. ``decline_ratio`` overrides both.
         ``dense_layers`` always decline.
         """
         if ctx is not None and ctx.layer_idx in self.dense_layers:
             return True
-        return super().declines(n_tokens, ctx, batch=batch)
+        if batch is None:
+            batch = ctx.batch if ctx is not None else 1
+        if fused is None:
+            fused = self._fused_step(ctx) if ctx is not None else self._fused_settings()
+        return self.budget >= n_tokens or n_tokens < self.decline_ratio_for(batch, fused) * self.budget
+
+    def decline_ratio_for(self, batch: int = 1, fused: Optional[bool] = None) -> float:
+        """The ratio :meth:`declines` uses: ``decline_ratio`` if given, else the entry for ``batch`` of
+        :attr:`FUSED_DECLINE_RATIO` (``fused``; ``None``: from this policy's settings) or :attr:`DECLINE_RATIO`."""
+        if self.decline_ratio is not None:
+            return self.decline_ratio
+        if fused is None:
+            fused = self._fused_settings()
+        return ratio_for_batch(self.FUSED_DECLINE_RATIO if fused else self.DECLINE_RATIO, batch)
 
     def fc_index(self, layer: int, kv_heads: int, head_dim: int, device) -> torch.Tensor:
         """``(kv_heads, num_fcs)`` int64 FC ids of ``layer`` on ``device`` (cached per layer and device)."""
@@ -212,8 +231,8 @@ class FASA(KVPolicy):
         fc = self.fc_index(ctx.layer_idx, ctx.kv_heads, ctx.head_dim, device)
         return fc, self._fc_cache[(ctx.layer_idx, ctx.kv_heads, ctx.head_dim, str(device), "dims")]
 
-    #: ``fused=None`` runs the C++ step from this many torch threads on (see ``fused``)
-    FUSED_MIN_THREADS = 2
+    #: ``fused=None`` runs the C++ step from this many torch threads on (see ``fused``; it is faster from 1 on)
+    FUSED_MIN_THREADS = 1
 
     @property
     def _side_name(self) -> str:
@@ -228,21 +247,30 @@ class FASA(KVPolicy):
         if side is None:
             from tokprune.hf.kv_cache import PackedKeyDims
 
-            side = layer.add_side(name, PackedKeyDims(dims, dtype=self.score_dtype))
+            dtype = self.score_dtype
+            if dtype is None and ctx.key.dtype == torch.float32 and ctx.key.device.type == "cpu" \
+                    and self._fused_settings():
+                dtype = torch.bfloat16  # what the fused kernel reads natively: half the bytes per vote
+            side = layer.add_side(name, PackedKeyDims(dims, dtype=dtype))
         return side
 
-    def _fused_step(self, ctx: DecodeContext) -> bool:
-        """Whether this step runs as one call of the fused C++ kernel (see ``fused``)."""
-        if self.fused is False or ctx.cache_layer is None or ctx.valid is not None or not self.packed \
-                or self.layout != "packed":
+    def _fused_settings(self) -> bool:
+        """Whether this policy's settings let a step run as the fused C++ call (see ``fused``): the part of
+        :meth:`_fused_step` that does not depend on the step."""
+        if self.fused is False or not self.packed or self.layout != "packed":
             return False
-        if self.selection != "group" or self.aggregate != "softmax" or ctx.query.device.type != "cpu":
-            return False
-        if self.backend not in (None, "auto", "cuda") or torch.compiler.is_compiling():
+        if self.selection != "group" or self.aggregate != "softmax" or self.backend not in (None, "auto", "cuda"):
             return False
         if self.fused is None and torch.get_num_threads() < self.FUSED_MIN_THREADS:
             return False
         return _fused_fasa_available()
+
+    def _fused_step(self, ctx: DecodeContext) -> bool:
+        """Whether this step runs as one call of the fused C++ kernel (see ``fused``): tokprune's cache without
+        padding, CPU tensors, eager mode, and :meth:`_fused_settings`."""
+        if ctx.cache_layer is None or ctx.valid is not None or ctx.query.device.type != "cpu":
+            return False
+        return not torch.compiler.is_compiling() and self._fused_settings()
 
     def _split(self, ctx: DecodeContext):
         """The layer's :class:`tokprune.hf.kv_cache.SplitKeyStore` with ``layout="split"``/``"offload"`` (the
@@ -338,7 +366,7 @@ class FASA(KVPolicy):
             if split is not None:
                 batch, kv_heads, n_dims = split.storage.shape[:3]
                 d_rest, d_v = split.rest.shape[3], split.values.shape[3]
-                e = split.storage.element_size()
+                e = e_fc = split.storage.element_size()
                 res.update(split.nbytes())
                 dev, tier = "compute", ("offload" if split.offloaded else "compute")
                 kind = "offload" if split.offloaded else "split"
@@ -354,6 +382,7 @@ class FASA(KVPolicy):
                 for b in packed:
                     _add(res, "compute", b.storage.numel() * b.storage.element_size())
                 n_dims = packed[0].storage.shape[2] if packed else 0
+                e_fc = packed[0].storage.element_size() if packed else e
                 d_rest = head_dim - n_dims
                 dev = tier = "compute"
                 devices = {"compute": str(kb.device)}
@@ -363,7 +392,7 @@ class FASA(KVPolicy):
             sparse = not (idx in self.dense_layers or self.declines(length, batch=batch)) and n_dims > 0
             if sparse:
                 k = min(self.budget, length)
-                _add(read, dev, batch * kv_heads * length * n_dims * e + batch * sel_heads * k * n_dims * e)
+                _add(read, dev, batch * kv_heads * length * n_dims * e_fc + batch * sel_heads * k * n_dims * e)
                 _add(read, tier, batch * sel_heads * k * (d_rest + d_v) * e)
             else:
                 _add(read, dev, batch * kv_heads * length * n_dims * e)

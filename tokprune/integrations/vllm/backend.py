@@ -46,7 +46,8 @@ from tokprune.integrations.vllm.config import (
     model_geometry,
     parse_settings,
 )
-from tokprune.ops.paged import fused_fasa_available, paged_sparse_decode_attention, vllm_cpu_kv_views
+from tokprune.ops.paged import (fused_fasa_available, paged_fasa_decoder, paged_sparse_decode_attention,
+                                vllm_cpu_kv_views)
 from tokprune.reference.fasa import fc_dims
 
 logger = init_logger("vllm.tokprune")  # a child of vLLM's logger, so vLLM's handlers print it
@@ -278,6 +279,7 @@ class SparseDecodeMixin:
             self._geometry = model_geometry(vllm_config.model_config.hf_config)
         self._fc_index: Optional[torch.Tensor] = None
         self._side: Optional[torch.Tensor] = None  # FASA: packed FC keys; Quest: per-page (min, max)
+        self._fasa_decoder = None  # (key, tokprune.ops.paged.PagedFasaDecoder) of the fused FASA step
         self._side_blocks = 0
 
     def _kv_views(self, kv_cache: torch.Tensor):
@@ -299,17 +301,20 @@ class SparseDecodeMixin:
             self._q_sel = torch.zeros(kv_heads, self.head_size, nd, device=like.device)
             self._q_sel.scatter_(1, self._fc_dims[:, None, :], self.head_size ** -0.5)
             if fused_fasa_available(like.device):
-                # fp32, (Hkv, blocks, nd, block_size): each block's FC keys dimension-major, so the fused
-                # kernel's partial logits vectorise over tokens; ``_side`` is the (blocks, Hkv, block_size, nd)
-                # view, the layout of tokprune.ops.paged.
-                self._side_hm = torch.zeros(kv_heads, num_blocks, nd, block_size, dtype=torch.float32,
-                                            device=like.device)
+                # (Hkv, blocks, nd, block_size): each block's FC keys dimension-major, so the fused kernel's
+                # partial logits vectorise over tokens; ``_side`` is the (blocks, Hkv, block_size, nd) view, the
+                # layout of tokprune.ops.paged. bf16 (fp16 for an fp16 model): half the bytes of fp32 per vote,
+                # as FASA's packed keys on tokprune's cache (``FASA.score_dtype``).
+                dtype = getattr(torch, s.score_dtype) if s.score_dtype else \
+                    (torch.float16 if like.dtype == torch.float16 else torch.bfloat16)
+                self._side_hm = torch.zeros(kv_heads, num_blocks, nd, block_size, dtype=dtype, device=like.device)
                 self._side = self._side_hm.permute(1, 0, 3, 2)
                 self._fc_dims32 = self._fc_dims.to(torch.int32).contiguous()
             else:
                 # fp32, head-major (Hkv, blocks, block_size, nd): a request's FC keys gather into one contiguous
                 # (Hkv, blocks * block_size, nd) matrix per KV head (the torch path, :meth:`_fasa_tokens`).
-                self._side_hm = torch.zeros(kv_heads, num_blocks, block_size, nd, dtype=torch.float32,
+                self._side_hm = torch.zeros(kv_heads, num_blocks, block_size, nd,
+                                            dtype=getattr(torch, s.score_dtype or "float32"),
                                             device=like.device)
                 self._side = self._side_hm.permute(1, 0, 2, 3)
         else:  # quest: (pages, kv_heads, 2, head_dim) min and max of the keys of each page of page_size tokens
@@ -347,7 +352,7 @@ class SparseDecodeMixin:
         if where.keep is not None:
             key = key.index_select(0, where.keep)
         packed = torch.gather(key, 2, self._fc_dims[None].expand(key.shape[0], -1, -1))  # (T, Hkv, nd)
-        self._side[where.blk, :, where.off] = packed.float()  # (T, Hkv, nd) into either layout
+        self._side[where.blk, :, where.off] = packed.to(self._side.dtype)  # (T, Hkv, nd) into either layout
 
     # -- attention -------------------------------------------------------------------------------------
     def _quest_slots(self, q, plan: SparsePlan, block_size: int) -> torch.Tensor:
@@ -384,7 +389,7 @@ class SparseDecodeMixin:
         over the group's query heads of each head's softmax), sink and window forced, top-``budget``."""
         kv_heads, rows, group, head_dim = qh.shape
         keys = self._side_hm[:, plan.block_table]  # (Hkv, Rs, nb, bs, nd)
-        keys = keys.view(kv_heads * rows, -1, keys.shape[-1])  # (Hkv*Rs, n, nd)
+        keys = keys.view(kv_heads * rows, -1, keys.shape[-1]).float()  # (Hkv*Rs, n, nd)
         q_fc = torch.matmul(qh.view(kv_heads, rows * group, head_dim), self._q_sel)  # (Hkv, Rs*g, nd)
         logits = torch.baddbmm(plan.score_bias, q_fc.view(kv_heads * rows, group, -1), keys.transpose(1, 2))
         votes = torch.softmax(logits, dim=-1).sum(1).view(kv_heads, rows, -1)  # (Hkv, Rs, n)
@@ -442,22 +447,26 @@ class SparseDecodeMixin:
     def _fused_fasa(self, query, k_view, v_view, plan: SparsePlan, output) -> None:
         """FASA's sparse rows in one call of the fused host kernel (vote from the packed FC side cache, sink +
         window + top-budget, exact attention read in place from vLLM's cache), writing the output rows in
-        place when the sparse rows' query tokens are contiguous (a decode-only batch)."""
-        from tokprune.kernels.cuda import paged_fasa_decode_host
-
-        s = self.settings
+        place when the sparse rows' query tokens are contiguous (a decode-only batch). The layer's
+        :func:`tokprune.ops.paged.paged_fasa_decoder` is bound once (rebuilt if the caches move or the thread
+        count changes), so a step costs a few field writes of Python."""
+        threads = torch.get_num_threads()
+        key = (k_view.data_ptr(), v_view.data_ptr(), self._side.data_ptr(), k_view.shape[0], threads, query.dtype,
+               output.dtype)
+        if self._fasa_decoder is None or self._fasa_decoder[0] != key:
+            s = self.settings
+            decoder = paged_fasa_decoder(k_view, v_view, self._side, self._fc_dims32, s.budget, s.sink, s.window,
+                                         self.scale, heads=self.num_heads, out_dtype=output.dtype,
+                                         vote_scale=self.head_size ** -0.5, num_threads=threads)
+            self._fasa_decoder = (key, decoder)
+        decoder = self._fasa_decoder[1]
         out3 = output.view(-1, self.num_heads, self.head_size)
         rows = plan.tokens.shape[0]
         if plan.token_start is not None:
-            q = query[plan.token_start:plan.token_start + rows]
-            target = out3[plan.token_start:plan.token_start + rows]
+            start = plan.token_start
+            decoder(query[start:start + rows], plan.table32, plan.lens32, out=out3[start:start + rows])
         else:
-            q, target = query.index_select(0, plan.tokens), None
-        res, _ = paged_fasa_decode_host(q, k_view, v_view, self._side, self._fc_dims32, plan.table32, plan.lens32,
-                                        s.budget, s.sink, s.window, self.scale, self.head_size ** -0.5,
-                                        torch.get_num_threads(), out=target)
-        if target is None:
-            out3[plan.tokens] = res.to(output.dtype)
+            out3[plan.tokens] = decoder(query.index_select(0, plan.tokens), plan.table32, plan.lens32)
 
 
 class TokpruneCPUAttentionImpl(SparseDecodeMixin, CPUAttentionBackendImpl):

@@ -26,7 +26,9 @@ KEYS = {
     "chunk": (int, 1),
     "page_size": (int, 16),
     "min_context": (int, None),
+    "score_dtype": (str, None),
 }
+SCORE_DTYPES = ("float32", "bfloat16", "float16")
 #: Default decline rule per method: a decode request is sparse only when its context exceeds
 #: ``DECLINE_RATIO[method] * budget`` (and the budget). FASA: the batch-8 ratio over stock vLLM measured 0.88x
 #: at 4K and 1.40x at 8K with budget 256 (fp32, fused kernel, 2-core CPU; README "Serving with vLLM",
@@ -58,6 +60,9 @@ class VllmSettings:
         min_context: decline rule: a decode request takes the sparse path only when its context exceeds
             ``max(budget, min_context)``; ``0``: the budget alone; ``None`` (default): the measured rule
             ``DECLINE_RATIO[method] * budget`` (FASA: 20 x budget; see :data:`DECLINE_RATIO`).
+        score_dtype: FASA's packed FC side cache dtype, ``"float32" | "bfloat16" | "float16"``; ``None``
+            (default): bf16 (fp16 for an fp16 model) with the fused kernel, the half of the bytes an fp32 copy
+            makes the vote read, else fp32 (the torch path).
     """
 
     method: str
@@ -69,6 +74,7 @@ class VllmSettings:
     chunk: int = 1
     page_size: int = 16
     min_context: Optional[int] = None
+    score_dtype: Optional[str] = None
 
     @property
     def sparse_after(self) -> int:
@@ -117,6 +123,8 @@ def parse_settings(additional_config: Any) -> Optional[VllmSettings]:
             continue
         if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
             _fail(key, f"must be an int, got {value!r}")
+        if key == "score_dtype" and value not in SCORE_DTYPES:
+            _fail(key, f"unknown dtype {value!r}; allowed values: {', '.join(SCORE_DTYPES)}")
         if kind is str and not isinstance(value, str):
             _fail(key, f"must be a string (a path or a shipped calibration name), got {value!r}")
         values[key] = value
