@@ -2,7 +2,7 @@
 // units on `threads` std::threads (the caller's thread included) that take units from an atomic counter
 // and are joined before returning: no pool outlives the call, so the kernel shares no threading runtime
 // state with torch's or a serving engine's OpenMP. The unit's work lives in include/tokprune/paged_fasa_body.h,
-// compiled twice: for the baseline ISA and for AVX2+FMA, picked once at run time.
+// compiled three times: for the baseline ISA, AVX2+FMA and AVX-512, picked once at run time.
 #include <math.h>
 #include <stdlib.h>
 
@@ -72,16 +72,28 @@ namespace {
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"  // 8-float vectors inside the baseline build stay internal
 #define TP_FASA_NS fasa_base
+#define TP_FASA_VW 8
 #include "tokprune/paged_fasa_body.h"
 #undef TP_FASA_NS
+#undef TP_FASA_VW
 
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
 #define TP_FASA_AVX2 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define TP_FASA_NS fasa_avx2
+#define TP_FASA_VW 8
 #include "tokprune/paged_fasa_body.h"
 #undef TP_FASA_NS
+#undef TP_FASA_VW
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+#define TP_FASA_NS fasa_avx512
+#define TP_FASA_VW 16
+#include "tokprune/paged_fasa_body.h"
+#undef TP_FASA_NS
+#undef TP_FASA_VW
 #pragma GCC pop_options
 #endif
 #pragma GCC diagnostic pop
@@ -89,6 +101,16 @@ namespace {
 bool use_avx2() {
 #ifdef TP_FASA_AVX2
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool use_avx512() {
+#ifdef TP_FASA_AVX2
+  static const bool ok = use_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   return ok;
 #else
   return false;
@@ -110,7 +132,7 @@ void paged_fasa_host(const PagedFasaArgs& a) {
   int64_t max_len = 0;
   for (int64_t r = 0; r < a.R; ++r) max_len = std::max<int64_t>(max_len, a.seq_lens[r]);
   const int64_t units = a.R * a.Hkv;
-  const bool avx2 = use_avx2();
+  const int isa = use_avx512() ? 2 : use_avx2() ? 1 : 0;
   const int threads = int(std::max<int64_t>(1, std::min<int64_t>(a.threads, units)));
   std::atomic<int64_t> next{0};
   std::exception_ptr error;
@@ -120,7 +142,11 @@ void paged_fasa_host(const PagedFasaArgs& a) {
       Scratch w(a, max_len);
       for (int64_t u = next.fetch_add(1); u < units && !failed.load(); u = next.fetch_add(1)) {
 #ifdef TP_FASA_AVX2
-        if (avx2) {
+        if (isa == 2) {
+          fasa_avx512::run_unit(a, u, w);
+          continue;
+        }
+        if (isa == 1) {
           fasa_avx2::run_unit(a, u, w);
           continue;
         }
@@ -136,7 +162,7 @@ void paged_fasa_host(const PagedFasaArgs& a) {
   for (int i = 1; i < threads; ++i) helpers.emplace_back(work);
   work();
   for (auto& t : helpers) t.join();
-  (void)avx2;
+  (void)isa;
   if (error) std::rethrow_exception(error);
 }
 

@@ -9,14 +9,18 @@
 //         the `budget` largest votes (ties to the lower token) by radix select.
 //   out[h*g+j] = softmax(scale * q . K[chosen]) @ V[chosen], fp32 accumulation.
 //
-// The hot loops use GCC vector extensions (8 floats), which the AVX2 variant maps to ymm registers and the
-// baseline to pairs of SSE registers: every FC value and every chosen K/V row is read once for the whole
+// The hot loops use GCC vector extensions of TP_FASA_VW floats (defined by the includer: 8 for the baseline,
+// whose vectors become pairs of SSE registers, and AVX2; 16 for AVX-512): every FC value and every chosen K/V row is read once for the whole
 // group of query heads.
 
 namespace TP_FASA_NS {
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef uint32_t v8u __attribute__((vector_size(32)));
+constexpr int kVW = TP_FASA_VW;  // floats per vector: 8 (baseline / AVX2), 16 (AVX-512)
+typedef float vf __attribute__((vector_size(4 * TP_FASA_VW)));
+typedef uint32_t vu __attribute__((vector_size(4 * TP_FASA_VW)));
+typedef uint16_t vh __attribute__((vector_size(2 * TP_FASA_VW)));
+typedef float v8f __attribute__((vector_size(32)));  // attention rows: 8 floats in every variant (a 16-wide
+typedef uint32_t v8u __attribute__((vector_size(32)));  // horizontal sum per chosen row costs more than it saves)
 typedef uint16_t v8h __attribute__((vector_size(16)));
 
 constexpr int kGroupTile = 4;  // query heads whose accumulators are kept in registers at once
@@ -52,7 +56,24 @@ inline float ld(const void* p, int64_t i) {
   return load_as_float<DT>(p, i);
 }
 
-// Elements i..i+7 of a fp32 / fp16 / bf16 array as 8 floats.
+// Elements i..i+kVW-1 of a fp32 / fp16 / bf16 array as floats.
+template <int DT>
+inline vf ldv(const void* p, int64_t i) {
+  vf x;
+  if (DT == kFloat32) {
+    __builtin_memcpy(&x, static_cast<const float*>(p) + i, sizeof x);
+  } else if (DT == kBFloat16) {
+    vh h;
+    __builtin_memcpy(&h, static_cast<const uint16_t*>(p) + i, sizeof h);
+    const vu u = __builtin_convertvector(h, vu) << 16;
+    __builtin_memcpy(&x, &u, sizeof x);
+  } else {
+    for (int k = 0; k < kVW; ++k) x[k] = load_as_float<DT>(p, i + k);
+  }
+  return x;
+}
+
+// Elements i..i+7 as 8 floats (the attention's row loads).
 template <int DT>
 inline v8f ld8(const void* p, int64_t i) {
   v8f x;
@@ -68,14 +89,23 @@ inline v8f ld8(const void* p, int64_t i) {
   }
   return x;
 }
-
-inline v8f splat8(float s) { return v8f{s, s, s, s, s, s, s, s}; }
+inline v8f splat8(float s) { return v8f{} + s; }
 inline void st8(float* p, v8f x) { __builtin_memcpy(p, &x, sizeof x); }
-inline v8f max8(v8f a, v8f b) { return a > b ? a : b; }  // NaN in a is ignored, as the scalar max below
 inline float hsum8(v8f x) { return ((x[0] + x[4]) + (x[2] + x[6])) + ((x[1] + x[5]) + (x[3] + x[7])); }
-inline float hmax8(v8f x) {
+
+inline vf splatv(float s) { return vf{} + s; }
+inline void stv(float* p, vf x) { __builtin_memcpy(p, &x, sizeof x); }
+inline vf maxv(vf a, vf b) { return a > b ? a : b; }  // NaN in a is ignored, as the scalar max below
+inline float hsumv(vf x) {  // pairwise halves
+  float part[kVW];
+  __builtin_memcpy(part, &x, sizeof x);
+  for (int w = kVW / 2; w >= 1; w /= 2)
+    for (int k = 0; k < w; ++k) part[k] += part[k + w];
+  return part[0];
+}
+inline float hmaxv(vf x) {
   float m = x[0];
-  for (int k = 1; k < 8; ++k) m = x[k] > m ? x[k] : m;
+  for (int k = 1; k < kVW; ++k) m = x[k] > m ? x[k] : m;
   return m;
 }
 
@@ -97,30 +127,42 @@ template <int FT, int G>
 void fc_block_dims_major(const void* base, int64_t f_sd, int64_t nd, const float* qfc, int64_t n, float* out,
                          int64_t ld_out, float* mx) {
   constexpr int64_t esz = FT == kFloat32 ? 4 : 2;
-  v8f m[G];
-  for (int j = 0; j < G; ++j) m[j] = splat8(-INFINITY);
+  vf m[G];
+  for (int j = 0; j < G; ++j) m[j] = splatv(-INFINITY);
   int64_t t = 0;
-  for (; t + 16 <= n; t += 16) {
-    v8f a0[G], a1[G];
-    for (int j = 0; j < G; ++j) a0[j] = a1[j] = v8f{};
+  for (; t + 2 * kVW <= n; t += 2 * kVW) {
+    vf a0[G], a1[G];
+    for (int j = 0; j < G; ++j) a0[j] = a1[j] = vf{};
     for (int64_t i = 0; i < nd; ++i) {
       if (t + kFcPrefetchAhead < n)  // 16 rows stream at once: the hardware prefetcher alone falls behind
         __builtin_prefetch(static_cast<const char*>(base) + (i * f_sd + t + kFcPrefetchAhead) * esz);
-      const v8f x0 = ld8<FT>(base, i * f_sd + t), x1 = ld8<FT>(base, i * f_sd + t + 8);
+      const vf x0 = ldv<FT>(base, i * f_sd + t), x1 = ldv<FT>(base, i * f_sd + t + kVW);
       for (int j = 0; j < G; ++j) {
-        const v8f qv = splat8(qfc[j * nd + i]);
+        const vf qv = splatv(qfc[j * nd + i]);
         a0[j] += qv * x0;
         a1[j] += qv * x1;
       }
     }
     for (int j = 0; j < G; ++j) {
-      st8(out + j * ld_out + t, a0[j]);
-      st8(out + j * ld_out + t + 8, a1[j]);
-      m[j] = max8(max8(a0[j], a1[j]), m[j]);
+      stv(out + j * ld_out + t, a0[j]);
+      stv(out + j * ld_out + t + kVW, a1[j]);
+      m[j] = maxv(maxv(a0[j], a1[j]), m[j]);
+    }
+  }
+  for (; t + kVW <= n; t += kVW) {  // one vector of tokens left
+    vf a0[G];
+    for (int j = 0; j < G; ++j) a0[j] = vf{};
+    for (int64_t i = 0; i < nd; ++i) {
+      const vf x0 = ldv<FT>(base, i * f_sd + t);
+      for (int j = 0; j < G; ++j) a0[j] += splatv(qfc[j * nd + i]) * x0;
+    }
+    for (int j = 0; j < G; ++j) {
+      stv(out + j * ld_out + t, a0[j]);
+      m[j] = maxv(a0[j], m[j]);
     }
   }
   for (int j = 0; j < G; ++j) {
-    float mj = hmax8(m[j]);
+    float mj = hmaxv(m[j]);
     for (int64_t tt = t; tt < n; ++tt) {
       float acc = 0.0f;
       for (int64_t i = 0; i < nd; ++i) acc += qfc[j * nd + i] * ld<FT>(base, i * f_sd + tt);
@@ -142,7 +184,7 @@ void fc_logits(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t L, const fl
   for (int64_t b = 0, t0 = 0; t0 < L; ++b, t0 += bs) {
     const int64_t n = L - t0 < bs ? L - t0 : bs;
     const void* base = fc + (int64_t(table[b]) * a.f_sb + h * a.f_sh) * esz;
-    if (a.f_st == 1) {  // dims-major block ([nd, block_size]): 16 tokens x up to 4 heads in registers
+    if (a.f_st == 1) {  // dims-major block ([nd, block_size]): 2 vectors of tokens x up to 4 heads in registers
       for (int64_t j0 = 0; j0 < g; j0 += kGroupTile) {
         const float* q0 = qfc + j0 * nd;
         float* o0 = lg + j0 * L + t0;
