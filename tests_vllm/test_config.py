@@ -45,7 +45,7 @@ def test_bad_settings_name_the_key_and_allowed_values(raw, words):
 def test_decline_rule_default_is_the_measured_ratio_and_min_context_overrides_it():
     from tokprune.integrations.vllm.config import DECLINE_RATIO
 
-    assert _settings(method="fasa", budget=256, fcs="x").sparse_after == int(DECLINE_RATIO["fasa"] * 256) == 5120
+    assert _settings(method="fasa", budget=256, fcs="x").sparse_after == int(DECLINE_RATIO["fasa"] * 256) == 3840
     assert _settings(method="fasa", budget=256, fcs="x", min_context=0).sparse_after == 256  # the budget alone
     assert _settings(method="fasa", budget=256, fcs="x", min_context=100).sparse_after == 256  # never below budget
     assert _settings(method="fasa", budget=256, fcs="x", min_context=9000).sparse_after == 9000
