@@ -169,7 +169,7 @@ def decode_bytes(model, provider: str, context: int, batch: int, budget: int) ->
 
     weights + KV read: full attention reads ``context`` tokens of K and V per layer and row; the budget
     methods read ``budget`` tokens of K and V plus what their scoring reads (FASA: the packed FC dims of
-    every key, 16 of 64 dims by default; Quest: page min/max, 2 vectors per 16-token page); ``unpatched``
+    every key, 16 of 64 dims by default, in bf16 where FASA stores them so; Quest: page min/max, 2 vectors per 16-token page); ``unpatched``
     additionally copies the whole cache in ``torch.cat`` (read + write).
     """
     cfg = model.config.get_text_config(decoder=True)
@@ -185,11 +185,20 @@ def decode_bytes(model, provider: str, context: int, batch: int, budget: int) ->
         return weights + full
     kept = min(budget, context)
     sparse = 2 * token_kv * kept * batch
-    if provider == "fasa":
-        return weights + sparse + token_kv * context * batch * 16 / head_dim
+    if provider == "fasa":  # FASA's default packed FC keys are bf16 for an fp32 CPU model on the fused path
+        fc_elem = 2 if elem == 4 and _fasa_scores_bf16(model) else elem
+        return weights + sparse + token_kv * context * batch * 16 / head_dim * fc_elem / elem
     if provider == "quest":
         return weights + sparse + token_kv * (context / 16) * 2 * batch
     return weights + sparse
+
+
+def _fasa_scores_bf16(model) -> bool:
+    """Whether ``FASA()``'s default ``score_dtype`` stores bf16 FC keys for ``model`` (fp32 on the CPU, fused step)."""
+    from tokprune.methods.fasa import _fused_fasa_available
+
+    p = next(model.parameters())
+    return p.dtype == torch.float32 and p.device.type == "cpu" and _fused_fasa_available()
 
 
 def prefill_flops(model, n: int, keep: Optional[float], sparse_layers: int) -> float:

@@ -4,7 +4,8 @@
                                             [--batches 1 4] [--threads 1] [--cold-mib 512]
 
 ``--methods fasa_fused`` times ``FASA(fused=True)``: the whole step as one call of the C++ op
-:func:`tokprune.ops.paged.paged_fasa_decode` where the extension has it (the torch path otherwise).
+:func:`tokprune.ops.paged.paged_fasa_decode` where the extension has it (the torch path otherwise), with its
+default bf16 FC keys; ``fasa`` times ``FASA(fused=False)``, the torch path (fp32 FC keys).
 
 All run on tokprune's KV cache with SmolLM2-135M shapes (9 query heads, 3 KV heads, head dim 64, fp32):
 dense is :func:`tokprune.ops.decode.dense_decode_attention` (what a declining policy runs); the methods are

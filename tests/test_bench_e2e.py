@@ -121,3 +121,8 @@ def test_decode_bytes_model():
     assert decode_bytes(model, "streaming", 100, 3, 10) == w + 2 * kv_token * 10 * 3
     # a budget larger than the context reads the whole context
     assert decode_bytes(model, "streaming", 8, 1, 10) == w + 2 * kv_token * 8
+    # FASA: + the packed FC dims of every key (16 of head_dim 8 here), half the bytes where they are stored in bf16
+    from benchmarks.bench_e2e import _fasa_scores_bf16
+
+    scoring = decode_bytes(model, "fasa", 100, 3, 10) - decode_bytes(model, "streaming", 100, 3, 10)
+    assert scoring == kv_token * 100 * 3 * 16 / 8 * (0.5 if _fasa_scores_bf16(model) else 1.0)
