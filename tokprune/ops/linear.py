@@ -3,7 +3,9 @@
 :func:`small_m_linear` computes ``x @ weight.T (+ bias)`` like ``torch.nn.functional.linear``. With
 backend ``"cuda"`` (the host build of ``tokprune._C``; fp32 CPU tensors only) each weight row is read
 from memory once and reused for every row of ``x``, which for 2..16 rows beats a GEMM library that packs
-the weights on every call. Other dtypes and devices run ``F.linear``.
+the weights on every call. Other dtypes and devices run ``F.linear``. The kernel uses the widest of
+AVX-512F / AVX2+FMA / SSE2 the CPU has; ``TOKPRUNE_LINEAR_ISA=avx2`` or ``base`` (read once per process)
+caps it, e.g. to test the narrower variants.
 """
 
 from __future__ import annotations

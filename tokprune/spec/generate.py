@@ -116,9 +116,10 @@ def generate(
         generator: ``torch.Generator`` for every random draw (first token, drafting, verification).
         return_stats: also return a :class:`SpecStats` (target forwards, accepted draft tokens, tokens
             per forward, ...).
-        packed_weights: run tree forwards on oneDNN-packed weights (one extra copy of the model's linear
-            weights, kept until ``tokprune.spec.release_packed(model)``). ``None`` (default): on when the
-            model is fp32 on the CPU. Outputs differ from the unpacked path by float rounding only.
+        packed_weights: run tree forwards of up to 16 nodes on the small-M host kernel of ``tokprune._C``
+            and larger ones on oneDNN-packed weights (packed on first use: one extra copy of the model's
+            linear weights, kept until ``tokprune.spec.release_packed(model)``). ``None`` (default): on when
+            the model is fp32 on the CPU. Outputs differ from the unpacked path by float rounding only.
         fold_gqa: when the model's attention is ``"sdpa"``, tree forwards fold the query heads of each KV
             head into the query dimension instead of copying the cache into repeated heads
             (``tokprune/spec/_attention.py``); the prefill is unchanged. Float rounding only.

@@ -18,7 +18,8 @@ struct LinearArgs {
 };
 
 void linear_small_m_host(const LinearArgs& a);
-// The instruction set the kernel runs with on this machine: "avx512f", "avx2" or "base".
+// The instruction set the kernel runs with on this machine: "avx512f", "avx2" or "base" (the best the CPU has,
+// capped by $TOKPRUNE_LINEAR_ISA = "base" | "avx2" when set; read once per process).
 const char* linear_small_m_isa();
 
 }  // namespace tokprune
