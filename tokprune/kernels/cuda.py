@@ -502,4 +502,5 @@ def _call(name, impl, *args):
 
 
 __all__ = ["verify_tree_greedy_cuda", "verify_tree_stochastic_cuda", "sparse_decode_attention_cuda",
-           "select_tokens_cuda", "paged_fasa_decode_host", "small_m_linear_host", "SmallMLinearBound", "attention_splits", "DTYPE_CODES", "RULES"]
+           "select_tokens_cuda", "paged_fasa_decode_host", "small_m_linear_host", "SmallMLinearBound",
+           "attention_splits", "DTYPE_CODES", "RULES"]
