@@ -70,14 +70,16 @@ def prompts(context: int, batch: int, seed: int = 0):
 
 
 def bytes_bound(context: int, batch: int, budget: int, num_fcs: int, weights_bytes: int,
-                layers=30, kv_heads=3, head_dim=64, element_bytes=2) -> dict:
-    """Bytes read per decode step (weights once + KV of every layer): stock vs FASA, and their ratio."""
+                layers=30, kv_heads=3, head_dim=64, element_bytes=2, score_element_bytes=2) -> dict:
+    """Bytes read per decode step (weights once + KV of every layer): stock vs FASA, and their ratio. FASA's
+    vote reads its FC side cache (``score_element_bytes``: bf16 by default, whatever the model dtype)."""
     from tokprune.ops import fasa_bytes_per_step
 
     per_layer = fasa_bytes_per_step(context, head_dim, kv_heads, num_fcs, budget, element_bytes=element_bytes,
                                     batch=batch)
     stock = weights_bytes + layers * per_layer["full"]
-    fasa = weights_bytes + layers * per_layer["fasa"]
+    score = per_layer["fasa_score"] * score_element_bytes / element_bytes
+    fasa = weights_bytes + layers * (per_layer["fasa_attend"] + score)
     return dict(stock_mb=stock / 1e6, fasa_mb=fasa / 1e6, ratio=stock / fasa)
 
 
