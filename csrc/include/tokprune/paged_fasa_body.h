@@ -56,39 +56,26 @@ inline float ld(const void* p, int64_t i) {
   return load_as_float<DT>(p, i);
 }
 
-// Elements i..i+kVW-1 of a fp32 / fp16 / bf16 array as floats.
-template <int DT>
-inline vf ldv(const void* p, int64_t i) {
-  vf x;
+// Elements i..i+W-1 of a fp32 / fp16 / bf16 array as a vector V of W floats (VU / VH: W uint32 / uint16).
+template <int DT, typename V, typename VU, typename VH, int W>
+inline V load_floats(const void* p, int64_t i) {
+  V x;
   if (DT == kFloat32) {
     __builtin_memcpy(&x, static_cast<const float*>(p) + i, sizeof x);
   } else if (DT == kBFloat16) {
-    vh h;
+    VH h;
     __builtin_memcpy(&h, static_cast<const uint16_t*>(p) + i, sizeof h);
-    const vu u = __builtin_convertvector(h, vu) << 16;
+    const VU u = __builtin_convertvector(h, VU) << 16;
     __builtin_memcpy(&x, &u, sizeof x);
   } else {
-    for (int k = 0; k < kVW; ++k) x[k] = load_as_float<DT>(p, i + k);
+    for (int k = 0; k < W; ++k) x[k] = load_as_float<DT>(p, i + k);
   }
   return x;
 }
-
-// Elements i..i+7 as 8 floats (the attention's row loads).
 template <int DT>
-inline v8f ld8(const void* p, int64_t i) {
-  v8f x;
-  if (DT == kFloat32) {
-    __builtin_memcpy(&x, static_cast<const float*>(p) + i, sizeof x);
-  } else if (DT == kBFloat16) {
-    v8h h;
-    __builtin_memcpy(&h, static_cast<const uint16_t*>(p) + i, sizeof h);
-    const v8u u = __builtin_convertvector(h, v8u) << 16;
-    __builtin_memcpy(&x, &u, sizeof x);
-  } else {
-    for (int k = 0; k < 8; ++k) x[k] = load_as_float<DT>(p, i + k);
-  }
-  return x;
-}
+inline vf ldv(const void* p, int64_t i) { return load_floats<DT, vf, vu, vh, kVW>(p, i); }
+template <int DT>
+inline v8f ld8(const void* p, int64_t i) { return load_floats<DT, v8f, v8u, v8h, 8>(p, i); }  // attention rows
 inline v8f splat8(float s) { return v8f{} + s; }
 inline void st8(float* p, v8f x) { __builtin_memcpy(p, &x, sizeof x); }
 inline float hsum8(v8f x) { return ((x[0] + x[4]) + (x[2] + x[6])) + ((x[1] + x[5]) + (x[3] + x[7])); }
@@ -215,21 +202,6 @@ void fc_logits(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t L, const fl
   }
 }
 
-// The digit of the candidates' histogram that holds the need-th largest key (1-based); *need becomes the
-// rank within that digit's bucket.
-inline uint32_t pick_digit(const uint32_t* hist, int bins, uint32_t* need) {
-  uint32_t above = 0;
-  for (int d = bins - 1; d > 0; --d) {
-    if (above + hist[d] >= *need) {
-      *need -= above;
-      return uint32_t(d);
-    }
-    above += hist[d];
-  }
-  *need -= above;
-  return 0;
-}
-
 // The need-th largest of key[lo..hi) (need >= 1) by radix select from the highest bit where the keys differ
 // (the common prefix of their minimum and maximum is skipped: FASA's votes share sign and high exponent bits).
 // Returns the threshold key; *need becomes how many keys equal to it are taken (lowest tokens first).
@@ -261,7 +233,7 @@ inline uint32_t radix_threshold(const uint32_t* key, int64_t lo, int64_t hi, uin
       for (; c < nc; ++c) ++part[0][(key[cand[c]] >> shift) & dm];
     }
     for (int d = 0; d < bins; ++d) hist[d] = part[0][d] + part[1][d] + part[2][d] + part[3][d];
-    const uint32_t digit = pick_digit(hist, bins, need);
+    const uint32_t digit = radix_pick(hist, need, bins);
     prefix |= digit << shift;
     mask |= dm << shift;
     top = shift - 1;

@@ -18,11 +18,11 @@ TP_HD uint32_t order_key(float x) {
 
 TP_HD uint32_t radix_digit(uint32_t key, int shift) { return (key >> shift) & (kRadixBins - 1); }
 
-// Given the histogram of the current digit among the candidates, pick the digit that holds the
-// need-th largest key (1-based); *need becomes the rank within that digit's bucket.
-TP_HD uint32_t radix_pick(const uint32_t* hist, uint32_t* need) {
+// Given the histogram of the current digit among the candidates (`bins` buckets), pick the digit that holds
+// the need-th largest key (1-based); *need becomes the rank within that digit's bucket.
+TP_HD uint32_t radix_pick(const uint32_t* hist, uint32_t* need, int bins = kRadixBins) {
   uint32_t above = 0;
-  for (int d = kRadixBins - 1; d > 0; --d) {
+  for (int d = bins - 1; d > 0; --d) {
     if (above + hist[d] >= *need) {
       *need -= above;
       return uint32_t(d);
