@@ -194,11 +194,11 @@ def decode_bytes(model, provider: str, context: int, batch: int, budget: int) ->
 
 
 def _fasa_scores_bf16(model) -> bool:
-    """Whether ``FASA()``'s default ``score_dtype`` stores bf16 FC keys for ``model`` (fp32 on the CPU, fused step)."""
-    from tokprune.methods.fasa import _fused_fasa_available
+    """Whether ``FASA()``'s default ``score_dtype`` stores bf16 FC keys for ``model`` (:meth:`FASA.packed_dtype`)."""
+    from tokprune.methods import FASA
 
     p = next(model.parameters())
-    return p.dtype == torch.float32 and p.device.type == "cpu" and _fused_fasa_available()
+    return FASA(fcs="uncalibrated").packed_dtype(p.dtype, p.device) == torch.bfloat16
 
 
 def prefill_flops(model, n: int, keep: Optional[float], sparse_layers: int) -> float:

@@ -266,24 +266,8 @@ def select_tokens_cuda(scores: torch.Tensor, keep: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- paged FASA decode
 def _paged_fasa_launch(q, k_cache, v_cache, fc_cache, fc_dims, block_table, seq_lens, budget, sink, window, scale,
                        vote_scale, threads, out, selected):
-    R, H, D = q.shape
-    qq, ff = _last_dim_contiguous(q), fc_cache  # the kernel reads the FC cache with any strides
-    table = block_table if block_table.dtype == torch.int32 and block_table.stride(-1) == 1 else \
-        block_table.to(torch.int32).contiguous()
-    lens = seq_lens.to(torch.int32).contiguous()
-    dims = fc_dims.to(torch.int32).contiguous()
-    args = _args("PagedFasaArgs", R=R, H=H, Hkv=k_cache.shape[1], D=D, nd=dims.shape[1], budget=budget, sink=sink,
-                 window=window, block_size=k_cache.shape[2], dtype=DTYPE_CODES[q.dtype],
-                 fc_dtype=DTYPE_CODES[ff.dtype], out_dtype=DTYPE_CODES[out.dtype], scale=float(scale),
-                 vote_scale=float(vote_scale), q=qq.data_ptr(), q_sr=qq.stride(0), q_sh=qq.stride(1),
-                 k=k_cache.data_ptr(), k_sb=k_cache.stride(0), k_sh=k_cache.stride(1), k_st=k_cache.stride(2),
-                 k_sd=k_cache.stride(3), v=v_cache.data_ptr(), v_sb=v_cache.stride(0), v_sh=v_cache.stride(1),
-                 v_st=v_cache.stride(2), v_sd=v_cache.stride(3), fc=ff.data_ptr(), f_sb=ff.stride(0),
-                 f_sh=ff.stride(1), f_st=ff.stride(2), f_sd=ff.stride(3), fc_dims=dims.data_ptr(),
-                 block_table=table.data_ptr(), bt_sr=table.stride(0), seq_lens=lens.data_ptr(),
-                 out=out.data_ptr(), o_sr=out.stride(0), o_sh=out.stride(1),
-                 selected=0 if selected is None else selected.data_ptr(), threads=max(1, int(threads)))
-    _launch("paged_fasa_decode", args, q.device)
+    PagedFasaHostCall(k_cache, v_cache, fc_cache, fc_dims, q.shape[1], out.dtype, budget, sink, window, scale,
+                      vote_scale, threads)(q, block_table, seq_lens, out, selected)
 
 
 def _paged_fasa_decode_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, fc_cache: torch.Tensor,
@@ -332,9 +316,10 @@ def paged_fasa_decode_host(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 class PagedFasaHostCall:
     """The host kernel of ``paged_fasa_decode`` bound to one set of caches, for a decode loop that calls it
-    once per layer and step: the argument struct is built once, and a call only sets the rows, the query,
-    the block table, the lengths and the output before it launches (a handful of attribute writes instead
-    of the ~50 of :func:`paged_fasa_decode_host`). Checks: by the public factory
+    once per layer and step: the argument struct is built once per calling thread (the kernel runs without
+    the GIL, so threads never share one), and a call only sets the rows, the query, the block table, the
+    lengths and the outputs before it launches (a handful of attribute writes instead of ~50).
+    :func:`paged_fasa_decode_host` builds one per call. Checks: by the public op, or by the factory
     :func:`tokprune.ops.paged.paged_fasa_decoder` (once) and its per-call shape/dtype test.
 
     Args:
@@ -352,27 +337,35 @@ class PagedFasaHostCall:
         self._keep = (k_cache, v_cache, fc_cache, dims)  # the struct points into these
         self._run = _lib().paged_fasa_decode
         kc, vc, ff = k_cache, v_cache, fc_cache
-        self.args = _args("PagedFasaArgs", R=0, H=heads, Hkv=kc.shape[1], D=kc.shape[3], nd=dims.shape[1],
-                          budget=int(budget), sink=int(sink), window=int(window), block_size=kc.shape[2],
-                          dtype=DTYPE_CODES[kc.dtype], fc_dtype=DTYPE_CODES[ff.dtype],
-                          out_dtype=DTYPE_CODES[out_dtype], scale=float(scale), vote_scale=float(vote_scale),
-                          k=kc.data_ptr(), k_sb=kc.stride(0), k_sh=kc.stride(1), k_st=kc.stride(2),
-                          k_sd=kc.stride(3), v=vc.data_ptr(), v_sb=vc.stride(0), v_sh=vc.stride(1),
-                          v_st=vc.stride(2), v_sd=vc.stride(3), fc=ff.data_ptr(), f_sb=ff.stride(0),
-                          f_sh=ff.stride(1), f_st=ff.stride(2), f_sd=ff.stride(3), fc_dims=dims.data_ptr(),
-                          selected=0, threads=max(1, int(threads)))
+        self._fields = dict(H=heads, Hkv=kc.shape[1], D=kc.shape[3], nd=dims.shape[1], budget=int(budget),
+                            sink=int(sink), window=int(window), block_size=kc.shape[2], dtype=DTYPE_CODES[kc.dtype],
+                            fc_dtype=DTYPE_CODES[ff.dtype], out_dtype=DTYPE_CODES[out_dtype], scale=float(scale),
+                            vote_scale=float(vote_scale), k=kc.data_ptr(), k_sb=kc.stride(0), k_sh=kc.stride(1),
+                            k_st=kc.stride(2), k_sd=kc.stride(3), v=vc.data_ptr(), v_sb=vc.stride(0),
+                            v_sh=vc.stride(1), v_st=vc.stride(2), v_sd=vc.stride(3), fc=ff.data_ptr(),
+                            f_sb=ff.stride(0), f_sh=ff.stride(1), f_st=ff.stride(2), f_sd=ff.stride(3),
+                            fc_dims=dims.data_ptr(), threads=max(1, int(threads)))
+        self._local = threading.local()
 
-    def __call__(self, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                 out: torch.Tensor) -> torch.Tensor:
-        """Launch on ``q (R, Hq, head_dim)`` (last dim contiguous), ``block_table (R, max_blocks)`` int32 (last
-        dim contiguous), ``seq_lens (R,)`` int32 contiguous; writes ``out (R, Hq, head_dim)`` (last dim
-        contiguous) and returns it."""
-        a = self.args
+    def __call__(self, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor,
+                 selected: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Launch on ``q (R, Hq, head_dim)``, ``block_table (R, max_blocks)`` and ``seq_lens (R,)`` (int32 with a
+        contiguous last dimension is used as is; anything else is converted); writes ``out (R, Hq, head_dim)``
+        (last dim contiguous) and, if given, ``selected (R, Hkv, budget)`` int32; returns ``out``."""
+        a = getattr(self._local, "args", None)
+        if a is None:
+            a = self._local.args = _args("PagedFasaArgs", **self._fields)
+        if block_table.dtype != torch.int32 or (block_table.shape[1] > 1 and block_table.stride(1) != 1):
+            block_table = block_table.to(torch.int32).contiguous()
+        if seq_lens.dtype != torch.int32 or not seq_lens.is_contiguous():
+            seq_lens = seq_lens.to(torch.int32).contiguous()
+        q = _last_dim_contiguous(q)
         a.R = q.shape[0]
         a.q, a.q_sr, a.q_sh = q.data_ptr(), q.stride(0), q.stride(1)
         a.block_table, a.bt_sr = block_table.data_ptr(), block_table.stride(0)
         a.seq_lens = seq_lens.data_ptr()
         a.out, a.o_sr, a.o_sh = out.data_ptr(), out.stride(0), out.stride(1)
+        a.selected = 0 if selected is None else selected.data_ptr()
         self._run(a, False, 0, False)
         return out
 
@@ -380,16 +373,7 @@ class PagedFasaHostCall:
 # ------------------------------------------------------------------------------ small-M linear
 def _small_m_linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          threads: int) -> torch.Tensor:
-    M, K = x.shape
-    N = weight.shape[0]
-    xx, ww = _last_dim_contiguous(x), _last_dim_contiguous(weight)
-    bb = None if bias is None else bias.contiguous()
-    y = torch.empty(M, N, dtype=torch.float32, device=x.device)
-    args = _args("LinearArgs", M=M, N=N, K=K, x=xx.data_ptr(), x_sm=xx.stride(0) if M > 1 else K,
-                 w=ww.data_ptr(), w_sn=ww.stride(0) if N > 1 else K, bias=0 if bb is None else bb.data_ptr(),
-                 y=y.data_ptr(), y_sm=N, threads=max(1, int(threads)))
-    _launch("small_m_linear", args, x.device)
-    return y
+    return SmallMLinearBound(weight, bias).run(x, max(1, int(threads)))
 
 
 def _small_m_linear_fake(x, weight, bias, threads):

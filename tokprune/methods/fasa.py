@@ -247,12 +247,20 @@ class FASA(KVPolicy):
         if side is None:
             from tokprune.hf.kv_cache import PackedKeyDims
 
-            dtype = self.score_dtype
-            if dtype is None and ctx.key.dtype == torch.float32 and ctx.key.device.type == "cpu" \
-                    and self._fused_settings():
-                dtype = torch.bfloat16  # what the fused kernel reads natively: half the bytes per vote
-            side = layer.add_side(name, PackedKeyDims(dims, dtype=dtype))
+            side = layer.add_side(name, PackedKeyDims(dims, dtype=self.packed_dtype(ctx.key.dtype, ctx.key.device)))
         return side
+
+    def packed_dtype(self, cache_dtype: torch.dtype, device) -> torch.dtype:
+        """The dtype of the packed FC keys this policy keeps for a cache of ``cache_dtype`` on ``device``:
+        ``score_dtype`` if given; else, when the fused C++ step runs (CPU), the kernel's default
+        (:func:`tokprune.ops.paged.default_fc_dtype`: bf16 for fp32 caches); else ``cache_dtype``."""
+        if self.score_dtype is not None:
+            return self.score_dtype
+        if torch.device(device).type == "cpu" and self._fused_settings():
+            from tokprune.ops.paged import default_fc_dtype
+
+            return default_fc_dtype(cache_dtype)
+        return cache_dtype
 
     def _fused_settings(self) -> bool:
         """Whether this policy's settings let a step run as the fused C++ call (see ``fused``): the part of
@@ -300,9 +308,10 @@ class FASA(KVPolicy):
                 return split.dense_attention(ctx.query, ctx.scale, ctx.valid)
             index = self.select(self.score(ctx), ctx)
             return split.sparse_attention(ctx.query, index, ctx.scale, padded=self.select_pads(ctx))
-        if self.declines(ctx.n_tokens, ctx):
+        fused = self._fused_step(ctx)
+        if self.declines(ctx.n_tokens, ctx, fused=fused):
             return None
-        if not self._fused_step(ctx):
+        if not fused:
             return super().attend_decode(ctx)
         return self._fused_attention(ctx)
 

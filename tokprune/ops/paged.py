@@ -998,22 +998,20 @@ def paged_fasa_decoder(k_cache: torch.Tensor, v_cache: torch.Tensor, fc_cache: t
     if _fasa_decode_backend(backend, k_cache.device) == "cuda":
         from tokprune.kernels.cuda import PagedFasaHostCall
 
-        host = PagedFasaHostCall(k_cache, v_cache, fc_cache, fc_dims, heads, out_dtype, budget, sink, window, scale,
+        call = PagedFasaHostCall(k_cache, v_cache, fc_cache, fc_dims, heads, out_dtype, budget, sink, window, scale,
                                  vote_scale, threads)
-
-        def call(q, block_table, seq_lens, out):
-            if block_table.dtype != torch.int32 or (block_table.shape[1] > 1 and block_table.stride(1) != 1):
-                block_table = block_table.to(torch.int32).contiguous()
-            if seq_lens.dtype != torch.int32 or not seq_lens.is_contiguous():
-                seq_lens = seq_lens.to(torch.int32).contiguous()
-            if q.shape[2] > 1 and q.stride(2) != 1:
-                q = q.contiguous()
-            return host(q, block_table, seq_lens, out)
     else:
         def call(q, block_table, seq_lens, out):
             return paged_fasa_decode(q, k_cache, v_cache, fc_cache, fc_dims, block_table, seq_lens, budget, sink,
                                      window, scale, vote_scale=vote_scale, out=out, backend="torch")
     return PagedFasaDecoder(call, heads, head_dim, k_cache.dtype, out_dtype, k_cache.shape[2], k_cache.shape[0])
+
+
+def default_fc_dtype(cache_dtype: torch.dtype) -> torch.dtype:
+    """The FC side cache dtype the fused FASA kernel is given by default (FASA's packed keys on tokprune's cache,
+    the vLLM backend's side cache): bf16 for an fp32 cache (half the bytes each vote reads), else the cache's
+    own 16-bit dtype."""
+    return torch.bfloat16 if cache_dtype == torch.float32 else cache_dtype
 
 
 def fused_fasa_available(device: torch.device) -> bool:

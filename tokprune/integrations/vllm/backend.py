@@ -46,8 +46,8 @@ from tokprune.integrations.vllm.config import (
     model_geometry,
     parse_settings,
 )
-from tokprune.ops.paged import (fused_fasa_available, paged_fasa_decoder, paged_sparse_decode_attention,
-                                vllm_cpu_kv_views)
+from tokprune.ops.paged import (default_fc_dtype, fused_fasa_available, paged_fasa_decoder,
+                                paged_sparse_decode_attention, vllm_cpu_kv_views)
 from tokprune.reference.fasa import fc_dims
 
 logger = init_logger("vllm.tokprune")  # a child of vLLM's logger, so vLLM's handlers print it
@@ -305,11 +305,9 @@ class SparseDecodeMixin:
                 # partial logits vectorise over tokens; ``_side`` is the (blocks, Hkv, block_size, nd) view, the
                 # layout of tokprune.ops.paged. bf16 (fp16 for an fp16 model): half the bytes of fp32 per vote,
                 # as FASA's packed keys on tokprune's cache (``FASA.score_dtype``).
-                dtype = getattr(torch, s.score_dtype) if s.score_dtype else \
-                    (torch.float16 if like.dtype == torch.float16 else torch.bfloat16)
+                dtype = getattr(torch, s.score_dtype) if s.score_dtype else default_fc_dtype(like.dtype)
                 self._side_hm = torch.zeros(kv_heads, num_blocks, nd, block_size, dtype=dtype, device=like.device)
                 self._side = self._side_hm.permute(1, 0, 3, 2)
-                self._fc_dims32 = self._fc_dims.to(torch.int32).contiguous()
             else:
                 # fp32, head-major (Hkv, blocks, block_size, nd): a request's FC keys gather into one contiguous
                 # (Hkv, blocks * block_size, nd) matrix per KV head (the torch path, :meth:`_fasa_tokens`).
@@ -455,7 +453,7 @@ class SparseDecodeMixin:
                output.dtype)
         if self._fasa_decoder is None or self._fasa_decoder[0] != key:
             s = self.settings
-            decoder = paged_fasa_decoder(k_view, v_view, self._side, self._fc_dims32, s.budget, s.sink, s.window,
+            decoder = paged_fasa_decoder(k_view, v_view, self._side, self._fc_dims, s.budget, s.sink, s.window,
                                          self.scale, heads=self.num_heads, out_dtype=output.dtype,
                                          vote_scale=self.head_size ** -0.5, num_threads=threads)
             self._fasa_decoder = (key, decoder)
