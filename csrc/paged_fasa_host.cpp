@@ -13,6 +13,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #include "tokprune/common.h"
 #include "tokprune/kernels.h"
 #include "tokprune/topk.h"
@@ -25,21 +29,28 @@ namespace {
 class Scratch {
  public:
   float *qf, *qfc, *lg, *att, *acc, *denom;
-  uint32_t* key;
-  int32_t *cand, *sel;  // sel: room for one entry more than chosen (branch-free compaction)
+  uint32_t *key, *gmax;  // per token; per token group (the selection's lower bound)
+  int32_t *cand, *cand2, *sel;  // candidates (two lists); sel: room for one entry more than chosen
+  int64_t *koff, *voff;          // byte offsets of the chosen K / V rows
 
   Scratch(const PagedFasaArgs& a, int64_t max_len) {
     const int64_t g = a.H / a.Hkv, n = std::max<int64_t>(std::min(a.budget, max_len), 1) + 1;
-    const int64_t L = max_len > a.budget ? max_len : 0;  // the vote runs only past the budget
-    const int64_t words[] = {g * a.D, g * std::max<int64_t>(a.nd, 1), g * L, g * n, g * a.D, g, L, L, n};
-    size_t offset[9], total = 0;
-    for (int i = 0; i < 9; ++i) offset[i] = total, total += (size_t(words[i]) * 4 + 63) / 64 * 64;
+    const int64_t L = max_len > a.budget ? max_len + 1 : 0;  // the vote runs only past the budget
+    const int64_t words[] = {g * a.D, g * std::max<int64_t>(a.nd, 1), g * L, g * n, g * a.D, g, L, L, L, L, n,
+                             2 * n, 2 * n};
+    constexpr int kParts = sizeof words / sizeof words[0];
+    size_t offset[kParts], total = 0;
+    for (int i = 0; i < kParts; ++i) offset[i] = total, total += (size_t(words[i]) * 4 + 63) / 64 * 64;
     char* base = static_cast<char*>(block().reserve(total));
     float** f[] = {&qf, &qfc, &lg, &att, &acc, &denom};
     for (int i = 0; i < 6; ++i) *f[i] = reinterpret_cast<float*>(base + offset[i]);
     key = reinterpret_cast<uint32_t*>(base + offset[6]);
-    cand = reinterpret_cast<int32_t*>(base + offset[7]);
-    sel = reinterpret_cast<int32_t*>(base + offset[8]);
+    gmax = reinterpret_cast<uint32_t*>(base + offset[7]);
+    cand = reinterpret_cast<int32_t*>(base + offset[8]);
+    cand2 = reinterpret_cast<int32_t*>(base + offset[9]);
+    sel = reinterpret_cast<int32_t*>(base + offset[10]);
+    koff = reinterpret_cast<int64_t*>(base + offset[11]);
+    voff = reinterpret_cast<int64_t*>(base + offset[12]);
   }
 
  private:

@@ -44,6 +44,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from tokprune._memory import zeros
+
 __all__ = [
     "SideBuffer",
     "PackedKeyDims",
@@ -155,7 +157,7 @@ class PackedKeyDims(SideBuffer):
                 keep = 0
             else:
                 keep = min(self.length, start)
-            new = kb.new_zeros(batch, heads, n_dims, capacity, dtype=dtype)
+            new = zeros((batch, heads, n_dims, capacity), dtype, kb.device)
             if keep:
                 new[..., :keep] = self.storage[..., :keep]
             self.storage = new
@@ -511,8 +513,9 @@ class TokpruneLayer(CacheLayerMixin):
         batch, heads, n, head_dim = key_states.shape
         capacity = max(self.reserve, _round_up(n + max(_PAGE, n // 4)))
         capacity = _round_up(capacity)
-        self.key_buffer = key_states.new_zeros(batch, heads, capacity, head_dim)
-        self.value_buffer = value_states.new_zeros(batch, value_states.shape[1], capacity, value_states.shape[3])
+        self.key_buffer = zeros((batch, heads, capacity, head_dim), key_states.dtype, key_states.device)
+        self.value_buffer = zeros((batch, value_states.shape[1], capacity, value_states.shape[3]),
+                                  value_states.dtype, value_states.device)
         self.device = key_states.device
         self.length = 0
         self._row_lengths = None
@@ -524,8 +527,8 @@ class TokpruneLayer(CacheLayerMixin):
     def _grow(self, needed: int) -> None:
         capacity = _round_up(max(needed, 2 * self.capacity))
         kb, vb = self.key_buffer, self.value_buffer
-        new_k = kb.new_zeros(kb.shape[0], kb.shape[1], capacity, kb.shape[3])
-        new_v = vb.new_zeros(vb.shape[0], vb.shape[1], capacity, vb.shape[3])
+        new_k = zeros((kb.shape[0], kb.shape[1], capacity, kb.shape[3]), kb.dtype, kb.device)
+        new_v = zeros((vb.shape[0], vb.shape[1], capacity, vb.shape[3]), vb.dtype, vb.device)
         new_k[:, :, : self.length] = kb[:, :, : self.length]
         new_v[:, :, : self.length] = vb[:, :, : self.length]
         self.key_buffer, self.value_buffer = new_k, new_v

@@ -76,11 +76,21 @@ template <int DT>
 inline vf ldv(const void* p, int64_t i) { return load_floats<DT, vf, vu, vh, kVW>(p, i); }
 template <int DT>
 inline v8f ld8(const void* p, int64_t i) { return load_floats<DT, v8f, v8u, v8h, 8>(p, i); }  // attention rows
-inline v8f splat8(float s) { return v8f{} + s; }
+inline v8f splat8(float s) {
+  const v8u u = v8u{} + __builtin_bit_cast(uint32_t, s);
+  v8f x;
+  __builtin_memcpy(&x, &u, sizeof x);
+  return x;
+}
 inline void st8(float* p, v8f x) { __builtin_memcpy(p, &x, sizeof x); }
 inline float hsum8(v8f x) { return ((x[0] + x[4]) + (x[2] + x[6])) + ((x[1] + x[5]) + (x[3] + x[7])); }
 
-inline vf splatv(float s) { return vf{} + s; }
+inline vf splatv(float s) {  // a broadcast (adding s to a zero vector would cost an add: -0 + 0 = +0)
+  const vu u = vu{} + __builtin_bit_cast(uint32_t, s);
+  vf x;
+  __builtin_memcpy(&x, &u, sizeof x);
+  return x;
+}
 inline void stv(float* p, vf x) { __builtin_memcpy(p, &x, sizeof x); }
 inline vf maxv(vf a, vf b) { return a > b ? a : b; }  // NaN in a is ignored, as the scalar max below
 inline float hsumv(vf x) {  // pairwise halves
@@ -202,18 +212,19 @@ void fc_logits(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t L, const fl
   }
 }
 
-// The need-th largest of key[lo..hi) (need >= 1) by radix select from the highest bit where the keys differ
-// (the common prefix of their minimum and maximum is skipped: FASA's votes share sign and high exponent bits).
-// Returns the threshold key; *need becomes how many keys equal to it are taken (lowest tokens first).
-inline uint32_t radix_threshold(const uint32_t* key, int64_t lo, int64_t hi, uint32_t kmin, uint32_t kmax,
+// The need-th largest (need >= 1) of the n keys key[0..n) (list == nullptr) or key[list[0..n)], by radix select
+// from the highest bit where they differ (kmin / kmax: their minimum and maximum; the common prefix is skipped:
+// FASA's votes share sign and high exponent bits). Returns the threshold key; *need becomes how many keys equal
+// to it are taken (lowest tokens first). cand: room for n indices.
+inline uint32_t radix_threshold(const uint32_t* key, const int32_t* list, int64_t n, uint32_t kmin, uint32_t kmax,
                                 uint32_t* need, int32_t* cand) {
   const uint32_t diff = kmin ^ kmax;
   if (diff == 0) return kmin;
   int top = 31 - __builtin_clz(diff);
   uint32_t mask = top == 31 ? 0u : ~((2u << top) - 1u);
   uint32_t prefix = kmin & mask;
-  bool direct = true;  // candidates: every token of [lo, hi) (no list yet)
-  int64_t nc = hi - lo;
+  const int32_t* src = list;  // nullptr: every key of the input (until the first narrowing)
+  int64_t nc = n;
   uint32_t part[4][kRadixBins], hist[kRadixBins];  // 4 partial histograms: equal digits do not chain in memory
   while (top >= 0) {
     const int bits = top + 1 < kRadixBits ? top + 1 : kRadixBits;
@@ -222,15 +233,14 @@ inline uint32_t radix_threshold(const uint32_t* key, int64_t lo, int64_t hi, uin
     for (int q = 0; q < 4; ++q)
       for (int d = 0; d < bins; ++d) part[q][d] = 0;
     int64_t c = 0;
-    if (direct) {
-      const uint32_t* k = key + lo;
+    if (src == nullptr) {
       for (; c + 4 <= nc; c += 4)
-        for (int q = 0; q < 4; ++q) ++part[q][(k[c + q] >> shift) & dm];
-      for (; c < nc; ++c) ++part[0][(k[c] >> shift) & dm];
+        for (int q = 0; q < 4; ++q) ++part[q][(key[c + q] >> shift) & dm];
+      for (; c < nc; ++c) ++part[0][(key[c] >> shift) & dm];
     } else {
       for (; c + 4 <= nc; c += 4)
-        for (int q = 0; q < 4; ++q) ++part[q][(key[cand[c + q]] >> shift) & dm];
-      for (; c < nc; ++c) ++part[0][(key[cand[c]] >> shift) & dm];
+        for (int q = 0; q < 4; ++q) ++part[q][(key[src[c + q]] >> shift) & dm];
+      for (; c < nc; ++c) ++part[0][(key[src[c]] >> shift) & dm];
     }
     for (int d = 0; d < bins; ++d) hist[d] = part[0][d] + part[1][d] + part[2][d] + part[3][d];
     const uint32_t digit = radix_pick(hist, need, bins);
@@ -239,25 +249,87 @@ inline uint32_t radix_threshold(const uint32_t* key, int64_t lo, int64_t hi, uin
     top = shift - 1;
     if (top < 0 || hist[digit] == uint32_t(nc)) continue;  // done, or nothing to drop
     int64_t kept = 0;
-    if (direct) {
-      for (int64_t t = lo; t < hi; ++t) {
-        cand[kept] = int32_t(t);
-        kept += (key[t] & mask) == prefix;
+    if (src == nullptr) {
+      for (int64_t i = 0; i < nc; ++i) {
+        cand[kept] = int32_t(i);
+        kept += (key[i] & mask) == prefix;
       }
-      direct = false;
     } else {
       for (int64_t i = 0; i < nc; ++i) {
-        const int32_t t = cand[i];
+        const int32_t t = src[i];
         cand[kept] = t;
         kept += (key[t] & mask) == prefix;
       }
     }
+    src = cand;
     nc = kept;
   }
   return prefix;
 }
 
+// Order-preserving keys of a vector of votes (order_key_flat lane by lane).
+inline vu order_keys(vf x) {
+  x += splatv(0.0f);  // -0 -> +0
+  vu b;
+  __builtin_memcpy(&b, &x, sizeof b);
+  typedef int32_t vi __attribute__((vector_size(4 * TP_FASA_VW)));
+  const vu sign = (vu)((vi)b >> 31);
+  return b ^ (sign | 0x80000000u);
+}
+
+// The tokens t of [lo, hi) with key[t] >= bound, ascending, into cand; returns their count.
+inline int64_t collect_at_least(const uint32_t* key, int64_t lo, int64_t hi, uint32_t bound, int32_t* cand) {
+  int64_t n = 0, t = lo;
+#if TP_FASA_VW == 16
+  const __m512i b = _mm512_set1_epi32(int32_t(bound));
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (; t + 16 <= hi; t += 16) {
+    const __mmask16 hit = _mm512_cmpge_epu32_mask(_mm512_loadu_si512(key + t), b);
+    if (hit) {
+      _mm512_mask_compressstoreu_epi32(cand + n, hit, _mm512_add_epi32(_mm512_set1_epi32(int32_t(t)), iota));
+      n += __builtin_popcount(hit);
+    }
+  }
+#else
+  const v8u b8 = v8u{} + bound;
+  for (; t + 8 <= hi; t += 8) {  // most groups of 8 hold no candidate and are skipped
+    v8u k8;
+    __builtin_memcpy(&k8, key + t, sizeof k8);
+    const v8u hit = (v8u)(k8 >= b8);
+    uint64_t lanes[4];
+    __builtin_memcpy(lanes, &hit, sizeof lanes);
+    if ((lanes[0] | lanes[1] | lanes[2] | lanes[3]) == 0) continue;
+    for (int64_t u = t; u < t + 8; ++u) {  // branch-free (cand has room for one more)
+      cand[n] = int32_t(u);
+      n += key[u] >= bound;
+    }
+  }
+#endif
+  for (; t < hi; ++t) {
+    cand[n] = int32_t(t);
+    n += key[t] >= bound;
+  }
+  return n;
+}
+
+inline void key_range(const uint32_t* key, const int32_t* list, int64_t n, uint32_t* kmin, uint32_t* kmax) {
+  uint32_t lo = 0xFFFFFFFFu, hi = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t k = list ? key[list[i]] : key[i];
+    lo = k < lo ? k : lo;
+    hi = k > hi ? k : hi;
+  }
+  *kmin = lo, *kmax = hi;
+}
+
 // FASA's vote and top-budget choice; writes the chosen logical tokens ascending into sel, returns their count.
+//
+// Selection of `need` tokens out of the m = hi - lo competing ones without sorting or a histogram over all m:
+// while writing the keys, the maximum of each group of `span` tokens (strided by the vector width) is kept;
+// `need` groups hold a maximum >= the need-th largest group maximum, so at least `need` tokens lie at or above
+// it, and it is a lower bound of the threshold. With about 2 * need groups it leaves a few more than `need`
+// candidates (about 1.25 * need for i.i.d. votes; all tokens in the worst case), one vector compare per 16
+// keys collects them, and the exact radix select runs over the candidates only.
 template <int FT>
 int64_t choose(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t L, const float* qf, Scratch& w) {
   const int64_t g = a.H / a.Hkv, nd = a.nd, budget = a.budget;
@@ -290,47 +362,48 @@ int64_t choose(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t L, const fl
   const int64_t window = a.window < budget - sink ? a.window : budget - sink;
   const int64_t lo = sink, hi = L - window;
   uint32_t need = uint32_t(budget - sink - window);
-  float* vote = lg;  // sum_j softmax_j, in place over head 0's row
-#pragma omp simd
-  for (int64_t t = lo; t < hi; ++t) vote[t] *= inv[0];
-  for (int64_t j = 1; j < g; ++j) {
-    const float* x = lg + j * L;
-    const float ij = inv[j];
-#pragma omp simd
-    for (int64_t t = lo; t < hi; ++t) vote[t] += x[t] * ij;
-  }
-  uint32_t* key = w.key;
-  uint32_t kmin = 0xFFFFFFFFu, kmax = 0;
-#pragma omp simd reduction(min : kmin) reduction(max : kmax)
-  for (int64_t t = lo; t < hi; ++t) {
-    const uint32_t k = order_key_flat(vote[t]);
-    key[t] = k;
-    kmin = k < kmin ? k : kmin;
-    kmax = k > kmax ? k : kmax;
-  }
   int64_t n = 0;
   for (int64_t t = 0; t < sink; ++t) sel[n++] = int32_t(t);
   if (need > 0) {
-    const uint32_t thr = radix_threshold(key, lo, hi, kmin, kmax, &need, w.cand);
+    // keys of the votes sum_j softmax_j, and the group maxima
+    int64_t span = (hi - lo) / (2 * int64_t(need));
+    span = span < 1 ? 1 : span > 16 ? 16 : span;
+    uint32_t* key = w.key;
+    uint32_t* gmax = w.gmax;
+    int64_t ng = 0, t = lo;
+    for (; t + kVW * span <= hi; t += kVW * span) {
+      vu gm = vu{};
+      for (int64_t i = 0; i < span; ++i) {
+        const int64_t u = t + i * kVW;
+        vf v = ldv<kFloat32>(lg, u) * splatv(inv[0]);
+        for (int64_t j = 1; j < g; ++j) v += ldv<kFloat32>(lg + j * L, u) * splatv(inv[j]);
+        const vu k = order_keys(v);
+        __builtin_memcpy(key + u, &k, sizeof k);
+        gm = gm > k ? gm : k;
+      }
+      __builtin_memcpy(gmax + ng, &gm, sizeof gm);
+      ng += kVW;
+    }
+    for (; t < hi; ++t) {  // the tail: one group per token
+      float v = lg[t] * inv[0];
+      for (int64_t j = 1; j < g; ++j) v += lg[j * L + t] * inv[j];
+      key[t] = order_key_flat(v);
+      gmax[ng++] = key[t];
+    }
+    uint32_t kmin, kmax, group_need = need;
+    key_range(gmax, nullptr, ng, &kmin, &kmax);
+    const uint32_t bound = radix_threshold(gmax, nullptr, ng, kmin, kmax, &group_need, w.cand2);
+    int32_t* cand = w.cand;
+    const int64_t nc = collect_at_least(key, lo, hi, bound, cand);
+    key_range(key, cand, nc, &kmin, &kmax);
+    const uint32_t thr = radix_threshold(key, cand, nc, kmin, kmax, &need, w.cand2);
     uint32_t equal_seen = 0;
-    const v8u thr8 = v8u{} + thr;
-    int64_t t = lo;
-    for (; t < hi; t += 8) {  // 8 keys at a time; most groups hold no chosen token and are skipped
-      if (t + 8 <= hi) {
-        v8u k8;
-        __builtin_memcpy(&k8, key + t, sizeof k8);
-        const v8u hit = (v8u)(k8 >= thr8);
-        uint64_t lanes[4];
-        __builtin_memcpy(lanes, &hit, sizeof lanes);
-        if ((lanes[0] | lanes[1] | lanes[2] | lanes[3]) == 0) continue;
-      }
-      const int64_t end = t + 8 < hi ? t + 8 : hi;
-      for (int64_t u = t; u < end; ++u) {  // branch-free compaction (sel has room for one more)
-        const uint32_t k = key[u];
-        sel[n] = int32_t(u);
-        n += (k > thr) | ((k == thr) & (equal_seen < need));
-        equal_seen += k == thr;
-      }
+    for (int64_t c = 0; c < nc; ++c) {  // branch-free compaction (sel has room for one more)
+      const int32_t u = cand[c];
+      const uint32_t k = key[u];
+      sel[n] = u;
+      n += (k > thr) | ((k == thr) & (equal_seen < need));
+      equal_seen += k == thr;
     }
   }
   for (int64_t t = hi; t < L; ++t) sel[n++] = int32_t(t);
@@ -353,19 +426,32 @@ inline void dot_row(const float* qf, int64_t D, const void* kp, float* att, int6
   for (int j = 0; j < G; ++j) att[j * n] = hsum8(acc[j]);
 }
 
-// acc[0..CW*8) += sum_s p[s] * V[sel[s], d0 : d0 + CW*8] for one query head (accumulators in registers).
-template <int DT, int CW>
-inline void pv_chunk(const float* p, int64_t n, const int32_t* sel, const int32_t* table, int64_t bs,
-                     const char* vc, int64_t v_sb, int64_t v_st, int64_t esz, int64_t d0, float* acc) {
-  v8f s8[CW];
-  for (int c = 0; c < CW; ++c) s8[c] = v8f{};
+// acc[j * D + d0 ..][0..CW*8) = sum_s p[j * n + s] * V[row s, d0 : d0 + CW*8] for G (<= kGroupTile) query heads
+// (accumulators in registers); row s starts at byte offset voff[s] of vc. Each V line is read once for the G heads.
+template <int DT, int G, int CW>
+inline void pv_group(const float* p, int64_t n, const int64_t* voff, const char* vc, int64_t D, int64_t d0,
+                     float* acc) {
+  v8f s8[G][CW];
+  for (int j = 0; j < G; ++j)
+    for (int c = 0; c < CW; ++c) s8[j][c] = v8f{};
   for (int64_t s = 0; s < n; ++s) {
-    const int64_t t = sel[s];
-    const void* vp = vc + (int64_t(table[t / bs]) * v_sb + (t % bs) * v_st) * esz;
-    const v8f pv = splat8(p[s]);
-    for (int c = 0; c < CW; ++c) s8[c] += pv * ld8<DT>(vp, d0 + 8 * c);
+    const void* vp = vc + voff[s];
+    v8f x[CW];
+    for (int c = 0; c < CW; ++c) x[c] = ld8<DT>(vp, d0 + 8 * c);
+    for (int j = 0; j < G; ++j) {
+      const v8f pv = splat8(p[j * n + s]);
+      for (int c = 0; c < CW; ++c) s8[j][c] += pv * x[c];
+    }
   }
-  for (int c = 0; c < CW; ++c) st8(acc + d0 + 8 * c, s8[c]);
+  for (int j = 0; j < G; ++j)
+    for (int c = 0; c < CW; ++c) st8(acc + j * D + d0 + 8 * c, s8[j][c]);
+}
+
+template <int DT, int G>
+inline void pv_rows(const float* p, int64_t n, const int64_t* voff, const char* vc, int64_t D, float* acc) {
+  int64_t d0 = 0;
+  for (; d0 + 32 <= D; d0 += 32) pv_group<DT, G, 4>(p, n, voff, vc, D, d0, acc);
+  for (; d0 < D; d0 += 8) pv_group<DT, G, 1>(p, n, voff, vc, D, d0, acc);
 }
 
 // Exact attention of the group's query heads over the n chosen tokens; writes the output rows.
@@ -379,16 +465,21 @@ void attend(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t n, const float
   const int64_t esz = DT == kFloat32 ? 4 : 2;
   const char* kc = static_cast<const char*>(a.k) + h * a.k_sh * esz;
   const char* vc = static_cast<const char*>(a.v) + h * a.v_sh * esz;
-  auto k_row = [&](int64_t t) { return kc + (int64_t(table[t / bs]) * a.k_sb + (t % bs) * a.k_st) * esz; };
-  auto v_row = [&](int64_t t) { return vc + (int64_t(table[t / bs]) * a.v_sb + (t % bs) * a.v_st) * esz; };
   const bool rows_k = a.k_sd == 1, rows_v = a.v_sd == 1;
+  int64_t* koff = w.koff;  // byte offsets of the chosen rows (one division per row, here only)
+  int64_t* voff = w.voff;
+  for (int64_t s = 0; s < n; ++s) {
+    const int64_t t = sel[s], b = table[t / bs], o = t % bs;
+    koff[s] = (b * a.k_sb + o * a.k_st) * esz;
+    voff[s] = (b * a.v_sb + o * a.v_st) * esz;
+  }
   if (rows_k && D % 8 == 0) {  // row-major keys: each chosen row read once for the group, rows prefetched
     for (int64_t s = 0; s < n; ++s) {
       if (s + kPrefetchAhead < n) {
-        prefetch_row(k_row(sel[s + kPrefetchAhead]), D * esz);
-        if (rows_v) prefetch_row(v_row(sel[s + kPrefetchAhead]), D * esz);
+        prefetch_row(kc + koff[s + kPrefetchAhead], D * esz);
+        if (rows_v) prefetch_row(vc + voff[s + kPrefetchAhead], D * esz);
       }
-      const void* kp = k_row(sel[s]);
+      const void* kp = kc + koff[s];
       for (int64_t j0 = 0; j0 < g; j0 += kGroupTile) {
         const float* q0 = qf + j0 * D;
         float* a0 = att + j0 * n + s;
@@ -402,7 +493,7 @@ void attend(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t n, const float
     }
   } else if (rows_k) {
     for (int64_t s = 0; s < n; ++s) {
-      const void* kp = k_row(sel[s]);
+      const void* kp = kc + koff[s];
       for (int64_t j = 0; j < g; ++j) {
         const float* qj = qf + j * D;
         float dot = 0.0f;
@@ -430,8 +521,11 @@ void attend(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t n, const float
   }
   for (int64_t j = 0; j < g; ++j) {
     float* x = att + j * n;
-    float m = -INFINITY;
-    for (int64_t s = 0; s < n; ++s) m = x[s] > m ? x[s] : m;
+    vf mv = splatv(-INFINITY);
+    int64_t s = 0;
+    for (; s + kVW <= n; s += kVW) mv = maxv(ldv<kFloat32>(x, s), mv);
+    float m = hmaxv(mv);
+    for (; s < n; ++s) m = x[s] > m ? x[s] : m;
     float l = 0.0f;
 #pragma omp simd reduction(+ : l)
     for (int64_t s = 0; s < n; ++s) {
@@ -440,18 +534,21 @@ void attend(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t n, const float
     }
     w.denom[j] = l;
   }
-  if (rows_v && D % 8 == 0) {  // per query head and 64-dim chunk: accumulators in registers over the rows
-    for (int64_t j = 0; j < g; ++j) {
-      int64_t d0 = 0;
-      for (; d0 + 64 <= D; d0 += 64)
-        pv_chunk<DT, 8>(att + j * n, n, sel, table, bs, vc, a.v_sb, a.v_st, esz, d0, acc + j * D);
-      for (; d0 < D; d0 += 8)
-        pv_chunk<DT, 1>(att + j * n, n, sel, table, bs, vc, a.v_sb, a.v_st, esz, d0, acc + j * D);
+  if (rows_v && D % 8 == 0) {  // up to 4 query heads at once: each V line read once per tile of heads
+    for (int64_t j0 = 0; j0 < g; j0 += kGroupTile) {
+      const float* p0 = att + j0 * n;
+      float* a0 = acc + j0 * D;
+      switch (g - j0 < kGroupTile ? g - j0 : kGroupTile) {
+        case 1: pv_rows<DT, 1>(p0, n, voff, vc, D, a0); break;
+        case 2: pv_rows<DT, 2>(p0, n, voff, vc, D, a0); break;
+        case 3: pv_rows<DT, 3>(p0, n, voff, vc, D, a0); break;
+        default: pv_rows<DT, 4>(p0, n, voff, vc, D, a0); break;
+      }
     }
   } else {
     for (int64_t i = 0; i < g * D; ++i) acc[i] = 0.0f;
     for (int64_t s = 0; s < n; ++s) {
-      const void* vp = v_row(sel[s]);
+      const void* vp = vc + voff[s];
       for (int64_t j = 0; j < g; ++j) {
         const float p = att[j * n + s];
         float* aj = acc + j * D;
