@@ -276,7 +276,7 @@ PYBIND11_MODULE(_C, m) {
       .TP_PTR(PagedFasaArgs, v).TP_VAL(PagedFasaArgs, v_sb).TP_VAL(PagedFasaArgs, v_sh)
       .TP_VAL(PagedFasaArgs, v_st).TP_VAL(PagedFasaArgs, v_sd)
       .TP_PTR(PagedFasaArgs, fc).TP_VAL(PagedFasaArgs, f_sb).TP_VAL(PagedFasaArgs, f_sh)
-      .TP_VAL(PagedFasaArgs, f_st).TP_VAL(PagedFasaArgs, f_sd)
+      .TP_VAL(PagedFasaArgs, f_st).TP_VAL(PagedFasaArgs, f_sd).TP_VAL(PagedFasaArgs, pack_from)
       .TP_PTR(PagedFasaArgs, fc_dims).TP_PTR(PagedFasaArgs, block_table).TP_VAL(PagedFasaArgs, bt_sr)
       .TP_PTR(PagedFasaArgs, seq_lens).TP_PTR(PagedFasaArgs, out).TP_VAL(PagedFasaArgs, o_sr)
       .TP_VAL(PagedFasaArgs, o_sh).TP_PTR(PagedFasaArgs, selected).TP_VAL(PagedFasaArgs, threads);

@@ -110,7 +110,14 @@ class PackedKeyDims(SideBuffer):
 
     Attributes:
         storage: ``(batch, kv_heads, n_dims, capacity)`` in ``dtype`` (dims-major: each packed
-            dimension is a contiguous row over the tokens), allocated on first append.
+            dimension is a contiguous row over the tokens), allocated on first append. With ``deferred``,
+            slots ``pending_from <= t < length`` may be stale: read through ``packed`` / ``packed_t`` (which
+            call :meth:`flush`) or hand ``pending_from`` to a writer that fills them (the fused FASA kernel:
+            ``PagedFasaDecoder(..., pack_from=pending_from)``, then :meth:`mark_packed`).
+        deferred: ``False`` (default): ``append`` copies the new tokens' dims at once. ``True``: ``append`` only
+            records the range (set by FASA's fused step, whose kernel packs the new tokens as it scores them:
+            one pass less per layer and step).
+        pending_from: first slot not yet packed (``None``: all packed).
         packed: property, the view ``(batch, kv_heads, length, n_dims)`` of the valid slots (token stride 1).
         packed_t: property, the same slots as ``(batch, kv_heads, n_dims, length)`` (unit stride along tokens).
 
@@ -132,7 +139,10 @@ class PackedKeyDims(SideBuffer):
         self.dims = dims.long()
         self.storage: Optional[torch.Tensor] = None
         self.length = 0
+        self.deferred = False
+        self.pending_from: Optional[int] = None
         self._index: Optional[torch.Tensor] = None
+        self._sized_for: Optional[torch.Tensor] = None  # the key buffer `storage` was allocated for
 
     def _check(self, layer: "TokpruneLayer") -> None:
         heads, head_dim = layer.key_buffer.shape[1], layer.key_buffer.shape[3]
@@ -146,6 +156,11 @@ class PackedKeyDims(SideBuffer):
 
     def append(self, layer: "TokpruneLayer", start: int, end: int) -> None:
         kb = layer.key_buffer
+        if self.deferred and kb is self._sized_for:  # decode fast path: record the range only
+            if end > start and (self.pending_from is None or start < self.pending_from):
+                self.pending_from = start
+            self.length = end
+            return
         batch, heads, capacity, _ = kb.shape
         n_dims = self.dims.shape[-1]
         dtype = self.dtype or kb.dtype
@@ -163,14 +178,35 @@ class PackedKeyDims(SideBuffer):
             self.storage = new
             dims = self.dims.to(kb.device)
             self._index = (dims if dims.dim() == 2 else dims.expand(heads, -1))[None, :, None, :]
-        if end > start:
-            src = kb[:, :, start:end]
-            index = self._index.expand(batch, heads, end - start, n_dims)
-            self.storage[..., start:end] = torch.gather(src, 3, index).transpose(2, 3)
+            if self.pending_from is not None and self.pending_from > keep:
+                self.pending_from = keep
+        self._sized_for = kb
+        if self.deferred:
+            if end > start and (self.pending_from is None or start < self.pending_from):
+                self.pending_from = start
+        elif end > start:
+            self._pack(kb, start, end)
         self.length = end
+
+    def _pack(self, kb: torch.Tensor, start: int, end: int) -> None:
+        batch, heads = kb.shape[:2]
+        index = self._index.expand(batch, heads, end - start, self._index.shape[-1])
+        self.storage[..., start:end] = torch.gather(kb[:, :, start:end], 3, index).transpose(2, 3)
+
+    def flush(self) -> None:
+        """Pack the pending slots ``[pending_from, length)`` from the layer's key buffer (torch ops)."""
+        if self.pending_from is not None:
+            if self.pending_from < self.length:
+                self._pack(self._sized_for, self.pending_from, self.length)
+            self.pending_from = None
+
+    def mark_packed(self) -> None:
+        """The pending slots were written by another writer (the fused FASA kernel): none pending now."""
+        self.pending_from = None
 
     def reset(self) -> None:
         self.length = 0
+        self.pending_from = None
 
     def grow(self, capacity: int) -> None:
         """Nothing eager: the next ``append`` reallocates (keeping the valid prefix)."""
@@ -184,9 +220,11 @@ class PackedKeyDims(SideBuffer):
 
     @property
     def packed_t(self) -> torch.Tensor:
-        """``(batch, kv_heads, n_dims, length)`` view of the packed keys (contiguous along the tokens)."""
+        """``(batch, kv_heads, n_dims, length)`` view of the packed keys (contiguous along the tokens); packs the
+        pending slots first (``deferred``)."""
         if self.storage is None:
             raise RuntimeError("PackedKeyDims: nothing appended yet")
+        self.flush()
         return self.storage[..., : self.length]
 
 
@@ -954,10 +992,10 @@ def cache_layer_for(key: torch.Tensor, layer_idx: int) -> Optional[TokpruneLayer
     """The :class:`TokpruneLayer` whose ``keys`` view is ``key`` (as received by an attention function), or
     ``None`` when ``key`` does not come from a TokpruneCache. Reads no tensor data (identity, then data
     pointer and shape of the view): no device synchronisation."""
-    candidates = []
     last = _LAST() if _LAST is not None else None
-    if last is not None:
-        candidates.append(last)
+    if last is not None and 0 <= layer_idx < len(last.layers) and last.layers[layer_idx]._k_view is key:
+        return last.layers[layer_idx]  # the decode step's common case: the newest cache, the view it handed out
+    candidates = [] if last is None else [last]
     candidates.extend(c for c in list(_LIVE) if c is not last)
     for cache in candidates:
         if not 0 <= layer_idx < len(cache.layers):

@@ -348,10 +348,12 @@ class PagedFasaHostCall:
         self._local = threading.local()
 
     def __call__(self, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor,
-                 selected: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 selected: Optional[torch.Tensor] = None, pack_from: Optional[int] = None) -> torch.Tensor:
         """Launch on ``q (R, Hq, head_dim)``, ``block_table (R, max_blocks)`` and ``seq_lens (R,)`` (int32 with a
         contiguous last dimension is used as is; anything else is converted); writes ``out (R, Hq, head_dim)``
-        (last dim contiguous) and, if given, ``selected (R, Hkv, budget)`` int32; returns ``out``."""
+        (last dim contiguous) and, if given, ``selected (R, Hkv, budget)`` int32; returns ``out``.
+        ``pack_from`` (int >= 0): each unit first writes its FC keys ``fc_cache[t] = k_cache[t, fc_dims]`` for
+        the tokens ``pack_from <= t < seq_len`` (the FC side cache kept in step by the kernel itself)."""
         a = getattr(self._local, "args", None)
         if a is None:
             a = self._local.args = _args("PagedFasaArgs", **self._fields)
@@ -366,6 +368,7 @@ class PagedFasaHostCall:
         a.seq_lens = seq_lens.data_ptr()
         a.out, a.o_sr, a.o_sh = out.data_ptr(), out.stride(0), out.stride(1)
         a.selected = 0 if selected is None else selected.data_ptr()
+        a.pack_from = -1 if pack_from is None else pack_from
         self._run(a, False, 0, False)
         return out
 

@@ -336,9 +336,12 @@ class FASA(KVPolicy):
                                          vote_scale=head_dim ** -0.5, num_threads=threads)
             table = torch.arange(batch, dtype=torch.int32).view(batch, 1)
             bound = layer.bound_calls[self._side_name] = (key, decoder, table, torch.empty(batch, dtype=torch.int32))
+            side.deferred = True  # from now on the kernel packs the FC keys of appended tokens as it scores
         _, decoder, table, seq_lens = bound
         seq_lens.fill_(ctx.n_tokens)
-        return decoder(ctx.query[:, :, 0], table, seq_lens).view(batch, heads, 1, head_dim)
+        out = decoder(ctx.query[:, :, 0], table, seq_lens, pack_from=side.pending_from)
+        side.mark_packed()
+        return out.view(batch, heads, 1, head_dim)
 
     def memory_report(self, cache, heads: Optional[int] = None) -> Dict[str, Any]:
         """Resident bytes and bytes read per decode step, per memory tier, from ``cache``'s buffers.
@@ -465,6 +468,7 @@ def _group_softmax_vote(query: torch.Tensor, packed_t: torch.Tensor, dims: torch
     return torch.matmul(inv_z.transpose(-1, -2), e).view(batch, kv_heads, -1)
 
 
+@functools.lru_cache(maxsize=1)
 @functools.lru_cache(maxsize=1)
 def _fused_fasa_available() -> bool:
     """Whether this install has the fused FASA host kernel (decided once: the decode step asks every layer)."""

@@ -942,10 +942,15 @@ class PagedFasaDecoder:
         self._block_size, self._num_blocks = block_size, num_blocks
 
     def __call__(self, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
-                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 out: Optional[torch.Tensor] = None, pack_from: Optional[int] = None) -> torch.Tensor:
         """``out (R, Hq, head_dim)``: :func:`paged_fasa_decode` of ``q (R, Hq, head_dim)`` (the bound dtype) with
         ``block_table (R, max_blocks)`` and ``seq_lens (R,)`` int32 (int64 is converted, at a cost), ``out``:
-        optional, the bound output dtype, written in place."""
+        optional, the bound output dtype, written in place.
+
+        ``pack_from`` (int >= 0, optional): first write the FC side cache from the key cache for every row's
+        tokens ``pack_from <= t < seq_lens[r]`` (``fc_cache[t, i] = k_cache[t, fc_dims[h, i]]``, rounded to the
+        FC dtype), then score: a decode loop whose FC side cache lags the key cache (tokprune's KV cache defers
+        the FC copy of appended tokens to this call) keeps it in step without a separate pass."""
         if q.dim() != 3 or q.shape[1] != self.heads or q.shape[2] != self.head_dim or q.dtype != self.dtype:
             raise ValueError(f"q must be (R, Hq={self.heads}, head_dim={self.head_dim}) {self.dtype}, got "
                              f"{tuple(q.shape)} {q.dtype}")
@@ -958,9 +963,11 @@ class PagedFasaDecoder:
         elif out.shape != q.shape or out.dtype != self.out_dtype or (out.shape[2] > 1 and out.stride(2) != 1):
             raise ValueError(f"out must be (R, Hq, head_dim) = {tuple(q.shape)} {self.out_dtype} with a contiguous "
                              f"last dimension, got {tuple(out.shape)} {out.dtype}")
+        if pack_from is not None and (isinstance(pack_from, bool) or not isinstance(pack_from, int) or pack_from < 0):
+            raise ValueError(f"pack_from must be None or an int >= 0, got {pack_from!r}")
         if debug_checks():  # the value checks of paged_fasa_decode
             _check_table(block_table, seq_lens, rows, q.device, self._block_size, self._num_blocks)
-        return self._call(q, block_table, seq_lens, out)
+        return self._call(q, block_table, seq_lens, out, pack_from=pack_from)
 
 
 def paged_fasa_decoder(k_cache: torch.Tensor, v_cache: torch.Tensor, fc_cache: torch.Tensor, fc_dims: torch.Tensor,
@@ -1001,10 +1008,39 @@ def paged_fasa_decoder(k_cache: torch.Tensor, v_cache: torch.Tensor, fc_cache: t
         call = PagedFasaHostCall(k_cache, v_cache, fc_cache, fc_dims, heads, out_dtype, budget, sink, window, scale,
                                  vote_scale, threads)
     else:
-        def call(q, block_table, seq_lens, out):
+        def call(q, block_table, seq_lens, out, pack_from):
+            if pack_from is not None:
+                pack_paged_fc_keys(k_cache, fc_cache, fc_dims, block_table, seq_lens, pack_from)
             return paged_fasa_decode(q, k_cache, v_cache, fc_cache, fc_dims, block_table, seq_lens, budget, sink,
                                      window, scale, vote_scale=vote_scale, out=out, backend="torch")
     return PagedFasaDecoder(call, heads, head_dim, k_cache.dtype, out_dtype, k_cache.shape[2], k_cache.shape[0])
+
+
+def pack_paged_fc_keys(k_cache: torch.Tensor, fc_cache: torch.Tensor, fc_dims: torch.Tensor, block_table: torch.Tensor,
+                       seq_lens: torch.Tensor, pack_from: int) -> None:
+    """Write the FC side cache from the key cache for the logical tokens ``pack_from <= t < seq_lens[r]`` of every
+    row ``r``: ``fc_cache[blk, h, t % bs, i] = k_cache[blk, h, t % bs, fc_dims[h, i]]`` with
+    ``blk = block_table[r, t // bs]`` (rounded to ``fc_cache``'s dtype). Torch ops (the host kernel does this
+    inside :class:`PagedFasaDecoder`'s call); finds the rows' tokens with one host synchronisation.
+
+    Args:
+        k_cache: ``(num_blocks, Hkv, block_size, D)``; fc_cache: ``(num_blocks, Hkv, block_size, nd)`` (written).
+        fc_dims: ``(Hkv, nd)`` int head-dim indices; block_table: ``(R, max_blocks)`` int; seq_lens: ``(R,)`` int.
+        pack_from: first logical token to write (int >= 0).
+    """
+    bs = k_cache.shape[2]
+    n_pos = block_table.shape[1] * bs
+    if pack_from >= n_pos or block_table.shape[0] == 0:
+        return
+    pos = torch.arange(pack_from, n_pos, device=k_cache.device)
+    rows, cols = (pos[None, :] < seq_lens.long()[:, None]).nonzero(as_tuple=True)  # only the rows' own tokens
+    t = pos[cols]
+    b = block_table.long()[rows, t // bs][:, None, None]  # (n, 1, 1)
+    s = (t % bs)[:, None, None]
+    dims = fc_dims.long().to(k_cache.device)  # (Hkv, nd)
+    h = torch.arange(k_cache.shape[1], device=k_cache.device)[None, :, None]  # (1, Hkv, 1)
+    i = torch.arange(dims.shape[1], device=k_cache.device)[None, None, :]  # (1, 1, nd)
+    fc_cache[b, h, s, i] = k_cache[b, h, s, dims[None]].to(fc_cache.dtype)
 
 
 def default_fc_dtype(cache_dtype: torch.dtype) -> torch.dtype:

@@ -573,10 +573,25 @@ void attend(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t n, const float
   }
 }
 
+// fc[t, i] = k[t, fc_dims[h, i]] (rounded to the FC dtype) for the tokens pack_from <= t < L of unit (r, h).
+template <int DT, int FT>
+void pack_fc(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t L) {
+  const int64_t bs = a.block_size, nd = a.nd;
+  const int32_t* table = a.block_table + r * a.bt_sr;
+  const int32_t* dims = a.fc_dims + h * nd;
+  for (int64_t t = a.pack_from; t < L; ++t) {
+    const int64_t b = table[t / bs], o = t % bs;
+    const int64_t krow = b * a.k_sb + h * a.k_sh + o * a.k_st, frow = b * a.f_sb + h * a.f_sh + o * a.f_st;
+    for (int64_t i = 0; i < nd; ++i)
+      store_from_float<FT>(a.fc, frow + i * a.f_sd, load_as_float<DT>(a.k, krow + dims[i] * a.k_sd));
+  }
+}
+
 template <int DT, int FT>
 void unit_impl(const PagedFasaArgs& a, int64_t unit, Scratch& w) {
   const int64_t r = unit / a.Hkv, h = unit % a.Hkv, g = a.H / a.Hkv, D = a.D;
   const int64_t L = a.seq_lens[r] > 0 ? a.seq_lens[r] : 0;
+  if (a.pack_from >= 0) pack_fc<DT, FT>(a, r, h, L);
   float* qf = w.qf;
   for (int64_t j = 0; j < g; ++j)
     for (int64_t d = 0; d < D; ++d) qf[j * D + d] = ld<DT>(a.q, r * a.q_sr + (h * g + j) * a.q_sh + d);
