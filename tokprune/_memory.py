@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 HUGE_PAGE = 2 << 20
-MIN_BYTES = 2 * HUGE_PAGE  # smaller buffers: the ordinary allocator (a huge page would be mostly unused)
+MIN_BYTES = HUGE_PAGE  # smaller buffers: the ordinary allocator (a huge page would be mostly unused)
 _THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 _thp_mode = None
 
