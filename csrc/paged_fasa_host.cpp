@@ -24,11 +24,13 @@
 namespace tokprune {
 namespace {
 
+constexpr int64_t kVoteChunk = 512;  // tokens per chunk of the vote's softmax (paged_fasa_body.h)
+
 // Per-thread scratch, carved for the call's longest request out of one grow-only block per thread (kept
 // between calls on the same thread: no allocation and no zero-fill per step on the decode path).
 class Scratch {
  public:
-  float *qf, *qfc, *lg, *att, *acc, *denom;
+  float *qf, *qfc, *lg, *att, *acc, *denom, *chunk;
   uint32_t *key, *gmax;  // per token; per token group (the selection's lower bound)
   int32_t *cand, *cand2, *sel;  // candidates (two lists); sel: room for one entry more than chosen
   int64_t *koff, *voff;          // byte offsets of the chosen K / V rows
@@ -37,7 +39,7 @@ class Scratch {
     const int64_t g = a.H / a.Hkv, n = std::max<int64_t>(std::min(a.budget, max_len), 1) + 1;
     const int64_t L = max_len > a.budget ? max_len + 1 : 0;  // the vote runs only past the budget
     const int64_t words[] = {g * a.D, g * std::max<int64_t>(a.nd, 1), g * L, g * n, g * a.D, g, L, L, L, L, n,
-                             2 * n, 2 * n};
+                             2 * n, 2 * n, 2 * g * ((L + kVoteChunk - 1) / kVoteChunk) + g};
     constexpr int kParts = sizeof words / sizeof words[0];
     size_t offset[kParts], total = 0;
     for (int i = 0; i < kParts; ++i) offset[i] = total, total += (size_t(words[i]) * 4 + 63) / 64 * 64;
@@ -51,6 +53,7 @@ class Scratch {
     sel = reinterpret_cast<int32_t*>(base + offset[10]);
     koff = reinterpret_cast<int64_t*>(base + offset[11]);
     voff = reinterpret_cast<int64_t*>(base + offset[12]);
+    chunk = reinterpret_cast<float*>(base + offset[13]);
   }
 
  private:

@@ -120,9 +120,10 @@ inline void prefetch_row(const void* p, int64_t bytes) {
 // Logits of G (<= kGroupTile) query heads over n tokens of one dims-major FC block ([nd, block_size], token
 // axis unit stride): out[j * ld_out + t] = sum_i qfc[j * nd + i] * fc[i, t] (summed in i order), running maxima
 // in mx[j]. Each FC value is loaded once for the G heads.
+// Rows are prefetched up to token n_stream (>= n: the FC rows go on past this range).
 template <int FT, int G>
 void fc_block_dims_major(const void* base, int64_t f_sd, int64_t nd, const float* qfc, int64_t n, float* out,
-                         int64_t ld_out, float* mx) {
+                         int64_t ld_out, float* mx, int64_t n_stream) {
   constexpr int64_t esz = FT == kFloat32 ? 4 : 2;
   vf m[G];
   for (int j = 0; j < G; ++j) m[j] = splatv(-INFINITY);
@@ -131,7 +132,7 @@ void fc_block_dims_major(const void* base, int64_t f_sd, int64_t nd, const float
     vf a0[G], a1[G];
     for (int j = 0; j < G; ++j) a0[j] = a1[j] = vf{};
     for (int64_t i = 0; i < nd; ++i) {
-      if (t + kFcPrefetchAhead < n)  // 16 rows stream at once: the hardware prefetcher alone falls behind
+      if (t + kFcPrefetchAhead < n_stream)  // 16 rows stream at once: the hardware prefetcher alone falls behind
         __builtin_prefetch(static_cast<const char*>(base) + (i * f_sd + t + kFcPrefetchAhead) * esz);
       const vf x0 = ldv<FT>(base, i * f_sd + t), x1 = ldv<FT>(base, i * f_sd + t + kVW);
       for (int j = 0; j < G; ++j) {
@@ -186,10 +187,10 @@ void fc_logits(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t L, const fl
         const float* q0 = qfc + j0 * nd;
         float* o0 = lg + j0 * L + t0;
         switch (g - j0 < kGroupTile ? g - j0 : kGroupTile) {
-          case 1: fc_block_dims_major<FT, 1>(base, a.f_sd, nd, q0, n, o0, L, mx + j0); break;
-          case 2: fc_block_dims_major<FT, 2>(base, a.f_sd, nd, q0, n, o0, L, mx + j0); break;
-          case 3: fc_block_dims_major<FT, 3>(base, a.f_sd, nd, q0, n, o0, L, mx + j0); break;
-          default: fc_block_dims_major<FT, 4>(base, a.f_sd, nd, q0, n, o0, L, mx + j0); break;
+          case 1: fc_block_dims_major<FT, 1>(base, a.f_sd, nd, q0, n, o0, L, mx + j0, n); break;
+          case 2: fc_block_dims_major<FT, 2>(base, a.f_sd, nd, q0, n, o0, L, mx + j0, n); break;
+          case 3: fc_block_dims_major<FT, 3>(base, a.f_sd, nd, q0, n, o0, L, mx + j0, n); break;
+          default: fc_block_dims_major<FT, 4>(base, a.f_sd, nd, q0, n, o0, L, mx + j0, n); break;
         }
       }
     } else {  // token-major ([block_size, nd]) or any strides: one dot product per token
@@ -209,6 +210,83 @@ void fc_logits(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t L, const fl
         }
       }
     }
+  }
+}
+
+// The vote's softmax per query head in chunks of kChunk tokens: lg[j * L + t] becomes exp(logit - chunk max) and
+// fac[j * chunks + c] = exp(chunk max - max) / sum_t exp(logit - max), so that softmax_j[t] = lg[j*L+t] * fac[j, c].
+// On a dims-major FC cache whose block holds the whole sequence (tokprune's KV cache) each chunk's exps follow
+// its logits at once, while the chunk is in L1 and the FC stream's prefetches are in flight (the exps cost no
+// pass of their own); other layouts score all tokens first, then take the same per-chunk exps.
+constexpr int64_t kChunk = kVoteChunk;  // defined by the includer (it sizes the scratch)
+inline int64_t num_chunks(int64_t L) { return (L + kChunk - 1) / kChunk; }
+
+inline void exp_chunk(float* lg, int64_t L, int64_t g, int64_t c0, int64_t n, const float* cmax, float* cm, float* cs,
+                      int64_t nch) {
+  const int64_t c = c0 / kChunk;
+  for (int64_t j = 0; j < g; ++j) {
+    float* x = lg + j * L + c0;
+    const float m = cmax[j];
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t t = 0; t < n; ++t) {
+      x[t] = exp_le0(x[t] - m);
+      s += x[t];
+    }
+    cm[j * nch + c] = m, cs[j * nch + c] = s;
+  }
+}
+
+template <int FT>
+void chunked_softmax(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t L, const float* qfc, float* lg, float* fac,
+                     float* cs) {
+  const int64_t g = a.H / a.Hkv, nd = a.nd, nch = num_chunks(L);
+  float* cm = fac;             // chunk maxima, turned into factors at the end
+  float* cmax = cs + g * nch;  // per head: the current chunk's maximum (scratch after cs)
+  if (a.f_st == 1 && a.block_size >= L && L > 0) {  // one dims-major block: exps chunk by chunk behind the FC stream
+    const int64_t esz = FT == kFloat32 ? 4 : 2;
+    const char* base = static_cast<const char*>(a.fc) + (int64_t(a.block_table[r * a.bt_sr]) * a.f_sb + h * a.f_sh) * esz;
+    for (int64_t c0 = 0; c0 < L; c0 += kChunk) {
+      const int64_t n = L - c0 < kChunk ? L - c0 : kChunk;
+      for (int64_t j0 = 0; j0 < g; j0 += kGroupTile) {
+        const float* q0 = qfc + j0 * nd;
+        float* o0 = lg + j0 * L + c0;
+        const void* b0 = base + c0 * esz;
+        for (int64_t j = j0; j < g && j < j0 + kGroupTile; ++j) cmax[j] = -INFINITY;
+        switch (g - j0 < kGroupTile ? g - j0 : kGroupTile) {
+          case 1: fc_block_dims_major<FT, 1>(b0, a.f_sd, nd, q0, n, o0, L, cmax + j0, L - c0); break;
+          case 2: fc_block_dims_major<FT, 2>(b0, a.f_sd, nd, q0, n, o0, L, cmax + j0, L - c0); break;
+          case 3: fc_block_dims_major<FT, 3>(b0, a.f_sd, nd, q0, n, o0, L, cmax + j0, L - c0); break;
+          default: fc_block_dims_major<FT, 4>(b0, a.f_sd, nd, q0, n, o0, L, cmax + j0, L - c0); break;
+        }
+      }
+      exp_chunk(lg, L, g, c0, n, cmax, cm, cs, nch);
+    }
+  } else {
+    fc_logits<FT>(a, r, h, L, qfc, lg, cmax);
+    for (int64_t c0 = 0; c0 < L; c0 += kChunk) {
+      const int64_t n = L - c0 < kChunk ? L - c0 : kChunk;
+      for (int64_t j = 0; j < g; ++j) {
+        const float* x = lg + j * L + c0;
+        vf mv = splatv(-INFINITY);
+        int64_t t = 0;
+        for (; t + kVW <= n; t += kVW) mv = maxv(ldv<kFloat32>(x, t), mv);
+        float m = hmaxv(mv);
+        for (; t < n; ++t) m = x[t] > m ? x[t] : m;
+        cmax[j] = m;
+      }
+      exp_chunk(lg, L, g, c0, n, cmax, cm, cs, nch);
+    }
+  }
+  for (int64_t j = 0; j < g; ++j) {  // factors: exp(chunk max - max) / normaliser
+    float* f = cm + j * nch;
+    const float* sj = cs + j * nch;
+    float m = -INFINITY;
+    for (int64_t c = 0; c < nch; ++c) m = f[c] > m ? f[c] : m;
+    float z = 0.0f;
+    for (int64_t c = 0; c < nch; ++c) f[c] = expf(f[c] - m), z += sj[c] * f[c];
+    const float iz = 1.0f / z;
+    for (int64_t c = 0; c < nch; ++c) f[c] *= iz;
   }
 }
 
@@ -344,19 +422,8 @@ int64_t choose(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t L, const fl
   for (int64_t j = 0; j < g; ++j)
     for (int64_t i = 0; i < nd; ++i) qfc[j * nd + i] = qf[j * a.D + dims[i]] * a.vote_scale;
   float* lg = w.lg;
-  float* inv = w.denom;  // per head: 1 / softmax normaliser
-  fc_logits<FT>(a, r, h, L, qfc, lg, inv);
-  for (int64_t j = 0; j < g; ++j) {  // exp(logit - max) in place, and the normaliser
-    float* x = lg + j * L;
-    const float m = inv[j];
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t t = 0; t < L; ++t) {
-      x[t] = exp_le0(x[t] - m);
-      s += x[t];
-    }
-    inv[j] = 1.0f / s;
-  }
+  float* fac = w.chunk;  // [g][chunks]: exp(chunk max - max) / normaliser, the softmax factor of a chunk's exps
+  chunked_softmax<FT>(a, r, h, L, qfc, lg, fac, w.chunk + g * num_chunks(L));
   // Forced: the first `sink` and the last `window` tokens; the rest [lo, hi) competes for `need` places.
   const int64_t sink = a.sink < budget ? a.sink : budget;
   const int64_t window = a.window < budget - sink ? a.window : budget - sink;
@@ -370,13 +437,24 @@ int64_t choose(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t L, const fl
     span = span < 1 ? 1 : span > 16 ? 16 : span;
     uint32_t* key = w.key;
     uint32_t* gmax = w.gmax;
+    const int64_t nch = num_chunks(L);
+    auto vote = [&](int64_t t) {  // sum_j softmax_j[t]
+      const int64_t c = t / kChunk;
+      float v = lg[t] * fac[c];
+      for (int64_t j = 1; j < g; ++j) v += lg[j * L + t] * fac[j * nch + c];
+      return v;
+    };
     int64_t ng = 0, t = lo;
-    for (; t + kVW * span <= hi; t += kVW * span) {
+    for (; t < hi && t % kVW != 0; ++t) {  // up to the first whole vector: one group per token
+      key[t] = order_key_flat(vote(t));
+      gmax[ng++] = key[t];
+    }
+    for (; t + kVW * span <= hi; t += kVW * span) {  // vectors never straddle a chunk (kVW divides kChunk)
       vu gm = vu{};
       for (int64_t i = 0; i < span; ++i) {
-        const int64_t u = t + i * kVW;
-        vf v = ldv<kFloat32>(lg, u) * splatv(inv[0]);
-        for (int64_t j = 1; j < g; ++j) v += ldv<kFloat32>(lg + j * L, u) * splatv(inv[j]);
+        const int64_t u = t + i * kVW, c = u / kChunk;
+        vf v = ldv<kFloat32>(lg, u) * splatv(fac[c]);
+        for (int64_t j = 1; j < g; ++j) v += ldv<kFloat32>(lg + j * L, u) * splatv(fac[j * nch + c]);
         const vu k = order_keys(v);
         __builtin_memcpy(key + u, &k, sizeof k);
         gm = gm > k ? gm : k;
@@ -385,9 +463,7 @@ int64_t choose(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t L, const fl
       ng += kVW;
     }
     for (; t < hi; ++t) {  // the tail: one group per token
-      float v = lg[t] * inv[0];
-      for (int64_t j = 1; j < g; ++j) v += lg[j * L + t] * inv[j];
-      key[t] = order_key_flat(v);
+      key[t] = order_key_flat(vote(t));
       gmax[ng++] = key[t];
     }
     uint32_t kmin, kmax, group_need = need;
