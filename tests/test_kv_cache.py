@@ -421,3 +421,56 @@ def test_beam_search_and_sampling_match_dynamic_cache():
     with use_tokprune_cache(model):
         out = model.generate(ids, max_new_tokens=6, do_sample=True, top_k=20, pad_token_id=0)
     assert torch.equal(out, ref)
+
+
+def test_packed_key_dims_deferred_records_the_range_and_packs_on_read():
+    """``PackedKeyDims.deferred``: appends record the first unpacked slot instead of copying (a writer such as the
+    fused FASA kernel fills it, then ``mark_packed``); ``packed_t`` packs what is pending first, so every reader
+    sees the keys' dims; growth and reset keep the bookkeeping right."""
+    from tokprune.hf.kv_cache import PackedKeyDims, TokpruneLayer
+
+    torch.manual_seed(0)
+    dims = torch.tensor([[1, 5, 7], [0, 2, 3]])
+    layer = TokpruneLayer(capacity=64, layer_idx=0)
+    side = layer.add_side("fc", PackedKeyDims(dims, dtype=torch.bfloat16))
+    k, v = torch.randn(2, 2, 200, 8), torch.randn(2, 2, 200, 8)
+
+    def reference(n):
+        return torch.gather(k[:, :, :n], 3, dims[None, :, None, :].expand(2, 2, n, 3)).transpose(2, 3).bfloat16()
+
+    layer.update(k[:, :, :40], v[:, :, :40])
+    assert side.pending_from is None and torch.equal(side.packed_t, reference(40))
+    side.deferred = True
+    for t in range(40, 45):  # decode appends within the capacity: ranges recorded only
+        layer.update(k[:, :, t:t + 1], v[:, :, t:t + 1])
+    assert side.pending_from == 40 and side.length == 45
+    assert torch.equal(side.storage[..., :40], reference(40))
+    assert torch.equal(side.packed_t, reference(45)) and side.pending_from is None  # packed on read
+    layer.update(k[:, :, 45:46], v[:, :, 45:46])
+    side.storage[..., 45] = reference(46)[..., 45]  # another writer filled slot 45
+    side.mark_packed()
+    assert side.pending_from is None and torch.equal(side.packed_t, reference(46))
+    layer.update(k[:, :, 46:150], v[:, :, 46:150])  # past the capacity: buffers reallocated, the range kept pending
+    assert side.pending_from == 46 and torch.equal(side.packed_t, reference(150))
+    layer.update(k[:, :, 150:151], v[:, :, 150:151])
+    side.reset()
+    assert side.pending_from is None and side.length == 0
+
+
+def test_huge_page_zeros_are_zero_aligned_and_writable(monkeypatch):
+    """tokprune._memory.zeros: a zero tensor of the asked shape and dtype; large CPU buffers 2 MiB-aligned where
+    transparent huge pages can be asked for (``TOKPRUNE_HUGE_PAGES=0``: the ordinary allocator)."""
+    from tokprune import _memory
+
+    small = _memory.zeros((3, 5), torch.bfloat16, "cpu")
+    assert small.shape == (3, 5) and small.dtype == torch.bfloat16 and not small.any()
+    big = _memory.zeros((2, 3, 1000, 200), torch.float32, "cpu")
+    assert big.shape == (2, 3, 1000, 200) and big.is_contiguous() and not big.any()
+    big += 1  # writable, and freed with the tensor
+    assert float(big.sum()) == big.numel()
+    if _memory.huge_pages_available():
+        assert big.data_ptr() % _memory.HUGE_PAGE == 0
+    monkeypatch.setenv("TOKPRUNE_HUGE_PAGES", "0")
+    assert not _memory.huge_pages_available()
+    plain = _memory.zeros((2, 3, 1000, 200), torch.float32, "cpu")
+    assert not plain.any() and plain.untyped_storage().nbytes() == plain.numel() * 4

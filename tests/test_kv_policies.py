@@ -171,6 +171,12 @@ def test_fasa_fused_decoder_follows_cache_growth_and_bf16_scores():
             got = fused.attend_decode(ctx)
             side = layer.side[fused._side_name]
             assert side.storage.dtype == score_dtype
+            # the kernel packed the appended token's FC keys (deferred side buffer): as the torch packing does
+            assert side.deferred and side.pending_from is None
+            by_kernel = side.storage[..., :side.length].clone()
+            side.pending_from = 0
+            side.flush()
+            assert torch.equal(side.storage[..., :side.length], by_kernel), t
             assert_close(got, plain.attend_decode(ctx), atol=1e-5, rtol=1e-5, name=f"t={t} {score_dtype}")
             decoders.append(layer.bound_calls[fused._side_name][1])
             buffers.append(layer.key_buffer.data_ptr())

@@ -306,3 +306,67 @@ def test_decoder_called_from_two_threads_at_once_gives_each_its_own_result():
         t.join()
     for i in range(2):
         assert all(torch.equal(g, want[i]) for g in got[i]), i
+
+
+def hf_style_case(lens, capacity, heads, kv_heads, head_dim, nd, fc_dtype, seed):
+    """tokprune's contiguous cache as a paged one: one block per row (``block_size = capacity``), the FC side
+    cache dims-major ``(rows, Hkv, nd, capacity)`` handed over as its token-unit-stride transpose."""
+    torch.manual_seed(seed)
+    rows = len(lens)
+    k, v = torch.randn(rows, kv_heads, capacity, head_dim), torch.randn(rows, kv_heads, capacity, head_dim)
+    dims = torch.stack([torch.randperm(head_dim)[:nd] for _ in range(kv_heads)])
+    storage = torch.gather(k, 3, dims[None, :, None, :].expand(rows, -1, capacity, -1)).to(fc_dtype)
+    storage = storage.transpose(2, 3).contiguous()  # (rows, Hkv, nd, capacity)
+    q = torch.randn(rows, heads, head_dim) * 2
+    table = torch.arange(rows, dtype=torch.int32).view(rows, 1)
+    return q, k, v, storage, dims, table, torch.tensor(lens, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("clustered", [False, True])
+def test_one_dims_major_block_over_many_vote_chunks(backend, clustered):
+    """tokprune's KV cache layout (the fused kernel takes each 512-token chunk's softmax right behind its FC
+    logits): long ragged rows over several chunks choose what the oracle chooses. ``clustered``: the largest
+    votes sit in one run of neighbouring tokens (the selection's group-maximum bound is loosest there)."""
+    lens, cap, budget, sink, window = [1500, 2100, 700], 2176, 64, 4, 16
+    q, k, v, storage, dims, table, seq = hf_style_case(lens, cap, 6, 2, 32, 8, torch.float32, seed=11)
+    if clustered:  # tokens 1000..1099 of every row and head: FC keys along the group's queries
+        for h in range(2):
+            direction = q[:, 3 * h:3 * h + 3][:, :, dims[h]].sum(1)  # (rows, nd)
+            storage[:, h, :, 1000:1100] = 20 * direction[:, :, None] / direction.norm(dim=1)[:, None, None]
+            k[:, h, 1000:1100, dims[h]] = storage[:, h, :, 1000:1100].transpose(1, 2)
+    fc = storage.transpose(2, 3)
+    out, sel = paged_fasa_decode(q, k, v, fc, dims, table, seq, budget, sink, window, 0.2, return_selected=True,
+                                 backend=backend)
+    want, votes, chosen = oracle(q, k, v, fc, dims, table, seq, budget, sink, window, 0.2, 32 ** -0.5)
+    check_choice(sel, votes, chosen, seq, budget, sink, window, tol=1e-5)
+    if clustered:
+        for r, L in enumerate(lens):
+            if L > 1100:  # every free place goes to the cluster
+                assert all(1000 <= t < 1100 or t < sink or t >= L - window for t in sel[r, 0].tolist()), r
+    assert_close(out, attend_over(q, k, v, table, sel, 0.2), atol=2e-5, rtol=1e-4, name=f"out[{backend}]")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fc_dtype", [torch.float32, torch.bfloat16])
+def test_decoder_packs_the_fc_keys_of_new_tokens(backend, fc_dtype):
+    """``pack_from``: the call first writes ``fc[t] = k[t, fc_dims]`` (rounded to the FC dtype) for every row's
+    tokens ``pack_from <= t < seq_len``, then scores: the same output as a call on a correctly packed side cache,
+    the side cache then equal to it there and untouched past each row's length; a bad value is refused."""
+    from tokprune.ops.paged import paged_fasa_decoder
+
+    lens, cap = [900, 1200, 650], 1280
+    q, k, v, storage, dims, table, seq = hf_style_case(lens, cap, 6, 2, 32, 8, fc_dtype, seed=12)
+    reference = storage.clone()
+    want = paged_fasa_decoder(k, v, reference.transpose(2, 3), dims, 48, 4, 8, 0.2, heads=6,
+                              backend=backend)(q, table, seq)
+    storage[..., 600:] = 1e4  # stale: the keys of tokens 600.. were appended but not packed
+    decoder = paged_fasa_decoder(k, v, storage.transpose(2, 3), dims, 48, 4, 8, 0.2, heads=6, backend=backend)
+    assert torch.equal(decoder(q, table, seq, pack_from=600), want)
+    for r, L in enumerate(lens):
+        assert torch.equal(storage[r, :, :, :L], reference[r, :, :, :L]), r
+        assert bool((storage[r, :, :, L:] == 1e4).all()), r
+    with pytest.raises(ValueError, match="pack_from"):
+        decoder(q, table, seq, pack_from=-1)
+    with pytest.raises(ValueError, match="pack_from"):
+        decoder(q, table, seq, pack_from=1.5)

@@ -678,6 +678,8 @@ class TokpruneLayer(CacheLayerMixin):
         if self._side_dirty:
             self._rebuild_side()
         packed = self.side.pop(own_side, None) if own_side is not None else None
+        if isinstance(packed, PackedKeyDims):
+            packed.flush()  # a deferred copy: its pending slots first
         store = SplitKeyStore.from_buffers(self.key_buffer, self.value_buffer, dims, self.length, tier=tier)
         if isinstance(packed, PackedKeyDims) and packed.storage is not None and packed.length == self.length \
                 and packed.storage.shape == store.storage.shape \
