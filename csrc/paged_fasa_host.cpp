@@ -97,6 +97,7 @@ namespace {
 #pragma GCC target("avx2,fma")
 #define TP_FASA_NS fasa_avx2
 #define TP_FASA_VW 8
+#define TP_FASA_X86 1  // x86 intrinsics of the pragma's ISA may be used
 #include "tokprune/paged_fasa_body.h"
 #undef TP_FASA_NS
 #undef TP_FASA_VW
@@ -108,6 +109,7 @@ namespace {
 #include "tokprune/paged_fasa_body.h"
 #undef TP_FASA_NS
 #undef TP_FASA_VW
+#undef TP_FASA_X86
 #pragma GCC pop_options
 #endif
 #pragma GCC diagnostic pop

@@ -96,6 +96,7 @@ py::dict build_info() {
   // The codes compiled into this binary (from codes.h); tests compare them with tokprune/_codes.py.
   py::dict codes, dtypes, rules;
   dtypes["float32"] = int(kFloat32), dtypes["float16"] = int(kFloat16), dtypes["bfloat16"] = int(kBFloat16);
+  dtypes["int8"] = int(kInt8);
   rules["specinfer"] = int(kSpecInfer), rules["rsd"] = int(kRSD), rules["target_only"] = int(kTargetOnly);
   codes["dtypes"] = dtypes, codes["rules"] = rules, codes["attn_max_head_dim"] = int(kAttnMaxHeadDim);
   d["codes"] = codes;
@@ -190,7 +191,9 @@ void paged_fasa(const PagedFasaArgs& a, bool on_cuda, uint64_t stream, bool sync
   const char* op = "paged_fasa_decode";
   require(!on_cuda, std::string(op) + ": host (CPU) kernel only; CUDA tensors are not supported");
   check_dtype(a.dtype, op);
-  check_dtype(a.fc_dtype, op);
+  require(a.fc_dtype == kInt8 || a.fc_dtype == kFloat32 || a.fc_dtype == kFloat16 || a.fc_dtype == kBFloat16,
+          std::string(op) + ": fc_dtype code " + std::to_string(a.fc_dtype) + " is not a float code or " +
+              std::to_string(kInt8) + " (int8)");
   check_dtype(a.out_dtype, op);
   require(a.R >= 0 && a.H >= 1 && a.Hkv >= 1 && a.H % a.Hkv == 0,
           std::string(op) + ": expected R >= 0 and H a positive multiple of Hkv, got H=" + std::to_string(a.H) +
@@ -201,6 +204,7 @@ void paged_fasa(const PagedFasaArgs& a, bool on_cuda, uint64_t stream, bool sync
   if (a.R == 0) return;
   require(a.q && a.k && a.v && a.out && a.block_table && a.seq_lens && (a.nd == 0 || (a.fc && a.fc_dims)),
           std::string(op) + ": null tensor pointer");
+  require(a.fc_dtype != kInt8 || a.nd == 0 || a.fc_scale, std::string(op) + ": int8 FC keys need fc_scale");
   (void)stream, (void)sync;
   py::gil_scoped_release nogil;
   paged_fasa_host(a);
@@ -277,6 +281,8 @@ PYBIND11_MODULE(_C, m) {
       .TP_VAL(PagedFasaArgs, v_st).TP_VAL(PagedFasaArgs, v_sd)
       .TP_PTR(PagedFasaArgs, fc).TP_VAL(PagedFasaArgs, f_sb).TP_VAL(PagedFasaArgs, f_sh)
       .TP_VAL(PagedFasaArgs, f_st).TP_VAL(PagedFasaArgs, f_sd).TP_VAL(PagedFasaArgs, pack_from)
+      .TP_PTR(PagedFasaArgs, fc_scale).TP_VAL(PagedFasaArgs, s_sb).TP_VAL(PagedFasaArgs, s_sh)
+      .TP_VAL(PagedFasaArgs, s_st)
       .TP_PTR(PagedFasaArgs, fc_dims).TP_PTR(PagedFasaArgs, block_table).TP_VAL(PagedFasaArgs, bt_sr)
       .TP_PTR(PagedFasaArgs, seq_lens).TP_PTR(PagedFasaArgs, out).TP_VAL(PagedFasaArgs, o_sr)
       .TP_VAL(PagedFasaArgs, o_sh).TP_PTR(PagedFasaArgs, selected).TP_VAL(PagedFasaArgs, threads);

@@ -155,7 +155,7 @@ def test_fasa_fused_decoder_follows_cache_growth_and_bf16_scores():
     if not _fused_fasa_available():
         pytest.skip("tokprune._C has no paged_fasa_decode")
     torch.manual_seed(1)
-    for score_dtype in (torch.float32, torch.bfloat16):
+    for score_dtype in (torch.float32, torch.bfloat16, torch.int8):
         layer = TokpruneLayer(capacity=64, layer_idx=0)
         fused = FASA(fcs="uncalibrated", budget=20, sink=2, window=5, num_fcs=3, decline_ratio=0, fused=True,
                      score_dtype=score_dtype)
@@ -174,9 +174,12 @@ def test_fasa_fused_decoder_follows_cache_growth_and_bf16_scores():
             # the kernel packed the appended token's FC keys (deferred side buffer): as the torch packing does
             assert side.deferred and side.pending_from is None
             by_kernel = side.storage[..., :side.length].clone()
+            scale_by_kernel = None if side.scale is None else side.scale[..., :side.length].clone()
             side.pending_from = 0
             side.flush()
             assert torch.equal(side.storage[..., :side.length], by_kernel), t
+            if score_dtype == torch.int8:  # ... and the per-token scales
+                assert torch.equal(side.scale[..., :side.length], scale_by_kernel), t
             assert_close(got, plain.attend_decode(ctx), atol=1e-5, rtol=1e-5, name=f"t={t} {score_dtype}")
             decoders.append(layer.bound_calls[fused._side_name][1])
             buffers.append(layer.key_buffer.data_ptr())
@@ -190,7 +193,7 @@ def test_fasa_fused_decoder_follows_cache_growth_and_bf16_scores():
     torch_path.attend_decode(ctx)  # ... and the cache dtype on the torch path
     assert layer.side[torch_path._side_name].storage.dtype == torch.float32
     with pytest.raises(ValueError, match="score_dtype"):
-        FASA(fcs="uncalibrated", budget=20, score_dtype=torch.int8)
+        FASA(fcs="uncalibrated", budget=20, score_dtype=torch.int16)
     with pytest.raises(ValueError, match="score_dtype"):
         FASA(fcs="uncalibrated", budget=20, score_dtype=torch.bfloat16, layout="split")
 

@@ -370,3 +370,49 @@ def test_decoder_packs_the_fc_keys_of_new_tokens(backend, fc_dtype):
         decoder(q, table, seq, pack_from=-1)
     with pytest.raises(ValueError, match="pack_from"):
         decoder(q, table, seq, pack_from=1.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int8_fc_keys_vote_as_their_dequantised_values(backend):
+    """int8 FC keys with per-token scales (quantize_fc_keys): the op chooses what the oracle chooses from the
+    dequantised keys, on the contiguous one-block layout (chunked vote) and on vLLM's paged one; ``pack_from``
+    quantises new tokens to the same bytes and scales as quantize_fc_keys; missing or stray scales are refused."""
+    from tokprune.ops.paged import dequantize_fc_keys, paged_fasa_decoder, quantize_fc_keys
+
+    lens, cap = [1300, 700, 1030], 1344
+    q, k, v, storage, dims, table, seq = hf_style_case(lens, cap, 6, 2, 32, 8, torch.float32, seed=13)
+    fc_q, fc_s = quantize_fc_keys(storage.transpose(2, 3))  # (rows, Hkv, cap, nd) int8, (rows, Hkv, cap)
+    store = fc_q.transpose(2, 3).contiguous()  # dims-major int8 storage
+    fc = store.transpose(2, 3)
+    err = (dequantize_fc_keys(fc, fc_s) - storage.transpose(2, 3)).abs()
+    assert bool((err <= fc_s[..., None] / 2 + 1e-6).all())
+    out, sel = paged_fasa_decode(q, k, v, fc, dims, table, seq, 64, 4, 16, 0.2, return_selected=True,
+                                 backend=backend, fc_scale=fc_s)
+    deq = dequantize_fc_keys(fc, fc_s)
+    _, votes, chosen = oracle(q, k, v, deq, dims, table, seq, 64, 4, 16, 0.2, 32 ** -0.5)
+    check_choice(sel, votes, chosen, seq, 64, 4, 16, tol=1e-5)
+    assert_close(out, attend_over(q, k, v, table, sel, 0.2), atol=2e-5, rtol=1e-4, name=f"out[{backend}]")
+    # pack_from: stale slots rewritten with the same bytes and scales
+    ref_store, ref_s = store.clone(), fc_s.clone()
+    store[..., 500:] = 99
+    fc_s[..., 500:] = -1.0
+    decoder = paged_fasa_decoder(k, v, store.transpose(2, 3), dims, 64, 4, 16, 0.2, heads=6, backend=backend,
+                                 fc_scale=fc_s)
+    assert torch.equal(decoder(q, table, seq, pack_from=500), out)
+    for r, L in enumerate(lens):
+        assert torch.equal(store[r, :, :, :L], ref_store[r, :, :, :L]), r
+        assert torch.equal(fc_s[r, :, :L], ref_s[r, :, :L]), r
+    # paged vLLM-style layout with int8 keys
+    pq, pk, pv, pfc, pdims, ptable, pseq = make_case([300, 129, 411], 16, 6, 2, 32, 8, torch.float32, torch.float32,
+                                                     "vllm", seed=14)
+    q8, s8 = quantize_fc_keys(pfc)
+    out8, sel8 = paged_fasa_decode(pq, pk, pv, q8, pdims, ptable, pseq, 48, 4, 8, 0.2, return_selected=True,
+                                   backend=backend, fc_scale=s8)
+    _, votes, chosen = oracle(pq, pk, pv, dequantize_fc_keys(q8, s8), pdims, ptable, pseq, 48, 4, 8, 0.2, 32 ** -0.5)
+    check_choice(sel8, votes, chosen, pseq, 48, 4, 8, tol=1e-5)
+    with pytest.raises(ValueError, match="fc_scale is required"):
+        paged_fasa_decode(pq, pk, pv, q8, pdims, ptable, pseq, 48, 4, 8, 0.2, backend=backend)
+    with pytest.raises(ValueError, match="only for int8"):
+        paged_fasa_decode(pq, pk, pv, pfc, pdims, ptable, pseq, 48, 4, 8, 0.2, backend=backend, fc_scale=s8)
+    with pytest.raises(ValueError, match="fc_scale must be"):
+        paged_fasa_decode(pq, pk, pv, q8, pdims, ptable, pseq, 48, 4, 8, 0.2, backend=backend, fc_scale=s8[:, :1])

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Dict
 
-#: element type name -> code (``torch.float32`` is ``"float32"``).
-DTYPES: Dict[str, int] = {"float32": 0, "float16": 1, "bfloat16": 2}
+#: element type name -> code (``torch.float32`` is ``"float32"``; ``int8``: FASA's quantised FC keys only).
+DTYPES: Dict[str, int] = {"float32": 0, "float16": 1, "bfloat16": 2, "int8": 3}
 
 #: stochastic verification rule -> code (see :func:`tokprune.ops.verify_tree_stochastic`).
 RULE_IDS: Dict[str, int] = {"specinfer": 0, "rsd": 1, "target_only": 2}
@@ -23,7 +23,7 @@ RULE_IDS: Dict[str, int] = {"specinfer": 0, "rsd": 1, "target_only": 2}
 ATTN_MAX_HEAD_DIM = 256
 
 # C++ enumerator names of each table (``enum DType { kFloat32 = 0, ... }``).
-_C_DTYPE_NAMES = {"float32": "kFloat32", "float16": "kFloat16", "bfloat16": "kBFloat16"}
+_C_DTYPE_NAMES = {"float32": "kFloat32", "float16": "kFloat16", "bfloat16": "kBFloat16", "int8": "kInt8"}
 _C_RULE_NAMES = {"specinfer": "kSpecInfer", "rsd": "kRSD", "target_only": "kTargetOnly"}
 
 HEADER_PATH = "csrc/include/tokprune/codes.h"

@@ -105,8 +105,10 @@ class PackedKeyDims(SideBuffer):
     Args:
         dims: ``(kv_heads, n_dims)`` int64 head-dim indices per KV head (e.g.
             ``tokprune.reference.fasa.fc_dims(fc_index, head_dim, chunk)``), or ``(n_dims,)`` for all heads.
-        dtype: floating dtype of the copy (``None``: the cache dtype; e.g. ``torch.bfloat16`` halves the bytes
-            a scoring pass reads from an fp32 cache, values rounded to bf16).
+        dtype: dtype of the copy (``None``: the cache dtype; e.g. ``torch.bfloat16`` halves the bytes a scoring
+            pass reads from an fp32 cache, values rounded to bf16; ``torch.int8``: quantised per token by
+            :func:`tokprune.ops.paged.quantize_fc_keys`, with fp32 scales in ``scale``: 5/16 of fp32's bytes at 16
+            dims).
 
     Attributes:
         storage: ``(batch, kv_heads, n_dims, capacity)`` in ``dtype`` (dims-major: each packed
@@ -118,6 +120,8 @@ class PackedKeyDims(SideBuffer):
             records the range (set by FASA's fused step, whose kernel packs the new tokens as it scores them:
             one pass less per layer and step).
         pending_from: first slot not yet packed (``None``: all packed).
+        scale: ``(batch, kv_heads, capacity)`` fp32 per-token scales of int8 keys (``None`` for float dtypes).
+        dequantized_t: property, ``packed_t`` as fp32 keys (``packed_t * scale`` for int8).
         packed: property, the view ``(batch, kv_heads, length, n_dims)`` of the valid slots (token stride 1).
         packed_t: property, the same slots as ``(batch, kv_heads, n_dims, length)`` (unit stride along tokens).
 
@@ -127,8 +131,9 @@ class PackedKeyDims(SideBuffer):
     """
 
     def __init__(self, dims: torch.Tensor, dtype: Optional[torch.dtype] = None):
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            raise TypeError(f"PackedKeyDims: dtype must be a floating torch.dtype or None, got {dtype!r}")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or
+                                  not (dtype.is_floating_point or dtype == torch.int8)):
+            raise TypeError(f"PackedKeyDims: dtype must be a floating torch.dtype, torch.int8 or None, got {dtype!r}")
         self.dtype = dtype
         if not isinstance(dims, torch.Tensor) or dims.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"dims must be an int32/int64 tensor of head-dim indices, got {type(dims).__name__}"
@@ -138,6 +143,7 @@ class PackedKeyDims(SideBuffer):
                              f"got {tuple(dims.shape)}")
         self.dims = dims.long()
         self.storage: Optional[torch.Tensor] = None
+        self.scale: Optional[torch.Tensor] = None
         self.length = 0
         self.deferred = False
         self.pending_from: Optional[int] = None
@@ -173,9 +179,12 @@ class PackedKeyDims(SideBuffer):
             else:
                 keep = min(self.length, start)
             new = zeros((batch, heads, n_dims, capacity), dtype, kb.device)
+            new_scale = zeros((batch, heads, capacity), torch.float32, kb.device) if dtype == torch.int8 else None
             if keep:
                 new[..., :keep] = self.storage[..., :keep]
-            self.storage = new
+                if new_scale is not None:
+                    new_scale[..., :keep] = self.scale[..., :keep]
+            self.storage, self.scale = new, new_scale
             dims = self.dims.to(kb.device)
             self._index = (dims if dims.dim() == 2 else dims.expand(heads, -1))[None, :, None, :]
             if self.pending_from is not None and self.pending_from > keep:
@@ -191,7 +200,12 @@ class PackedKeyDims(SideBuffer):
     def _pack(self, kb: torch.Tensor, start: int, end: int) -> None:
         batch, heads = kb.shape[:2]
         index = self._index.expand(batch, heads, end - start, self._index.shape[-1])
-        self.storage[..., start:end] = torch.gather(kb[:, :, start:end], 3, index).transpose(2, 3)
+        keys = torch.gather(kb[:, :, start:end], 3, index)  # (batch, heads, n, n_dims)
+        if self.scale is not None:
+            from tokprune.ops.paged import quantize_fc_keys
+
+            keys, self.scale[..., start:end] = quantize_fc_keys(keys)
+        self.storage[..., start:end] = keys.transpose(2, 3)
 
     def flush(self) -> None:
         """Pack the pending slots ``[pending_from, length)`` from the layer's key buffer (torch ops)."""
@@ -226,6 +240,15 @@ class PackedKeyDims(SideBuffer):
             raise RuntimeError("PackedKeyDims: nothing appended yet")
         self.flush()
         return self.storage[..., : self.length]
+
+    @property
+    def dequantized_t(self) -> torch.Tensor:
+        """``(batch, kv_heads, n_dims, length)`` fp32 keys: ``packed_t`` for float dtypes (as stored), the int8 keys
+        times their scales otherwise (a new tensor)."""
+        packed_t = self.packed_t
+        if self.scale is None:
+            return packed_t
+        return packed_t.float() * self.scale[:, :, None, : self.length]
 
 
 # ---------------------------------------------------------------------------------------------------------

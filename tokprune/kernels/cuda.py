@@ -265,24 +265,24 @@ def select_tokens_cuda(scores: torch.Tensor, keep: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- paged FASA decode
 def _paged_fasa_launch(q, k_cache, v_cache, fc_cache, fc_dims, block_table, seq_lens, budget, sink, window, scale,
-                       vote_scale, threads, out, selected):
+                       vote_scale, threads, out, selected, fc_scale=None):
     PagedFasaHostCall(k_cache, v_cache, fc_cache, fc_dims, q.shape[1], out.dtype, budget, sink, window, scale,
-                      vote_scale, threads)(q, block_table, seq_lens, out, selected)
+                      vote_scale, threads, fc_scale=fc_scale)(q, block_table, seq_lens, out, selected)
 
 
 def _paged_fasa_decode_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, fc_cache: torch.Tensor,
                             fc_dims: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, budget: int,
                             sink: int, window: int, scale: float, vote_scale: float,
-                            threads: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                            threads: int, fc_scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     selected = torch.empty(q.shape[0], k_cache.shape[1], budget, dtype=torch.int32, device=q.device)
     _paged_fasa_launch(q, k_cache, v_cache, fc_cache, fc_dims, block_table, seq_lens, budget, sink, window, scale,
-                       vote_scale, threads, out, selected)
+                       vote_scale, threads, out, selected, fc_scale)
     return out, selected
 
 
 def _paged_fasa_decode_fake(q, k_cache, v_cache, fc_cache, fc_dims, block_table, seq_lens, budget, sink, window,
-                            scale, vote_scale, threads):
+                            scale, vote_scale, threads, fc_scale=None):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty((q.shape[0], k_cache.shape[1], budget), dtype=torch.int32))
 
@@ -290,7 +290,7 @@ def _paged_fasa_decode_fake(q, k_cache, v_cache, fc_cache, fc_dims, block_table,
 def paged_fasa_decode_host(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, fc_cache: torch.Tensor,
                            fc_dims: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, budget: int,
                            sink: int, window: int, scale: float, vote_scale: float, threads: int,
-                           out=None, want_selected: bool = False):
+                           out=None, want_selected: bool = False, fc_scale: Optional[torch.Tensor] = None):
     """Fused paged FASA decode with the host build of tokprune._C (contract and checks:
     :func:`tokprune.ops.paged.paged_fasa_decode`, which calls this on CPU tensors).
 
@@ -301,7 +301,7 @@ def paged_fasa_decode_host(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     args = (q, k_cache, v_cache, fc_cache, fc_dims, block_table, seq_lens, int(budget), int(sink), int(window),
             float(scale), float(vote_scale), int(threads))
     if torch.compiler.is_compiling():
-        res, selected = torch.ops.tokprune_ext.paged_fasa_decode(*args)
+        res, selected = torch.ops.tokprune_ext.paged_fasa_decode(*args, fc_scale)
         if out is not None:
             out.copy_(res)
             res = out
@@ -310,7 +310,7 @@ def paged_fasa_decode_host(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     selected = torch.empty(q.shape[0], k_cache.shape[1], int(budget), dtype=torch.int32, device=q.device) \
         if want_selected else None
-    _paged_fasa_launch(*args, out, selected)
+    _paged_fasa_launch(*args, out, selected, fc_scale)
     return out, selected
 
 
@@ -324,7 +324,9 @@ class PagedFasaHostCall:
 
     Args:
         k_cache, v_cache: ``(num_blocks, Hkv, block_size, head_dim)`` fp32/fp16/bf16, any strides.
-        fc_cache: ``(num_blocks, Hkv, block_size, nd)`` packed FC keys, any strides.
+        fc_cache: ``(num_blocks, Hkv, block_size, nd)`` packed FC keys (fp32/fp16/bf16, or int8 with
+            ``fc_scale``), any strides.
+        fc_scale: int8 FC keys only: ``(num_blocks, Hkv, block_size)`` fp32 per-token scales, any strides.
         fc_dims: ``(Hkv, nd)`` int (converted to int32 once).
         heads: query heads ``Hq``; ``out_dtype``: dtype of the output rows.
         budget, sink, window, scale, vote_scale, threads: as :func:`paged_fasa_decode_host`.
@@ -332,9 +334,9 @@ class PagedFasaHostCall:
 
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, fc_cache: torch.Tensor, fc_dims: torch.Tensor,
                  heads: int, out_dtype: torch.dtype, budget: int, sink: int, window: int, scale: float,
-                 vote_scale: float, threads: int):
+                 vote_scale: float, threads: int, fc_scale: Optional[torch.Tensor] = None):
         dims = fc_dims.to(torch.int32).contiguous()
-        self._keep = (k_cache, v_cache, fc_cache, dims)  # the struct points into these
+        self._keep = (k_cache, v_cache, fc_cache, dims, fc_scale)  # the struct points into these
         self._run = _lib().paged_fasa_decode
         kc, vc, ff = k_cache, v_cache, fc_cache
         self._fields = dict(H=heads, Hkv=kc.shape[1], D=kc.shape[3], nd=dims.shape[1], budget=int(budget),
@@ -345,6 +347,9 @@ class PagedFasaHostCall:
                             v_sh=vc.stride(1), v_st=vc.stride(2), v_sd=vc.stride(3), fc=ff.data_ptr(),
                             f_sb=ff.stride(0), f_sh=ff.stride(1), f_st=ff.stride(2), f_sd=ff.stride(3),
                             fc_dims=dims.data_ptr(), threads=max(1, int(threads)))
+        if fc_scale is not None:
+            self._fields.update(fc_scale=fc_scale.data_ptr(), s_sb=fc_scale.stride(0), s_sh=fc_scale.stride(1),
+                                s_st=fc_scale.stride(2))
         self._local = threading.local()
 
     def __call__(self, q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor,

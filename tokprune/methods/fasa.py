@@ -96,7 +96,9 @@ class FASA(KVPolicy):
             reads the exact keys), else the cache dtype. On SmolLM2-135M fp32 the quality table is unchanged
             by it (``tokprune eval fasa --methods fasa --cache tokprune``: top-1 agreement 0.844 / 0.906 /
             0.938 / 0.938 at budgets 64-512 with either dtype, Δppl +1.495 vs +1.490 at 64, pass keys 6/6) and
-            the whole-model step at 8K is ~2% faster. ``torch.float32``: exact fp32 scores.
+            the whole-model step at 8K is ~2% faster. ``torch.float32``: exact fp32 scores. ``torch.int8``: keys
+            quantised per token (:func:`tokprune.ops.paged.quantize_fc_keys`, fp32 scale per token and KV head;
+            20 bytes per token and head at 16 dims instead of 32 in bf16), voted from as ``int8 * scale``.
     """
 
     fcs: Any = None
@@ -133,9 +135,10 @@ class FASA(KVPolicy):
         self.dense_layers = tuple(self.dense_layers)
         if self.layout not in LAYOUTS:
             raise ValueError(f"FASA: layout must be one of {', '.join(map(repr, LAYOUTS))}, got {self.layout!r}")
-        if self.score_dtype is not None and (not isinstance(self.score_dtype, torch.dtype)
-                                             or not self.score_dtype.is_floating_point):
-            raise ValueError(f"FASA: score_dtype must be a floating torch.dtype or None, got {self.score_dtype!r}")
+        if self.score_dtype is not None and (not isinstance(self.score_dtype, torch.dtype) or not (
+                self.score_dtype.is_floating_point or self.score_dtype == torch.int8)):
+            raise ValueError(f"FASA: score_dtype must be a floating torch.dtype, torch.int8 or None, got "
+                             f"{self.score_dtype!r}")
         if self.score_dtype is not None and self.layout != "packed":
             raise ValueError(f"FASA: score_dtype applies to layout='packed' (layout={self.layout!r} attends with "
                              f"the stored dominant dims, which must stay exact)")
@@ -333,7 +336,7 @@ class FASA(KVPolicy):
             _, dims = self._fc_and_dims(ctx, ctx.key.device)
             decoder = paged_fasa_decoder(kb, vb, fc.transpose(2, 3), dims, self.budget, self.sink, self.window,
                                          ctx.scale, heads=heads, out_dtype=ctx.query.dtype,
-                                         vote_scale=head_dim ** -0.5, num_threads=threads)
+                                         vote_scale=head_dim ** -0.5, num_threads=threads, fc_scale=side.scale)
             table = torch.arange(batch, dtype=torch.int32).view(batch, 1)
             bound = layer.bound_calls[self._side_name] = (key, decoder, table, torch.empty(batch, dtype=torch.int32))
             side.deferred = True  # from now on the kernel packs the FC keys of appended tokens as it scores
@@ -393,8 +396,12 @@ class FASA(KVPolicy):
                 packed = [b for b in layer.side.values() if getattr(b, "storage", None) is not None]
                 for b in packed:
                     _add(res, "compute", b.storage.numel() * b.storage.element_size())
+                    if getattr(b, "scale", None) is not None:  # int8 keys: their per-token fp32 scales
+                        _add(res, "compute", b.scale.numel() * b.scale.element_size())
                 n_dims = packed[0].storage.shape[2] if packed else 0
                 e_fc = packed[0].storage.element_size() if packed else e
+                if packed and getattr(packed[0], "scale", None) is not None:
+                    e_fc += 4 / n_dims  # the token's scale, spread over its dims
                 d_rest = head_dim - n_dims
                 dev = tier = "compute"
                 devices = {"compute": str(kb.device)}
@@ -430,8 +437,10 @@ class FASA(KVPolicy):
             side = layer.split if getattr(layer, "split", None) is not None else self._side(ctx, dims)
             if (self.selection == "group" and self.aggregate == "softmax" and ctx.query.device.type == "cpu"
                     and self.backend in (None, "auto", "torch")):
-                return _group_softmax_vote(ctx.query, side.packed_t, dims, ctx.valid, head_dim ** -0.5)
-            packed = side.packed if side.packed.dtype == ctx.query.dtype else side.packed.to(ctx.query.dtype)
+                keys_t = side.dequantized_t if getattr(side, "scale", None) is not None else side.packed_t
+                return _group_softmax_vote(ctx.query, keys_t, dims, ctx.valid, head_dim ** -0.5)
+            packed = side.dequantized_t.transpose(2, 3) if getattr(side, "scale", None) is not None else side.packed
+            packed = packed if packed.dtype == ctx.query.dtype else packed.to(ctx.query.dtype)
             scores = fc_scores(ctx.query, packed, fc, chunk=self.chunk, packed=True, backend=self.backend, dims=dims)
         else:
             scores = fc_scores(ctx.query, ctx.key, fc, chunk=self.chunk, backend=self.backend, dims=dims)

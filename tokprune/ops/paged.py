@@ -836,7 +836,8 @@ def paged_fasa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       fc_dims: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, budget: int,
                       sink: int, window: int, scale: float, *, vote_scale: Optional[float] = None,
                       out: Optional[torch.Tensor] = None, return_selected: bool = False,
-                      num_threads: Optional[int] = None, backend: Optional[str] = "auto"):
+                      num_threads: Optional[int] = None, backend: Optional[str] = "auto",
+                      fc_scale: Optional[torch.Tensor] = None):
     """One FASA decode step on a paged cache: vote, selection and exact attention, one query per request.
 
     For every request ``r`` and KV head ``h`` (``L = seq_lens[r]``, ``g = Hq / Hkv``):
@@ -859,7 +860,8 @@ def paged_fasa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         k_cache, v_cache: ``(num_blocks, Hkv, block_size, head_dim)``, q's dtype, any strides.
         fc_cache: ``(num_blocks, Hkv, block_size, nd)`` fp32/fp16/bf16 packed FC keys (``fc[..., i] =
             K[..., fc_dims[h, i]]``, :func:`write_paged_fc_keys`), any strides (the C++ kernel is fastest
-            when the token axis has unit stride, i.e. ``[nd, block_size]`` per block and head).
+            when the token axis has unit stride, i.e. ``[nd, block_size]`` per block and head); or int8
+            keys quantised per token (:func:`quantize_fc_keys`: ``fc * fc_scale`` is the key) with ``fc_scale``.
         fc_dims: ``(Hkv, nd)`` int32/int64: the head dimensions of each packed column
             (:func:`tokprune.reference.fasa.fc_dims`).
         block_table: ``(R, max_blocks)`` int32/int64.
@@ -874,13 +876,15 @@ def paged_fasa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
             result does not depend on it.
         backend: ``"auto" | "torch" | "cuda"``. ``"cuda"`` is the host (CPU) build of ``tokprune._C``
             (CPU tensors only); ``"auto"`` picks it for CPU tensors when the extension has it, else torch.
+        fc_scale: ``(num_blocks, Hkv, block_size)`` fp32 per-token scales of int8 ``fc_cache`` (any strides);
+            ``None`` for float FC keys.
 
     Returns:
         ``out`` ``(R, Hq, head_dim)`` (q's dtype unless ``out`` is given), and with ``return_selected`` also
         ``(R, Hkv, budget)`` int64 chosen logical tokens in ascending order, ``-1`` padded.
     """
     scale, vote_scale = _check_fasa(q, k_cache, v_cache, fc_cache, fc_dims, block_table, seq_lens, budget, sink,
-                                    window, scale, vote_scale, out, num_threads)
+                                    window, scale, vote_scale, out, num_threads, fc_scale)
     chosen = _fasa_decode_backend(backend, q.device)
     if chosen == "cuda":
         from tokprune.kernels.cuda import paged_fasa_decode_host
@@ -889,11 +893,13 @@ def paged_fasa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         res, selected = paged_fasa_decode_host(q, k_cache, v_cache, fc_cache, fc_dims, block_table, seq_lens, budget,
                                                sink, window, scale, vote_scale,
                                                num_threads or torch.get_num_threads(), out=target,
-                                               want_selected=return_selected)
+                                               want_selected=return_selected, fc_scale=fc_scale)
         if out is not None and target is None:
             out.copy_(res)
             res = out
         return (res, selected.long()) if return_selected else res
+    if fc_scale is not None:  # the torch path votes from the dequantised keys
+        fc_cache = dequantize_fc_keys(fc_cache, fc_scale)
     res, token = _paged_fasa_decode_torch(q, k_cache, v_cache, fc_cache, fc_dims, block_table, seq_lens, budget,
                                           sink, window, scale, vote_scale)
     if out is not None:
@@ -903,15 +909,25 @@ def paged_fasa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 
 def _check_fasa(q, k_cache, v_cache, fc_cache, fc_dims, block_table, seq_lens, budget, sink, window, scale,
-                vote_scale, out, num_threads):
+                vote_scale, out, num_threads, fc_scale=None):
     """:func:`paged_fasa_decode`'s argument checks; returns ``(scale, vote_scale)`` as floats."""
     rows, heads, kv_heads = _check_qkv(q, k_cache, v_cache)
     head_dim = q.shape[2]
     num_blocks, _, block_size, _ = k_cache.shape
-    check_tensor("fc_cache", fc_cache, ndim=4, dtypes=FLOAT_DTYPES, device=q.device)
+    check_tensor("fc_cache", fc_cache, ndim=4, dtypes=FLOAT_DTYPES + (torch.int8,), device=q.device)
     if fc_cache.shape[:3] != k_cache.shape[:3]:
         raise ValueError(f"fc_cache must be (num_blocks, kv_heads, block_size) = {tuple(k_cache.shape[:3])} + (nd,), "
                          f"got {tuple(fc_cache.shape)}")
+    if fc_cache.dtype == torch.int8:
+        if fc_scale is None:
+            raise ValueError("fc_scale is required with int8 fc_cache: (num_blocks, kv_heads, block_size) fp32 "
+                             "per-token scales (quantize_fc_keys)")
+        check_tensor("fc_scale", fc_scale, ndim=3, dtypes=(torch.float32,), device=q.device)
+        if fc_scale.shape != fc_cache.shape[:3]:
+            raise ValueError(f"fc_scale must be (num_blocks, kv_heads, block_size) = {tuple(fc_cache.shape[:3])}, "
+                             f"got {tuple(fc_scale.shape)}")
+    elif fc_scale is not None:
+        raise ValueError(f"fc_scale is only for int8 fc_cache; got fc_cache {fc_cache.dtype} and an fc_scale")
     check_tensor("fc_dims", fc_dims, ndim=2, dtypes=INT_DTYPES, device=q.device)
     if fc_dims.shape != (kv_heads, fc_cache.shape[3]):
         raise ValueError(f"fc_dims must be (kv_heads={kv_heads}, nd={fc_cache.shape[3]}), got {tuple(fc_dims.shape)}")
@@ -973,7 +989,8 @@ class PagedFasaDecoder:
 def paged_fasa_decoder(k_cache: torch.Tensor, v_cache: torch.Tensor, fc_cache: torch.Tensor, fc_dims: torch.Tensor,
                        budget: int, sink: int, window: int, scale: float, *, heads: int,
                        out_dtype: Optional[torch.dtype] = None, vote_scale: Optional[float] = None,
-                       num_threads: Optional[int] = None, backend: Optional[str] = "auto") -> PagedFasaDecoder:
+                       num_threads: Optional[int] = None, backend: Optional[str] = "auto",
+                       fc_scale: Optional[torch.Tensor] = None) -> PagedFasaDecoder:
     """:func:`paged_fasa_decode` bound to fixed caches, for a decode loop (one decoder per layer, called every
     step): the caches, FC dims and scalars are checked once here, and a call checks only the shapes and dtypes
     of the query, table and lengths. With the host kernel (``backend="cuda"``, or ``"auto"`` where the
@@ -982,7 +999,7 @@ def paged_fasa_decoder(k_cache: torch.Tensor, v_cache: torch.Tensor, fc_cache: t
     Elsewhere each call runs :func:`paged_fasa_decode` with the bound arguments.
 
     Args:
-        k_cache, v_cache, fc_cache, fc_dims, budget, sink, window, scale, vote_scale, backend: as
+        k_cache, v_cache, fc_cache, fc_dims, budget, sink, window, scale, vote_scale, backend, fc_scale: as
             :func:`paged_fasa_decode` (the tensors must keep their storage while the decoder is used).
         heads: query heads ``Hq`` of the queries the decoder will get (a multiple of ``Hkv``).
         out_dtype: dtype of the output rows (default: the caches' dtype).
@@ -997,7 +1014,7 @@ def paged_fasa_decoder(k_cache: torch.Tensor, v_cache: torch.Tensor, fc_cache: t
     table = torch.empty(0, 1, dtype=torch.int32, device=k_cache.device)
     lens = torch.empty(0, dtype=torch.int32, device=k_cache.device)
     scale, vote_scale = _check_fasa(probe, k_cache, v_cache, fc_cache, fc_dims, table, lens, budget, sink, window,
-                                    scale, vote_scale, None, num_threads)
+                                    scale, vote_scale, None, num_threads, fc_scale)
     out_dtype = k_cache.dtype if out_dtype is None else out_dtype
     if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be one of {FLOAT_DTYPES}, got {out_dtype}")
@@ -1006,18 +1023,43 @@ def paged_fasa_decoder(k_cache: torch.Tensor, v_cache: torch.Tensor, fc_cache: t
         from tokprune.kernels.cuda import PagedFasaHostCall
 
         call = PagedFasaHostCall(k_cache, v_cache, fc_cache, fc_dims, heads, out_dtype, budget, sink, window, scale,
-                                 vote_scale, threads)
+                                 vote_scale, threads, fc_scale=fc_scale)
     else:
         def call(q, block_table, seq_lens, out, pack_from):
             if pack_from is not None:
-                pack_paged_fc_keys(k_cache, fc_cache, fc_dims, block_table, seq_lens, pack_from)
+                pack_paged_fc_keys(k_cache, fc_cache, fc_dims, block_table, seq_lens, pack_from, fc_scale=fc_scale)
             return paged_fasa_decode(q, k_cache, v_cache, fc_cache, fc_dims, block_table, seq_lens, budget, sink,
-                                     window, scale, vote_scale=vote_scale, out=out, backend="torch")
+                                     window, scale, vote_scale=vote_scale, out=out, backend="torch",
+                                     fc_scale=fc_scale)
     return PagedFasaDecoder(call, heads, head_dim, k_cache.dtype, out_dtype, k_cache.shape[2], k_cache.shape[0])
 
 
+def quantize_fc_keys(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantisation of FC keys per token: ``scale = max_i |x[..., i]| / 127`` (fp32) and
+    ``q = round_half_even(x / scale)`` clamped to [-127, 127] (``q = 0``, ``scale = 0`` for an all-zero row);
+    ``q * scale`` approximates ``x`` within ``scale / 2`` per element. The fused kernel's ``pack_from`` does the
+    same arithmetic, so both give the same bytes.
+
+    Args:
+        x: ``(..., nd)`` float keys.
+
+    Returns:
+        ``(q (..., nd) int8, scale (...) fp32)``.
+    """
+    x = x.float()
+    scale = x.abs().amax(-1) / 127.0
+    div = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(x / div[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_fc_keys(fc_cache: torch.Tensor, fc_scale: torch.Tensor) -> torch.Tensor:
+    """``fc_cache (..., nd)`` int8 times ``fc_scale (...)``: the fp32 keys :func:`quantize_fc_keys` stands for."""
+    return fc_cache.float() * fc_scale[..., None]
+
+
 def pack_paged_fc_keys(k_cache: torch.Tensor, fc_cache: torch.Tensor, fc_dims: torch.Tensor, block_table: torch.Tensor,
-                       seq_lens: torch.Tensor, pack_from: int) -> None:
+                       seq_lens: torch.Tensor, pack_from: int, fc_scale: Optional[torch.Tensor] = None) -> None:
     """Write the FC side cache from the key cache for the logical tokens ``pack_from <= t < seq_lens[r]`` of every
     row ``r``: ``fc_cache[blk, h, t % bs, i] = k_cache[blk, h, t % bs, fc_dims[h, i]]`` with
     ``blk = block_table[r, t // bs]`` (rounded to ``fc_cache``'s dtype). Torch ops (the host kernel does this
@@ -1027,6 +1069,8 @@ def pack_paged_fc_keys(k_cache: torch.Tensor, fc_cache: torch.Tensor, fc_dims: t
         k_cache: ``(num_blocks, Hkv, block_size, D)``; fc_cache: ``(num_blocks, Hkv, block_size, nd)`` (written).
         fc_dims: ``(Hkv, nd)`` int head-dim indices; block_table: ``(R, max_blocks)`` int; seq_lens: ``(R,)`` int.
         pack_from: first logical token to write (int >= 0).
+        fc_scale: ``(num_blocks, Hkv, block_size)`` fp32, written too, for int8 ``fc_cache``
+            (:func:`quantize_fc_keys`).
     """
     bs = k_cache.shape[2]
     n_pos = block_table.shape[1] * bs
@@ -1040,7 +1084,11 @@ def pack_paged_fc_keys(k_cache: torch.Tensor, fc_cache: torch.Tensor, fc_dims: t
     dims = fc_dims.long().to(k_cache.device)  # (Hkv, nd)
     h = torch.arange(k_cache.shape[1], device=k_cache.device)[None, :, None]  # (1, Hkv, 1)
     i = torch.arange(dims.shape[1], device=k_cache.device)[None, None, :]  # (1, 1, nd)
-    fc_cache[b, h, s, i] = k_cache[b, h, s, dims[None]].to(fc_cache.dtype)
+    keys = k_cache[b, h, s, dims[None]]  # (n, Hkv, nd)
+    if fc_cache.dtype == torch.int8:
+        keys, scales = quantize_fc_keys(keys)
+        fc_scale[b[..., 0], h[..., 0], s[..., 0]] = scales
+    fc_cache[b, h, s, i] = keys.to(fc_cache.dtype)
 
 
 def default_fc_dtype(cache_dtype: torch.dtype) -> torch.dtype:

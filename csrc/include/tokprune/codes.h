@@ -4,7 +4,7 @@
 
 namespace tokprune {
 
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt8 = 3 };
 enum Rule : int { kSpecInfer = 0, kRSD = 1, kTargetOnly = 2 };
 constexpr int kAttnMaxHeadDim = 256;
 

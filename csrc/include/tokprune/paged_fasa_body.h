@@ -49,10 +49,14 @@ inline float exp_le0(float x) {
   return p * as_float(uint32_t(int32_t(n) + 127) << 23);
 }
 
-// Element i of a fp32 / fp16 / bf16 array as float (bf16 by a shift, so that loops vectorise).
+template <int DT>
+constexpr int64_t elem_size() { return DT == kFloat32 ? 4 : DT == kInt8 ? 1 : 2; }
+
+// Element i of a fp32 / fp16 / bf16 / int8 array as float (bf16 by a shift, so that loops vectorise).
 template <int DT>
 inline float ld(const void* p, int64_t i) {
   if (DT == kBFloat16) return as_float(uint32_t(static_cast<const uint16_t*>(p)[i]) << 16);
+  if (DT == kInt8) return float(static_cast<const int8_t*>(p)[i]);
   return load_as_float<DT>(p, i);
 }
 
@@ -67,6 +71,24 @@ inline V load_floats(const void* p, int64_t i) {
     __builtin_memcpy(&h, static_cast<const uint16_t*>(p) + i, sizeof h);
     const VU u = __builtin_convertvector(h, VU) << 16;
     __builtin_memcpy(&x, &u, sizeof x);
+  } else if (DT == kInt8) {
+    // sign extension + int -> float (GCC scalarises __builtin_convertvector from int8 vectors)
+    const int8_t* b = static_cast<const int8_t*>(p) + i;
+#if TP_FASA_VW == 16  // the AVX-512 variant (the includer's target pragma)
+    if constexpr (W == 16) {
+      const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b))));
+      __builtin_memcpy(&x, &f, sizeof x);
+      return x;
+    }
+#endif
+#if defined(TP_FASA_X86)  // the AVX2 and AVX-512 variants
+    if constexpr (W == 8) {
+      const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b))));
+      __builtin_memcpy(&x, &f, sizeof x);
+      return x;
+    }
+#endif
+    for (int k = 0; k < W; ++k) x[k] = float(b[k]);
   } else {
     for (int k = 0; k < W; ++k) x[k] = load_as_float<DT>(p, i + k);
   }
@@ -120,19 +142,23 @@ inline void prefetch_row(const void* p, int64_t bytes) {
 // Logits of G (<= kGroupTile) query heads over n tokens of one dims-major FC block ([nd, block_size], token
 // axis unit stride): out[j * ld_out + t] = sum_i qfc[j * nd + i] * fc[i, t] (summed in i order), running maxima
 // in mx[j]. Each FC value is loaded once for the G heads.
-// Rows are prefetched up to token n_stream (>= n: the FC rows go on past this range).
+// Rows are prefetched up to token n_stream (>= n: the FC rows go on past this range). int8 keys: the logits of
+// token t are multiplied by scale[t] (token stride 1).
 template <int FT, int G>
 void fc_block_dims_major(const void* base, int64_t f_sd, int64_t nd, const float* qfc, int64_t n, float* out,
-                         int64_t ld_out, float* mx, int64_t n_stream) {
-  constexpr int64_t esz = FT == kFloat32 ? 4 : 2;
+                         int64_t ld_out, float* mx, int64_t n_stream, const float* scale) {
+  constexpr int64_t esz = elem_size<FT>();
   vf m[G];
   for (int j = 0; j < G; ++j) m[j] = splatv(-INFINITY);
   int64_t t = 0;
   for (; t + 2 * kVW <= n; t += 2 * kVW) {
     vf a0[G], a1[G];
     for (int j = 0; j < G; ++j) a0[j] = a1[j] = vf{};
+    // one prefetch per cache line of each row (int8: every other step) and of the scales
+    const bool fetch = t + kFcPrefetchAhead < n_stream && (esz > 1 || t % (64 / esz) == 0);
+    if (FT == kInt8 && fetch) __builtin_prefetch(scale + t + kFcPrefetchAhead);
     for (int64_t i = 0; i < nd; ++i) {
-      if (t + kFcPrefetchAhead < n_stream)  // 16 rows stream at once: the hardware prefetcher alone falls behind
+      if (fetch)  // 16 rows stream at once: the hardware prefetcher alone falls behind
         __builtin_prefetch(static_cast<const char*>(base) + (i * f_sd + t + kFcPrefetchAhead) * esz);
       const vf x0 = ldv<FT>(base, i * f_sd + t), x1 = ldv<FT>(base, i * f_sd + t + kVW);
       for (int j = 0; j < G; ++j) {
@@ -140,6 +166,10 @@ void fc_block_dims_major(const void* base, int64_t f_sd, int64_t nd, const float
         a0[j] += qv * x0;
         a1[j] += qv * x1;
       }
+    }
+    if (FT == kInt8) {
+      const vf s0 = ldv<kFloat32>(scale, t), s1 = ldv<kFloat32>(scale, t + kVW);
+      for (int j = 0; j < G; ++j) a0[j] *= s0, a1[j] *= s1;
     }
     for (int j = 0; j < G; ++j) {
       stv(out + j * ld_out + t, a0[j]);
@@ -154,6 +184,10 @@ void fc_block_dims_major(const void* base, int64_t f_sd, int64_t nd, const float
       const vf x0 = ldv<FT>(base, i * f_sd + t);
       for (int j = 0; j < G; ++j) a0[j] += splatv(qfc[j * nd + i]) * x0;
     }
+    if (FT == kInt8) {
+      const vf s0 = ldv<kFloat32>(scale, t);
+      for (int j = 0; j < G; ++j) a0[j] *= s0;
+    }
     for (int j = 0; j < G; ++j) {
       stv(out + j * ld_out + t, a0[j]);
       m[j] = maxv(a0[j], m[j]);
@@ -164,6 +198,7 @@ void fc_block_dims_major(const void* base, int64_t f_sd, int64_t nd, const float
     for (int64_t tt = t; tt < n; ++tt) {
       float acc = 0.0f;
       for (int64_t i = 0; i < nd; ++i) acc += qfc[j * nd + i] * ld<FT>(base, i * f_sd + tt);
+      if (FT == kInt8) acc *= scale[tt];
       out[j * ld_out + tt] = acc;
       mj = acc > mj ? acc : mj;
     }
@@ -177,20 +212,22 @@ void fc_logits(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t L, const fl
   const int64_t g = a.H / a.Hkv, bs = a.block_size, nd = a.nd;
   const int32_t* table = a.block_table + r * a.bt_sr;
   const char* fc = static_cast<const char*>(a.fc);
-  const int64_t esz = FT == kFloat32 ? 4 : 2;
+  const int64_t esz = elem_size<FT>();
   for (int64_t j = 0; j < g; ++j) mx[j] = -INFINITY;
   for (int64_t b = 0, t0 = 0; t0 < L; ++b, t0 += bs) {
     const int64_t n = L - t0 < bs ? L - t0 : bs;
     const void* base = fc + (int64_t(table[b]) * a.f_sb + h * a.f_sh) * esz;
-    if (a.f_st == 1) {  // dims-major block ([nd, block_size]): 2 vectors of tokens x up to 4 heads in registers
+    const float* sc = FT == kInt8 ? a.fc_scale + int64_t(table[b]) * a.s_sb + h * a.s_sh : nullptr;
+    if (a.f_st == 1 && (FT != kInt8 || a.s_st == 1)) {  // dims-major block ([nd, block_size]): 2 vectors of
+                                                        // tokens x up to 4 heads in registers
       for (int64_t j0 = 0; j0 < g; j0 += kGroupTile) {
         const float* q0 = qfc + j0 * nd;
         float* o0 = lg + j0 * L + t0;
         switch (g - j0 < kGroupTile ? g - j0 : kGroupTile) {
-          case 1: fc_block_dims_major<FT, 1>(base, a.f_sd, nd, q0, n, o0, L, mx + j0, n); break;
-          case 2: fc_block_dims_major<FT, 2>(base, a.f_sd, nd, q0, n, o0, L, mx + j0, n); break;
-          case 3: fc_block_dims_major<FT, 3>(base, a.f_sd, nd, q0, n, o0, L, mx + j0, n); break;
-          default: fc_block_dims_major<FT, 4>(base, a.f_sd, nd, q0, n, o0, L, mx + j0, n); break;
+          case 1: fc_block_dims_major<FT, 1>(base, a.f_sd, nd, q0, n, o0, L, mx + j0, n, sc); break;
+          case 2: fc_block_dims_major<FT, 2>(base, a.f_sd, nd, q0, n, o0, L, mx + j0, n, sc); break;
+          case 3: fc_block_dims_major<FT, 3>(base, a.f_sd, nd, q0, n, o0, L, mx + j0, n, sc); break;
+          default: fc_block_dims_major<FT, 4>(base, a.f_sd, nd, q0, n, o0, L, mx + j0, n, sc); break;
         }
       }
     } else {  // token-major ([block_size, nd]) or any strides: one dot product per token
@@ -205,6 +242,7 @@ void fc_logits(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t L, const fl
           } else {
             for (int64_t i = 0; i < nd; ++i) s += qj[i] * ld<FT>(base, row + i * a.f_sd);
           }
+          if (FT == kInt8) s *= sc[t * a.s_st];
           lg[j * L + t0 + t] = s;
           mx[j] = s > mx[j] ? s : mx[j];
         }
@@ -243,9 +281,10 @@ void chunked_softmax(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t L, co
   const int64_t g = a.H / a.Hkv, nd = a.nd, nch = num_chunks(L);
   float* cm = fac;             // chunk maxima, turned into factors at the end
   float* cmax = cs + g * nch;  // per head: the current chunk's maximum (scratch after cs)
-  if (a.f_st == 1 && a.block_size >= L && L > 0) {  // one dims-major block: exps chunk by chunk behind the FC stream
-    const int64_t esz = FT == kFloat32 ? 4 : 2;
-    const char* base = static_cast<const char*>(a.fc) + (int64_t(a.block_table[r * a.bt_sr]) * a.f_sb + h * a.f_sh) * esz;
+  if (a.f_st == 1 && (FT != kInt8 || a.s_st == 1) && a.block_size >= L && L > 0) {  // one dims-major block:
+    const int64_t esz = elem_size<FT>(), blk = a.block_table[r * a.bt_sr];    // exps chunk by chunk behind the stream
+    const char* base = static_cast<const char*>(a.fc) + (blk * a.f_sb + h * a.f_sh) * esz;
+    const float* sc = FT == kInt8 ? a.fc_scale + blk * a.s_sb + h * a.s_sh : nullptr;
     for (int64_t c0 = 0; c0 < L; c0 += kChunk) {
       const int64_t n = L - c0 < kChunk ? L - c0 : kChunk;
       for (int64_t j0 = 0; j0 < g; j0 += kGroupTile) {
@@ -254,10 +293,10 @@ void chunked_softmax(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t L, co
         const void* b0 = base + c0 * esz;
         for (int64_t j = j0; j < g && j < j0 + kGroupTile; ++j) cmax[j] = -INFINITY;
         switch (g - j0 < kGroupTile ? g - j0 : kGroupTile) {
-          case 1: fc_block_dims_major<FT, 1>(b0, a.f_sd, nd, q0, n, o0, L, cmax + j0, L - c0); break;
-          case 2: fc_block_dims_major<FT, 2>(b0, a.f_sd, nd, q0, n, o0, L, cmax + j0, L - c0); break;
-          case 3: fc_block_dims_major<FT, 3>(b0, a.f_sd, nd, q0, n, o0, L, cmax + j0, L - c0); break;
-          default: fc_block_dims_major<FT, 4>(b0, a.f_sd, nd, q0, n, o0, L, cmax + j0, L - c0); break;
+          case 1: fc_block_dims_major<FT, 1>(b0, a.f_sd, nd, q0, n, o0, L, cmax + j0, L - c0, sc ? sc + c0 : nullptr); break;
+          case 2: fc_block_dims_major<FT, 2>(b0, a.f_sd, nd, q0, n, o0, L, cmax + j0, L - c0, sc ? sc + c0 : nullptr); break;
+          case 3: fc_block_dims_major<FT, 3>(b0, a.f_sd, nd, q0, n, o0, L, cmax + j0, L - c0, sc ? sc + c0 : nullptr); break;
+          default: fc_block_dims_major<FT, 4>(b0, a.f_sd, nd, q0, n, o0, L, cmax + j0, L - c0, sc ? sc + c0 : nullptr); break;
         }
       }
       exp_chunk(lg, L, g, c0, n, cmax, cm, cs, nch);
@@ -658,8 +697,20 @@ void pack_fc(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t L) {
   for (int64_t t = a.pack_from; t < L; ++t) {
     const int64_t b = table[t / bs], o = t % bs;
     const int64_t krow = b * a.k_sb + h * a.k_sh + o * a.k_st, frow = b * a.f_sb + h * a.f_sh + o * a.f_st;
-    for (int64_t i = 0; i < nd; ++i)
-      store_from_float<FT>(a.fc, frow + i * a.f_sd, load_as_float<DT>(a.k, krow + dims[i] * a.k_sd));
+    if (FT == kInt8) {  // symmetric per token: scale = max |x| / 127, q = round_half_even(x / scale)
+      float amax = 0.0f;
+      for (int64_t i = 0; i < nd; ++i) amax = fmaxf(amax, fabsf(load_as_float<DT>(a.k, krow + dims[i] * a.k_sd)));
+      const float scale = amax / 127.0f, div = scale > 0.0f ? scale : 1.0f;
+      const_cast<float*>(a.fc_scale)[b * a.s_sb + h * a.s_sh + o * a.s_st] = scale;
+      for (int64_t i = 0; i < nd; ++i) {
+        float q = rintf(load_as_float<DT>(a.k, krow + dims[i] * a.k_sd) / div);
+        q = q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q;
+        static_cast<int8_t*>(a.fc)[frow + i * a.f_sd] = int8_t(q);
+      }
+    } else {
+      for (int64_t i = 0; i < nd; ++i)
+        store_from_float<FT>(a.fc, frow + i * a.f_sd, load_as_float<DT>(a.k, krow + dims[i] * a.k_sd));
+    }
   }
 }
 
@@ -684,6 +735,7 @@ template <int DT>
 void unit_fc(const PagedFasaArgs& a, int64_t unit, Scratch& w) {
   if (a.fc_dtype == kFloat32) unit_impl<DT, kFloat32>(a, unit, w);
   else if (a.fc_dtype == kFloat16) unit_impl<DT, kFloat16>(a, unit, w);
+  else if (a.fc_dtype == kInt8) unit_impl<DT, kInt8>(a, unit, w);
   else unit_impl<DT, kBFloat16>(a, unit, w);
 }
 
