@@ -181,12 +181,13 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", choices=["dynamic", "tokprune"], default="dynamic",
                         help="decode on transformers' DynamicCache (scores from the keys) or on tokprune's cache "
                              "(what policy.patch(model) gives generate: FASA's packed FC keys and fused step)")
-    parser.add_argument("--score-dtype", choices=["cache", "bfloat16"], default="cache",
-                        help="FASA's packed FC key dtype with --cache tokprune")
+    parser.add_argument("--score-dtype", choices=["cache", "float32", "bfloat16", "int8"], default="cache",
+                        help="FASA's packed FC key dtype with --cache tokprune (default 'cache': FASA's own default, "
+                             "bf16 keys for an fp32 model on the fused CPU step)")
     args = parser.parse_args(argv)
     if args.score_dtype != "cache" and args.cache != "tokprune":
         parser.error("--score-dtype needs --cache tokprune (the packed FC keys live in tokprune's cache)")
-    score_dtype = None if args.score_dtype == "cache" else torch.bfloat16
+    score_dtype = None if args.score_dtype == "cache" else getattr(torch, args.score_dtype)
     on_tokprune = args.cache == "tokprune"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:

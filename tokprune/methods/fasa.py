@@ -338,10 +338,11 @@ class FASA(KVPolicy):
                                          ctx.scale, heads=heads, out_dtype=ctx.query.dtype,
                                          vote_scale=head_dim ** -0.5, num_threads=threads, fc_scale=side.scale)
             table = torch.arange(batch, dtype=torch.int32).view(batch, 1)
-            bound = layer.bound_calls[self._side_name] = (key, decoder, table, torch.empty(batch, dtype=torch.int32))
+            seq_lens = torch.empty(batch, dtype=torch.int32)
+            bound = layer.bound_calls[self._side_name] = (key, decoder, table, seq_lens, seq_lens.numpy())
             side.deferred = True  # from now on the kernel packs the FC keys of appended tokens as it scores
-        _, decoder, table, seq_lens = bound
-        seq_lens.fill_(ctx.n_tokens)
+        _, decoder, table, seq_lens, seq_lens_host = bound
+        seq_lens_host[:] = ctx.n_tokens  # through numpy: ~1 us instead of ~7 for Tensor.fill_ inside a step
         out = decoder(ctx.query[:, :, 0], table, seq_lens, pack_from=side.pending_from)
         side.mark_packed()
         return out.view(batch, heads, 1, head_dim)
