@@ -181,7 +181,7 @@ def test_fasa_fused_decoder_follows_cache_growth_and_bf16_scores():
             if score_dtype == torch.int8:  # ... and the per-token scales
                 assert torch.equal(side.scale[..., :side.length], scale_by_kernel), t
             assert_close(got, plain.attend_decode(ctx), atol=1e-5, rtol=1e-5, name=f"t={t} {score_dtype}")
-            decoders.append(layer.bound_calls[fused._side_name][1])
+            decoders.append(layer.bound_calls[fused._side_name].decoder)
             buffers.append(layer.key_buffer.data_ptr())
         assert len(set(buffers)) == 2  # one reallocation
         for i in range(1, len(buffers)):  # reused while the buffers stay, rebuilt when they move
@@ -372,3 +372,60 @@ def test_decline_rule_from_shapes(cls):
     assert policy.decline_ratio_for(4) == 3  # an explicit ratio holds for every batch
     with pytest.raises(ValueError, match="decline_ratio must be a float >= 0"):
         cls(budget=16, decline_ratio=-1)
+
+
+def test_fasa_bound_step_serves_only_what_it_was_bound_for():
+    """FASA's bound fused step (kept on the cache layer) runs a step directly only while nothing it depends on
+    changed: below the decline threshold the layer declines (None), past it the result equals the torch path;
+    a new budget, thread count or a dense layer list takes the full path (rebinding where needed); a padded
+    step goes to the torch path."""
+    from tokprune.hf.kv_cache import TokpruneLayer
+    from tokprune.methods.fasa import _fused_fasa_available
+
+    if not _fused_fasa_available():
+        pytest.skip("tokprune._C has no paged_fasa_decode")
+    torch.manual_seed(3)
+    layer = TokpruneLayer(capacity=64, layer_idx=0)
+    fused = FASA(fcs="uncalibrated", budget=20, sink=2, window=5, num_fcs=3, decline_ratio=3.0, fused=True,
+                 score_dtype=torch.float32)  # the torch path below votes from fp32 keys too
+    k, v = torch.randn(2, 2, 90, 16), torch.randn(2, 2, 90, 16)
+    layer.update(k[:, :, :50], v[:, :, :50])
+
+    def step(t, policy=fused, valid=None):
+        ctx = DecodeContext(_Module(), torch.randn(2, 4, 1, 16), layer.keys, layer.values, valid, 0.25, layer)
+        plain = FASA(fcs="uncalibrated", budget=policy.budget, sink=2, window=5, num_fcs=3,
+                     decline_ratio=policy.decline_ratio, fused=False, dense_layers=policy.dense_layers)
+        return policy.attend_decode(ctx), plain.attend_decode(ctx), ctx
+
+    steps = []
+    for t in range(50, 70):  # n_min = max(budget + 1, 3 * budget) = 60
+        layer.update(k[:, :, t:t + 1], v[:, :, t:t + 1])
+        got, want, _ = step(t)
+        if t + 1 < 60:
+            assert got is None and want is None, t
+        else:
+            assert_close(got, want, atol=1e-5, rtol=1e-5, name=f"t={t}")
+            steps.append(layer.bound_calls[fused._side_name])
+    assert all(s is steps[0] for s in steps)  # bound once, served directly after
+    fused.budget = 22  # a settings change: rebound, and the new budget is used (n_min 66)
+    layer.update(k[:, :, 70:71], v[:, :, 70:71])
+    got, want, _ = step(70)
+    assert layer.bound_calls[fused._side_name] is not steps[0]
+    assert_close(got, want, atol=1e-5, rtol=1e-5, name="budget 22")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2 if threads != 2 else 1)
+        bound = layer.bound_calls[fused._side_name]
+        layer.update(k[:, :, 71:72], v[:, :, 71:72])
+        got, want, _ = step(71)
+        assert layer.bound_calls[fused._side_name] is not bound
+        assert_close(got, want, atol=1e-5, rtol=1e-5, name="threads")
+    finally:
+        torch.set_num_threads(threads)
+    valid = torch.ones(2, 72, dtype=torch.bool)
+    valid[1, :3] = False  # padding: the torch path, which masks it
+    got, want, _ = step(72, valid=valid)
+    assert_close(got, want, atol=1e-5, rtol=1e-5, name="padded")
+    fused.dense_layers = (0,)
+    got, _, _ = step(72)
+    assert got is None

@@ -378,6 +378,33 @@ class PagedFasaHostCall:
         return out
 
 
+    def launcher(self, block_table: torch.Tensor, seq_lens: torch.Tensor):
+        """``launch(q, out, pack_from=None) -> out`` for a decode loop whose block table and lengths live in fixed
+        tensors (their contents may change between calls): ``block_table (R, max_blocks)`` and ``seq_lens (R,)``
+        int32 with contiguous last dimensions (checked here). A call sets only the query, the output and
+        ``pack_from`` in a per-thread argument struct: ``q (R, Hq, head_dim)`` and ``out`` of the bound dtypes
+        with contiguous last dimensions (the caller guarantees both: nothing is checked per call)."""
+        if block_table.dtype != torch.int32 or seq_lens.dtype != torch.int32 or not seq_lens.is_contiguous() or \
+                (block_table.shape[1] > 1 and block_table.stride(1) != 1):
+            raise ValueError("launcher: block_table and seq_lens must be int32 with a contiguous last dimension")
+        fields = dict(self._fields, R=block_table.shape[0], block_table=block_table.data_ptr(),
+                      bt_sr=block_table.stride(0), seq_lens=seq_lens.data_ptr())
+        local, run, keep = threading.local(), self._run, (self, block_table, seq_lens)
+
+        def launch(q: torch.Tensor, out: torch.Tensor, pack_from: Optional[int] = None) -> torch.Tensor:
+            a = getattr(local, "args", None)
+            if a is None:
+                a = local.args = _args("PagedFasaArgs", **fields)
+            a.q, a.q_sr, a.q_sh = q.data_ptr(), q.stride(0), q.stride(1)
+            a.out, a.o_sr, a.o_sh = out.data_ptr(), out.stride(0), out.stride(1)
+            a.pack_from = -1 if pack_from is None else pack_from
+            run(a, False, 0, False)
+            return out
+
+        launch.keep = keep  # the struct points into these
+        return launch
+
+
 # ------------------------------------------------------------------------------ small-M linear
 def _small_m_linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          threads: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ Usage::
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
@@ -302,7 +303,13 @@ class FASA(KVPolicy):
 
     def attend_decode(self, ctx: DecodeContext) -> Optional[torch.Tensor]:
         """The shared path (:meth:`KVPolicy.attend_decode`), or the fused C++ step (see ``fused``); with
-        ``layout="split"``/``"offload"`` the two-part attention of the split keys (dense when declining)."""
+        ``layout="split"``/``"offload"`` the two-part attention of the split keys (dense when declining).
+        A decode step that the layer's bound fused step (:class:`_FusedStep`) still serves runs it directly."""
+        layer = ctx.cache_layer
+        if layer is not None:
+            step = layer.bound_calls.get(self._side_name)
+            if step is not None and step.serves(ctx, self):
+                return step.run(ctx)
         if ctx.layer_idx in self.dense_layers:
             return None
         split = self._split(ctx)
@@ -319,33 +326,21 @@ class FASA(KVPolicy):
         return self._fused_attention(ctx)
 
     def _fused_attention(self, ctx: DecodeContext) -> torch.Tensor:
-        """This step as one call of the layer's :func:`tokprune.ops.paged.paged_fasa_decoder` (kept on the cache
-        layer, rebuilt when its buffers are reallocated, the batch or the thread count change)."""
-        batch, heads, head_dim = ctx.batch, ctx.heads, ctx.head_dim
+        """This step as one call of the layer's :func:`tokprune.ops.paged.paged_fasa_decoder`, bound once per
+        layer (:class:`_FusedStep`, rebuilt when the layer's buffers are reallocated, or the batch, thread count,
+        query dtype or this policy's settings change)."""
         layer = ctx.cache_layer
         side = layer.side.get(self._side_name)
         if side is None:
             side = self._side(ctx, self._fc_and_dims(ctx, ctx.key.device)[1])
-        kb, vb, fc = layer.key_buffer, layer.value_buffer, side.storage
-        threads = torch.get_num_threads()
-        key = (kb.data_ptr(), vb.data_ptr(), fc.data_ptr(), kb.shape[2], batch, threads, ctx.query.dtype, ctx.scale)
-        bound = layer.bound_calls.get(self._side_name)
-        if bound is None or bound[0] != key:
-            from tokprune.ops.paged import paged_fasa_decoder
+        step = layer.bound_calls.get(self._side_name)
+        if step is None or not step.serves(ctx, self, declining_checked=True):
+            step = layer.bound_calls[self._side_name] = _FusedStep(self, ctx, side)
+        return step.run(ctx)
 
-            _, dims = self._fc_and_dims(ctx, ctx.key.device)
-            decoder = paged_fasa_decoder(kb, vb, fc.transpose(2, 3), dims, self.budget, self.sink, self.window,
-                                         ctx.scale, heads=heads, out_dtype=ctx.query.dtype,
-                                         vote_scale=head_dim ** -0.5, num_threads=threads, fc_scale=side.scale)
-            table = torch.arange(batch, dtype=torch.int32).view(batch, 1)
-            seq_lens = torch.empty(batch, dtype=torch.int32)
-            bound = layer.bound_calls[self._side_name] = (key, decoder, table, seq_lens, seq_lens.numpy())
-            side.deferred = True  # from now on the kernel packs the FC keys of appended tokens as it scores
-        _, decoder, table, seq_lens, seq_lens_host = bound
-        seq_lens_host[:] = ctx.n_tokens  # through numpy: ~1 us instead of ~7 for Tensor.fill_ inside a step
-        out = decoder(ctx.query[:, :, 0], table, seq_lens, pack_from=side.pending_from)
-        side.mark_packed()
-        return out.view(batch, heads, 1, head_dim)
+    def _step_settings(self) -> tuple:
+        """The fields a bound fused step depends on (a change rebinds it)."""
+        return (self.budget, self.sink, self.window, self.fused, self.decline_ratio, self.layout, self.score_dtype)
 
     def memory_report(self, cache, heads: Optional[int] = None) -> Dict[str, Any]:
         """Resident bytes and bytes read per decode step, per memory tier, from ``cache``'s buffers.
@@ -478,7 +473,63 @@ def _group_softmax_vote(query: torch.Tensor, packed_t: torch.Tensor, dims: torch
     return torch.matmul(inv_z.transpose(-1, -2), e).view(batch, kv_heads, -1)
 
 
-@functools.lru_cache(maxsize=1)
+class _FusedStep:
+    """FASA's fused decode step bound to one cache layer: the decoder (:func:`tokprune.ops.paged.paged_fasa_decoder`
+    over the layer's K/V buffers and packed FC keys), its block table and lengths, and the conditions under which
+    it serves a step as is. :meth:`serves` is a handful of identity and integer comparisons; inside a 30-layer
+    decode step the whole-path Python cost per layer this saves (the policy's decline and path checks, the
+    decoder's argument checks) is tens of microseconds, run with caches the kernel has just flushed."""
+
+    def __init__(self, policy: "FASA", ctx: DecodeContext, side):
+        from tokprune.ops.paged import paged_fasa_decoder
+
+        layer = ctx.cache_layer
+        self.batch, self.heads, self.head_dim = ctx.batch, ctx.heads, ctx.head_dim
+        self.dtype, self.scale, self.threads = ctx.query.dtype, ctx.scale, torch.get_num_threads()
+        self.kb, self.vb, self.side, self.storage = layer.key_buffer, layer.value_buffer, side, side.storage
+        self.layer_idx, self.settings = ctx.layer_idx, policy._step_settings()
+        budget = policy.budget
+        ratio = policy.decline_ratio_for(self.batch, True)
+        self.n_min = max(budget + 1, math.ceil(ratio * budget))  # the first length declines() lets through
+        _, dims = policy._fc_and_dims(ctx, ctx.key.device)
+        self.decoder = paged_fasa_decoder(self.kb, self.vb, self.storage.transpose(2, 3), dims, budget, policy.sink,
+                                          policy.window, ctx.scale, heads=self.heads, out_dtype=self.dtype,
+                                          vote_scale=self.head_dim ** -0.5, num_threads=self.threads,
+                                          fc_scale=side.scale)
+        self.table = torch.arange(self.batch, dtype=torch.int32).view(self.batch, 1)
+        self.lens = torch.empty(self.batch, dtype=torch.int32)
+        self.lens_host = self.lens.numpy()  # written through numpy: ~1 us, Tensor.fill_ ~7 us inside a step
+        self.launch = self.decoder.launcher(self.table, self.lens)
+        side.deferred = True  # from now on the kernel packs the FC keys of appended tokens as it scores
+
+    def serves(self, ctx: DecodeContext, policy: "FASA", declining_checked: bool = False) -> bool:
+        """Whether this step can run ``ctx`` as bound: the same buffers, batch, heads, query dtype, scale and
+        thread count, no padding, eager mode, the policy's settings unchanged, the layer not dense and (unless
+        the caller already checked it) past the decline threshold."""
+        if torch.compiler.is_compiling():  # first: nothing below may be traced
+            return False
+        layer = ctx.cache_layer
+        key, query = ctx.key, ctx.query
+        return (layer.key_buffer is self.kb and layer.value_buffer is self.vb and self.side.storage is self.storage
+                and ctx.valid is None and key.shape[0] == self.batch and query.shape[1] == self.heads
+                and query.dtype == self.dtype and ctx.scale == self.scale and (declining_checked or (
+                    key.shape[2] >= self.n_min and self.layer_idx not in policy.dense_layers))
+                and torch.get_num_threads() == self.threads and policy._step_settings() == self.settings)
+
+    def run(self, ctx: DecodeContext) -> torch.Tensor:
+        """``(B, H, 1, D)`` FASA attention of ``ctx``'s query (the layer's FC keys of new tokens packed first)."""
+        q = ctx.query[:, :, 0]
+        self.lens_host[:] = ctx.key.shape[2]
+        out = torch.empty(q.shape, dtype=self.dtype)
+        side = self.side
+        if q.stride(2) == 1:
+            self.launch(q, out, side.pending_from)
+        else:
+            self.decoder(q, self.table, self.lens, out=out, pack_from=side.pending_from)
+        side.mark_packed()
+        return out.view(self.batch, self.heads, 1, self.head_dim)
+
+
 @functools.lru_cache(maxsize=1)
 def _fused_fasa_available() -> bool:
     """Whether this install has the fused FASA host kernel (decided once: the decode step asks every layer)."""

@@ -985,6 +985,21 @@ class PagedFasaDecoder:
             _check_table(block_table, seq_lens, rows, q.device, self._block_size, self._num_blocks)
         return self._call(q, block_table, seq_lens, out, pack_from=pack_from)
 
+    def launcher(self, block_table: torch.Tensor, seq_lens: torch.Tensor):
+        """``launch(q, out, pack_from=None) -> out``: this decoder for a loop whose ``block_table (R, max_blocks)``
+        and ``seq_lens (R,)`` int32 tensors stay the same objects (their contents may change): with the host
+        kernel a call writes three fields of a prepared struct and checks nothing (``q (R, Hq, head_dim)`` of the
+        bound dtype and ``out`` of the output dtype, both with a contiguous last dimension, are the caller's
+        guarantee); elsewhere it is this decoder's checked call."""
+        call = getattr(self._call, "launcher", None)
+        if call is not None:
+            return call(block_table, seq_lens)
+
+        def launch(q, out, pack_from=None):
+            return self(q, block_table, seq_lens, out=out, pack_from=pack_from)
+
+        return launch
+
 
 def paged_fasa_decoder(k_cache: torch.Tensor, v_cache: torch.Tensor, fc_cache: torch.Tensor, fc_dims: torch.Tensor,
                        budget: int, sink: int, window: int, scale: float, *, heads: int,
