@@ -340,7 +340,8 @@ class FASA(KVPolicy):
 
     def _step_settings(self) -> tuple:
         """The fields a bound fused step depends on (a change rebinds it)."""
-        return (self.budget, self.sink, self.window, self.fused, self.decline_ratio, self.layout, self.score_dtype)
+        return (self.budget, self.sink, self.window, self.fused, self.decline_ratio, self.layout, self.score_dtype,
+                self.selection, self.aggregate, self.packed, self.backend, id(self.fcs), self.num_fcs, self.chunk)
 
     def memory_report(self, cache, heads: Optional[int] = None) -> Dict[str, Any]:
         """Resident bytes and bytes read per decode step, per memory tier, from ``cache``'s buffers.
