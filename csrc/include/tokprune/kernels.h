@@ -72,7 +72,8 @@ struct PagedFasaArgs {
   int64_t v_sb = 0, v_sh = 0, v_st = 0, v_sd = 0;
   void* fc = nullptr;  // [blocks, Hkv, block_size, nd]; written only for tokens >= pack_from
   int64_t f_sb = 0, f_sh = 0, f_st = 0, f_sd = 0;
-  const float* fc_scale = nullptr;  // int8 FC keys only: [blocks, Hkv, block_size] per-token scales (value = q * s)
+  float* fc_scale = nullptr;  // int8 FC keys only: [blocks, Hkv, block_size] per-token scales (value = q * s);
+                              // written with fc for tokens >= pack_from
   int64_t s_sb = 0, s_sh = 0, s_st = 0;
   int64_t pack_from = -1;  // >= 0: first write fc[t, i] = k[t, fc_dims[h, i]] for tokens pack_from <= t < seq_len
   const int32_t* fc_dims = nullptr;      // [Hkv, nd] contiguous: the q dimensions of each packed column

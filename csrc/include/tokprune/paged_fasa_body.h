@@ -27,6 +27,20 @@ constexpr int kGroupTile = 4;  // query heads whose accumulators are kept in reg
 constexpr int kPrefetchAhead = 8;  // chosen rows prefetched ahead of the one being read
 constexpr int64_t kFcPrefetchAhead = 256;  // tokens ahead in each FC row
 
+// f(j0, std::integral_constant<int, G>) for the tiles [j0, j0 + G) of g query heads (G <= kGroupTile): the
+// kernels below keep a tile's accumulators in registers, so G is a template argument.
+template <typename F>
+inline void for_head_tiles(int64_t g, F&& f) {
+  for (int64_t j0 = 0; j0 < g; j0 += kGroupTile) {
+    switch (g - j0 < kGroupTile ? g - j0 : kGroupTile) {
+      case 1: f(j0, std::integral_constant<int, 1>{}); break;
+      case 2: f(j0, std::integral_constant<int, 2>{}); break;
+      case 3: f(j0, std::integral_constant<int, 3>{}); break;
+      default: f(j0, std::integral_constant<int, 4>{}); break;
+    }
+  }
+}
+
 inline float as_float(uint32_t b) {
 #if defined(__GNUC__)
   return __builtin_bit_cast(float, b);
@@ -115,13 +129,6 @@ inline vf splatv(float s) {  // a broadcast (adding s to a zero vector would cos
 }
 inline void stv(float* p, vf x) { __builtin_memcpy(p, &x, sizeof x); }
 inline vf maxv(vf a, vf b) { return a > b ? a : b; }  // NaN in a is ignored, as the scalar max below
-inline float hsumv(vf x) {  // pairwise halves
-  float part[kVW];
-  __builtin_memcpy(part, &x, sizeof x);
-  for (int w = kVW / 2; w >= 1; w /= 2)
-    for (int k = 0; k < w; ++k) part[k] += part[k + w];
-  return part[0];
-}
 inline float hmaxv(vf x) {
   float m = x[0];
   for (int k = 1; k < kVW; ++k) m = x[k] > m ? x[k] : m;
@@ -141,7 +148,7 @@ inline void prefetch_row(const void* p, int64_t bytes) {
 
 // Logits of G (<= kGroupTile) query heads over n tokens of one dims-major FC block ([nd, block_size], token
 // axis unit stride): out[j * ld_out + t] = sum_i qfc[j * nd + i] * fc[i, t] (summed in i order), running maxima
-// in mx[j]. Each FC value is loaded once for the G heads.
+// in mx[j] (unless mx is null). Each FC value is loaded once for the G heads.
 // Rows are prefetched up to token n_stream (>= n: the FC rows go on past this range). int8 keys: the logits of
 // token t are multiplied by scale[t] (token stride 1).
 template <int FT, int G>
@@ -202,34 +209,27 @@ void fc_block_dims_major(const void* base, int64_t f_sd, int64_t nd, const float
       out[j * ld_out + tt] = acc;
       mj = acc > mj ? acc : mj;
     }
-    mx[j] = mj > mx[j] ? mj : mx[j];
+    if (mx) mx[j] = mj > mx[j] ? mj : mx[j];
   }
 }
 
-// logits[j * L + t] for t < L (FC side cache read in place through the block table) and their maxima mx[j].
+// logits[j * L + t] for t < L (FC side cache read in place through the block table).
 template <int FT>
-void fc_logits(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t L, const float* qfc, float* lg, float* mx) {
+void fc_logits(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t L, const float* qfc, float* lg) {
   const int64_t g = a.H / a.Hkv, bs = a.block_size, nd = a.nd;
   const int32_t* table = a.block_table + r * a.bt_sr;
   const char* fc = static_cast<const char*>(a.fc);
   const int64_t esz = elem_size<FT>();
-  for (int64_t j = 0; j < g; ++j) mx[j] = -INFINITY;
   for (int64_t b = 0, t0 = 0; t0 < L; ++b, t0 += bs) {
     const int64_t n = L - t0 < bs ? L - t0 : bs;
     const void* base = fc + (int64_t(table[b]) * a.f_sb + h * a.f_sh) * esz;
     const float* sc = FT == kInt8 ? a.fc_scale + int64_t(table[b]) * a.s_sb + h * a.s_sh : nullptr;
     if (a.f_st == 1 && (FT != kInt8 || a.s_st == 1)) {  // dims-major block ([nd, block_size]): 2 vectors of
                                                         // tokens x up to 4 heads in registers
-      for (int64_t j0 = 0; j0 < g; j0 += kGroupTile) {
-        const float* q0 = qfc + j0 * nd;
-        float* o0 = lg + j0 * L + t0;
-        switch (g - j0 < kGroupTile ? g - j0 : kGroupTile) {
-          case 1: fc_block_dims_major<FT, 1>(base, a.f_sd, nd, q0, n, o0, L, mx + j0, n, sc); break;
-          case 2: fc_block_dims_major<FT, 2>(base, a.f_sd, nd, q0, n, o0, L, mx + j0, n, sc); break;
-          case 3: fc_block_dims_major<FT, 3>(base, a.f_sd, nd, q0, n, o0, L, mx + j0, n, sc); break;
-          default: fc_block_dims_major<FT, 4>(base, a.f_sd, nd, q0, n, o0, L, mx + j0, n, sc); break;
-        }
-      }
+      for_head_tiles(g, [&](int64_t j0, auto G) {
+        fc_block_dims_major<FT, decltype(G)::value>(base, a.f_sd, nd, qfc + j0 * nd, n, lg + j0 * L + t0, L,
+                                                    nullptr, n, sc);
+      });
     } else {  // token-major ([block_size, nd]) or any strides: one dot product per token
       for (int64_t t = 0; t < n; ++t) {
         const int64_t row = t * a.f_st;
@@ -244,7 +244,6 @@ void fc_logits(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t L, const fl
           }
           if (FT == kInt8) s *= sc[t * a.s_st];
           lg[j * L + t0 + t] = s;
-          mx[j] = s > mx[j] ? s : mx[j];
         }
       }
     }
@@ -287,22 +286,15 @@ void chunked_softmax(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t L, co
     const float* sc = FT == kInt8 ? a.fc_scale + blk * a.s_sb + h * a.s_sh : nullptr;
     for (int64_t c0 = 0; c0 < L; c0 += kChunk) {
       const int64_t n = L - c0 < kChunk ? L - c0 : kChunk;
-      for (int64_t j0 = 0; j0 < g; j0 += kGroupTile) {
-        const float* q0 = qfc + j0 * nd;
-        float* o0 = lg + j0 * L + c0;
-        const void* b0 = base + c0 * esz;
-        for (int64_t j = j0; j < g && j < j0 + kGroupTile; ++j) cmax[j] = -INFINITY;
-        switch (g - j0 < kGroupTile ? g - j0 : kGroupTile) {
-          case 1: fc_block_dims_major<FT, 1>(b0, a.f_sd, nd, q0, n, o0, L, cmax + j0, L - c0, sc ? sc + c0 : nullptr); break;
-          case 2: fc_block_dims_major<FT, 2>(b0, a.f_sd, nd, q0, n, o0, L, cmax + j0, L - c0, sc ? sc + c0 : nullptr); break;
-          case 3: fc_block_dims_major<FT, 3>(b0, a.f_sd, nd, q0, n, o0, L, cmax + j0, L - c0, sc ? sc + c0 : nullptr); break;
-          default: fc_block_dims_major<FT, 4>(b0, a.f_sd, nd, q0, n, o0, L, cmax + j0, L - c0, sc ? sc + c0 : nullptr); break;
-        }
-      }
+      for (int64_t j = 0; j < g; ++j) cmax[j] = -INFINITY;
+      for_head_tiles(g, [&](int64_t j0, auto G) {
+        fc_block_dims_major<FT, decltype(G)::value>(base + c0 * esz, a.f_sd, nd, qfc + j0 * nd, n, lg + j0 * L + c0,
+                                                    L, cmax + j0, L - c0, sc ? sc + c0 : nullptr);
+      });
       exp_chunk(lg, L, g, c0, n, cmax, cm, cs, nch);
     }
   } else {
-    fc_logits<FT>(a, r, h, L, qfc, lg, cmax);
+    fc_logits<FT>(a, r, h, L, qfc, lg);
     for (int64_t c0 = 0; c0 < L; c0 += kChunk) {
       const int64_t n = L - c0 < kChunk ? L - c0 : kChunk;
       for (int64_t j = 0; j < g; ++j) {
@@ -595,16 +587,9 @@ void attend(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t n, const float
         if (rows_v) prefetch_row(vc + voff[s + kPrefetchAhead], D * esz);
       }
       const void* kp = kc + koff[s];
-      for (int64_t j0 = 0; j0 < g; j0 += kGroupTile) {
-        const float* q0 = qf + j0 * D;
-        float* a0 = att + j0 * n + s;
-        switch (g - j0 < kGroupTile ? g - j0 : kGroupTile) {
-          case 1: dot_row<DT, 1>(q0, D, kp, a0, n); break;
-          case 2: dot_row<DT, 2>(q0, D, kp, a0, n); break;
-          case 3: dot_row<DT, 3>(q0, D, kp, a0, n); break;
-          default: dot_row<DT, 4>(q0, D, kp, a0, n); break;
-        }
-      }
+      for_head_tiles(g, [&](int64_t j0, auto G) {
+        dot_row<DT, decltype(G)::value>(qf + j0 * D, D, kp, att + j0 * n + s, n);
+      });
     }
   } else if (rows_k) {
     for (int64_t s = 0; s < n; ++s) {
@@ -650,16 +635,9 @@ void attend(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t n, const float
     w.denom[j] = l;
   }
   if (rows_v && D % 8 == 0) {  // up to 4 query heads at once: each V line read once per tile of heads
-    for (int64_t j0 = 0; j0 < g; j0 += kGroupTile) {
-      const float* p0 = att + j0 * n;
-      float* a0 = acc + j0 * D;
-      switch (g - j0 < kGroupTile ? g - j0 : kGroupTile) {
-        case 1: pv_rows<DT, 1>(p0, n, voff, vc, D, a0); break;
-        case 2: pv_rows<DT, 2>(p0, n, voff, vc, D, a0); break;
-        case 3: pv_rows<DT, 3>(p0, n, voff, vc, D, a0); break;
-        default: pv_rows<DT, 4>(p0, n, voff, vc, D, a0); break;
-      }
-    }
+    for_head_tiles(g, [&](int64_t j0, auto G) {
+      pv_rows<DT, decltype(G)::value>(att + j0 * n, n, voff, vc, D, acc + j0 * D);
+    });
   } else {
     for (int64_t i = 0; i < g * D; ++i) acc[i] = 0.0f;
     for (int64_t s = 0; s < n; ++s) {
@@ -701,7 +679,7 @@ void pack_fc(const PagedFasaArgs& a, int64_t r, int64_t h, int64_t L) {
       float amax = 0.0f;
       for (int64_t i = 0; i < nd; ++i) amax = fmaxf(amax, fabsf(load_as_float<DT>(a.k, krow + dims[i] * a.k_sd)));
       const float scale = amax / 127.0f, div = scale > 0.0f ? scale : 1.0f;
-      const_cast<float*>(a.fc_scale)[b * a.s_sb + h * a.s_sh + o * a.s_st] = scale;
+      a.fc_scale[b * a.s_sb + h * a.s_sh + o * a.s_st] = scale;
       for (int64_t i = 0; i < nd; ++i) {
         float q = rintf(load_as_float<DT>(a.k, krow + dims[i] * a.k_sd) / div);
         q = q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q;
