@@ -314,6 +314,24 @@ def paged_fasa_decode_host(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out, selected
 
 
+def _thread_args(local: threading.local, fields: dict):
+    """This thread's ``PagedFasaArgs`` built from ``fields`` (once per thread: the kernel runs without the GIL,
+    so two threads never share a struct)."""
+    a = getattr(local, "args", None)
+    if a is None:
+        a = local.args = _args("PagedFasaArgs", **fields)
+    return a
+
+
+def _run_fasa(run, a, q: torch.Tensor, out: torch.Tensor, pack_from: Optional[int]) -> torch.Tensor:
+    """Set the query, output and ``pack_from`` fields of ``a`` and launch; returns ``out``."""
+    a.q, a.q_sr, a.q_sh = q.data_ptr(), q.stride(0), q.stride(1)
+    a.out, a.o_sr, a.o_sh = out.data_ptr(), out.stride(0), out.stride(1)
+    a.pack_from = -1 if pack_from is None else pack_from
+    run(a, False, 0, False)
+    return out
+
+
 class PagedFasaHostCall:
     """The host kernel of ``paged_fasa_decode`` bound to one set of caches, for a decode loop that calls it
     once per layer and step: the argument struct is built once per calling thread (the kernel runs without
@@ -359,24 +377,17 @@ class PagedFasaHostCall:
         (last dim contiguous) and, if given, ``selected (R, Hkv, budget)`` int32; returns ``out``.
         ``pack_from`` (int >= 0): each unit first writes its FC keys ``fc_cache[t] = k_cache[t, fc_dims]`` for
         the tokens ``pack_from <= t < seq_len`` (the FC side cache kept in step by the kernel itself)."""
-        a = getattr(self._local, "args", None)
-        if a is None:
-            a = self._local.args = _args("PagedFasaArgs", **self._fields)
+        a = _thread_args(self._local, self._fields)
         if block_table.dtype != torch.int32 or (block_table.shape[1] > 1 and block_table.stride(1) != 1):
             block_table = block_table.to(torch.int32).contiguous()
         if seq_lens.dtype != torch.int32 or not seq_lens.is_contiguous():
             seq_lens = seq_lens.to(torch.int32).contiguous()
         q = _last_dim_contiguous(q)
         a.R = q.shape[0]
-        a.q, a.q_sr, a.q_sh = q.data_ptr(), q.stride(0), q.stride(1)
         a.block_table, a.bt_sr = block_table.data_ptr(), block_table.stride(0)
         a.seq_lens = seq_lens.data_ptr()
-        a.out, a.o_sr, a.o_sh = out.data_ptr(), out.stride(0), out.stride(1)
         a.selected = 0 if selected is None else selected.data_ptr()
-        a.pack_from = -1 if pack_from is None else pack_from
-        self._run(a, False, 0, False)
-        return out
-
+        return _run_fasa(self._run, a, q, out, pack_from)
 
     def launcher(self, block_table: torch.Tensor, seq_lens: torch.Tensor):
         """``launch(q, out, pack_from=None) -> out`` for a decode loop whose block table and lengths live in fixed
@@ -392,14 +403,7 @@ class PagedFasaHostCall:
         local, run, keep = threading.local(), self._run, (self, block_table, seq_lens)
 
         def launch(q: torch.Tensor, out: torch.Tensor, pack_from: Optional[int] = None) -> torch.Tensor:
-            a = getattr(local, "args", None)
-            if a is None:
-                a = local.args = _args("PagedFasaArgs", **fields)
-            a.q, a.q_sr, a.q_sh = q.data_ptr(), q.stride(0), q.stride(1)
-            a.out, a.o_sr, a.o_sh = out.data_ptr(), out.stride(0), out.stride(1)
-            a.pack_from = -1 if pack_from is None else pack_from
-            run(a, False, 0, False)
-            return out
+            return _run_fasa(run, _thread_args(local, fields), q, out, pack_from)
 
         launch.keep = keep  # the struct points into these
         return launch
