@@ -195,7 +195,12 @@ class FASA(KVPolicy):
             batch = ctx.batch if ctx is not None else 1
         if fused is None:
             fused = self._fused_step(ctx) if ctx is not None else self._fused_settings()
-        return self.budget >= n_tokens or n_tokens < self.decline_ratio_for(batch, fused) * self.budget
+        return n_tokens < self.sparse_from(batch, fused)
+
+    def sparse_from(self, batch: int = 1, fused: Optional[bool] = None) -> int:
+        """The smallest number of cached tokens at which a step prunes (below it :meth:`declines`, dense layers
+        aside): ``budget + 1`` and ``decline_ratio_for(batch, fused) * budget``, rounded up, whichever is larger."""
+        return max(self.budget + 1, math.ceil(self.decline_ratio_for(batch, fused) * self.budget))
 
     def decline_ratio_for(self, batch: int = 1, fused: Optional[bool] = None) -> float:
         """The ratio :meth:`declines` uses: ``decline_ratio`` if given, else the entry for ``batch`` of
@@ -490,8 +495,7 @@ class _FusedStep:
         self.kb, self.vb, self.side, self.storage = layer.key_buffer, layer.value_buffer, side, side.storage
         self.layer_idx, self.settings = ctx.layer_idx, policy._step_settings()
         budget = policy.budget
-        ratio = policy.decline_ratio_for(self.batch, True)
-        self.n_min = max(budget + 1, math.ceil(ratio * budget))  # the first length declines() lets through
+        self.n_min = policy.sparse_from(self.batch, True)  # the first length declines() lets through
         _, dims = policy._fc_and_dims(ctx, ctx.key.device)
         self.decoder = paged_fasa_decoder(self.kb, self.vb, self.storage.transpose(2, 3), dims, budget, policy.sink,
                                           policy.window, ctx.scale, heads=self.heads, out_dtype=self.dtype,
