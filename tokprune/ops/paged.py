@@ -979,8 +979,8 @@ class PagedFasaDecoder:
         elif out.shape != q.shape or out.dtype != self.out_dtype or (out.shape[2] > 1 and out.stride(2) != 1):
             raise ValueError(f"out must be (R, Hq, head_dim) = {tuple(q.shape)} {self.out_dtype} with a contiguous "
                              f"last dimension, got {tuple(out.shape)} {out.dtype}")
-        if pack_from is not None and (isinstance(pack_from, bool) or not isinstance(pack_from, int) or pack_from < 0):
-            raise ValueError(f"pack_from must be None or an int >= 0, got {pack_from!r}")
+        if pack_from is not None:
+            _check_int("pack_from", pack_from)
         if debug_checks():  # the value checks of paged_fasa_decode
             _check_table(block_table, seq_lens, rows, q.device, self._block_size, self._num_blocks)
         return self._call(q, block_table, seq_lens, out, pack_from=pack_from)
